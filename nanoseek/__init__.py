@@ -1,0 +1,8 @@
+"""nanoseek: DeepSeek-V3/R1 in miniature — MLA, DeepSeekMoE, MTP, HF-compatible checkpoints."""
+
+from .checkpoint import CheckpointError, load_model, save_model
+from .config import ModelConfig
+from .model import DeepSeekV3, LatentCache
+
+__all__ = ["ModelConfig", "DeepSeekV3", "LatentCache", "load_model", "save_model", "CheckpointError"]
+__version__ = "0.1.0"

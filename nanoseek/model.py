@@ -1,0 +1,450 @@
+"""The DeepSeek-V3 architecture: MLA attention, DeepSeekMoE feed-forward, multi-token prediction.
+
+Module and parameter names follow the Hugging Face checkpoint layout (REFERENCE §6) so that loading is a
+rename, except for two deliberate differences: routed experts are stacked into `[E, 2I, d]` / `[E, d, I]`
+tensors (one matmul per active expert, no per-expert modules), and the MTP modules live in `mtp.k`
+instead of `model.layers.{num_hidden_layers + k}`. `nanoseek.checkpoint` maps between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as the reference implementations do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return (self.weight * y).to(x.dtype)
+
+
+# ---- rotary position embedding with YaRN (REFERENCE §3) -------------------------------------------
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies of the rope dims and the factor applied to cos/sin (1.0 for V3).
+
+    YaRN blends interpolated (freq / factor) and original frequencies with a linear ramp between the
+    dims that complete beta_fast and beta_slow rotations over the original context.
+    """
+    dim, theta = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    yarn = config.yarn
+    if yarn is None:
+        return inv_freq, 1.0
+    factor = float(yarn["factor"])
+    orig = yarn.get("original_max_position_embeddings") or config.max_position_embeddings
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def corr(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = corr(beta_fast), corr(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if yarn.get("attention_factor") is not None:
+        attn_factor = float(yarn["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attn_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    else:
+        attn_factor = _yarn_mscale(factor)
+    return inv_freq, attn_factor
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """(nope + rope)^-0.5, times mscale^2 with YaRN (the attention temperature; V3: mscale 1.135234)."""
+    scale = config.qk_head_dim**-0.5
+    yarn = config.yarn
+    if yarn and yarn.get("mscale_all_dim"):
+        scale *= _yarn_mscale(float(yarn["factor"]), float(yarn["mscale_all_dim"])) ** 2
+    return scale
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]); the result is laid out as [evens | odds].
+
+    The output layout is a fixed permutation of the interleaved one, applied to q and k alike, so dot
+    products (and therefore attention) are unchanged. x: [..., S, H, rope]; cos/sin: [..., S, 1, rope/2].
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---- the latent KV cache protocol ------------------------------------------------------------------
+class LatentCacheLike(Protocol):
+    """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
+
+    `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns
+    (context [B, T, kv_lora_rank + rope], mask [B or 1, S, T] bool, True where attention is allowed).
+    """
+
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class LatentCache:
+    """A simple contiguous cache of the MLA latent: only kv_lora_rank + rope values per token per layer.
+
+    The paged engine cache implements the same `update`; this one serves tests and simple generation.
+    Call `advance(S)` after each forward (the model does it) to commit the new tokens.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
+        s = latent.shape[1]
+        end = self.length + s
+        if end > self.data.shape[2]:
+            raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
+        self.data[layer, :, self.length:end] = latent
+        q_pos = torch.arange(self.length, end, device=latent.device)
+        mask = q_pos[:, None] >= torch.arange(end, device=latent.device)[None, :]
+        return self.data[layer, :, :end], mask[None]
+
+    @property
+    def positions_offset(self) -> int:
+        return self.length
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def nbytes_per_token(self) -> int:
+        return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
+
+
+# ---- Multi-head Latent Attention (V3 report §2.1.1) ----------------------------------------------
+class MLA(nn.Module):
+    """Multi-head latent attention with low-rank q, low-rank kv and a decoupled shared rope key."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.nope, self.rope, self.v_dim = (
+            c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_rank = c.kv_lora_rank
+        self.scale = softmax_scale(c)
+        qk = c.qk_head_dim
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.latent_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+
+    def _query(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _latent(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """[c_kv (normed) | rotated k_pe]: what the cache stores, [B, S, kv_lora_rank + rope]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+        return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None) -> Tensor:
+        b, s, _ = x.shape
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent = self._latent(x, cos, sin)
+        if cache is not None:
+            context, mask = cache.update(self.layer_idx, latent)
+            return self.o_proj(self._absorbed(q_nope, q_pe, context, mask).reshape(b, s, -1))
+        # ordinary path: decompress k and v for every head, then fused causal attention
+        c_kv, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """Attention computed in the latent space (REFERENCE §2): W_UK folds into q, W_UV into the output.
+
+        q_nope [B,S,H,nope], q_pe [B,S,H,rope], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,H,v].
+        """
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        c_kv, k_pe = context.split([self.kv_rank, self.rope], dim=-1)
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
+        scores = torch.einsum("bshr,btr->bsht", q_lat, c_kv) + torch.einsum("bshp,btp->bsht", q_pe, k_pe)
+        scores = (scores.float() * self.scale).masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bsht,btr->bshr", probs, c_kv)
+        return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)
+
+
+# ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterStats:
+    """Per MoE layer: tokens routed to each expert, and the sequence-wise balance loss (REFERENCE §4)."""
+
+    load: list[Tensor] = field(default_factory=list)
+    balance_loss: list[Tensor] = field(default_factory=list)
+
+
+class Gate(nn.Module):
+    """Sigmoid router with group-limited top-k; the correction bias steers selection, never the weights."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, d] -> (weights [T, K], expert ids [T, K], sigmoid scores [T, E]); routing in fp32."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            t, e = biased.shape
+            grouped = biased.view(t, self.n_group, e // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, e)
+        idx = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx, scores
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, inter, e = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+        self.n_experts, self.top_k = e, config.num_experts_per_tok
+        self.gate = Gate(config)
+        self.experts = nn.Module()  # keeps the checkpoint prefix `mlp.experts.`
+        self.experts.gate_up = nn.Parameter(torch.empty(e, 2 * inter, d))
+        self.experts.down = nn.Parameter(torch.empty(e, d, inter))
+        self.shared_experts = MLP(d, inter * config.n_shared_experts) if config.n_shared_experts else None
+
+    def forward(self, x: Tensor, stats: RouterStats | None = None) -> Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx, scores = self.gate(flat)
+        flat_idx = idx.reshape(-1)
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        # group the (token, slot) pairs by expert so each active expert runs one matmul
+        order = flat_idx.argsort(stable=True)
+        token = order // self.top_k
+        xs = flat[token]
+        outs, start = [], 0
+        gate_up, down = self.experts.gate_up, self.experts.down
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(g) * u, down[e]))
+                start += n
+        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(xs.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token, ys)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        if stats is not None:
+            stats.load.append(counts)
+            stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))
+        return out.view(b, s, d)
+
+    def _balance_loss(self, scores: Tensor, idx: Tensor) -> Tensor:
+        """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (alpha applied by the trainer)."""
+        b, s, e = scores.shape
+        counts = torch.zeros(b, e, device=scores.device).scatter_add_(
+            1, idx.reshape(b, -1), torch.ones(b, idx.shape[1] * idx.shape[2], device=scores.device))
+        f = counts * (e / (self.top_k * s))
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return (f * p).sum(-1).mean()
+
+
+# ---- decoder layer, MTP module, full model ------------------------------------------------------
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None,
+                stats: RouterStats | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm (the head itself is the main model's lm_head)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction module k (V3 report §2.2): h' = Layer(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, h: Tensor, next_emb: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
+                cache: LatentCacheLike | None = None, stats: RouterStats | None = None) -> Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
+        return super().forward(x, cos, sin, cache, stats)
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers, final norm (the checkpoint's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    hidden: Tensor  # final-normed hidden states of the main model
+    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, S-k, V], slot i predicts t_{i+k+1}
+    expert_load: Tensor | None = None  # [n_moe_layers (+ MTP), E] tokens routed per expert
+    balance_loss: Tensor | None = None  # sum over MoE layers of the sequence-wise balance loss
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3: `model(input_ids)` -> logits [B, S, V]; ask for `mtp`/`router_stats` to get a ModelOutput."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers))
+        inv_freq, self.rope_attn_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.e_score_correction_bias.zero_()
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin [.., S, 1, rope/2] for integer positions [S] or [B, S]."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        cos, sin = freqs.cos() * self.rope_attn_factor, freqs.sin() * self.rope_attn_factor
+        return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCacheLike | None = None,
+                *, mtp: bool = False, router_stats: bool = False) -> Tensor | ModelOutput:
+        """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents.
+
+        positions default to 0..S-1 (offset by the cache's committed length when a cache is given).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if positions is None:
+            start = getattr(cache, "positions_offset", 0) if cache is not None else 0
+            positions = torch.arange(start, start + s, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        stats = RouterStats() if router_stats else None
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, stats)
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden)
+        if isinstance(cache, LatentCache):
+            cache.advance(s)
+        if not (mtp or router_stats):
+            return logits
+        out = ModelOutput(logits=logits, hidden=hidden)
+        if mtp:
+            h = hidden
+            for k, module in enumerate(self.mtp, start=1):
+                if s - k <= 0:
+                    break
+                emb = self.model.embed_tokens(input_ids[:, k:])
+                h = module(h[:, : s - k], emb, cos[..., : s - k, :, :], sin[..., : s - k, :, :], None, stats)
+                out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
+        if stats is not None and stats.load:
+            out.expert_load = torch.stack(stats.load)
+            out.balance_loss = torch.stack(stats.balance_loss).sum()
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
