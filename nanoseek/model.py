@@ -39,28 +39,34 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
-    """Inverse frequencies of the rope dims and the factor applied to cos/sin (1.0 for V3).
-
-    YaRN blends interpolated (freq / factor) and original frequencies with a linear ramp between the
-    dims that complete beta_fast and beta_slow rotations over the original context.
-    """
-    dim, theta = config.qk_rope_head_dim, config.rope_theta
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    yarn = config.yarn
-    if yarn is None:
-        return inv_freq, 1.0
-    factor = float(yarn["factor"])
+def yarn_correction_range(config: ModelConfig) -> tuple[float, float]:
+    """(low, high) rope-dim indices of the YaRN ramp: dims that complete beta_fast / beta_slow rotations
+    over the original context (V3: 10 and 23)."""
+    yarn, dim, theta = config.yarn, config.qk_rope_head_dim, config.rope_theta
     orig = yarn.get("original_max_position_embeddings") or config.max_position_embeddings
-    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
 
     def corr(rotations: float) -> float:
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = corr(beta_fast), corr(beta_slow)
+    low, high = corr(yarn.get("beta_fast") or 32), corr(yarn.get("beta_slow") or 1)
     if yarn.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
+    return max(low, 0), min(high, dim - 1)
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies of the rope dims and the factor applied to cos/sin (1.0 for V3).
+
+    YaRN blends interpolated (freq / factor) and original frequencies with a linear ramp over the
+    correction range; the attention temperature goes into `softmax_scale`, not here.
+    """
+    dim = config.qk_rope_head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    yarn = config.yarn
+    if yarn is None:
+        return inv_freq, 1.0
+    factor = float(yarn["factor"])
+    low, high = yarn_correction_range(config)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

@@ -1,0 +1,123 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import LatentCache, ModelConfig
+from nanoseek.model import Gate, MoE
+
+from conftest import random_model
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}])
+def test_absorbed_decoding_matches_ordinary_path(changes):
+    c = ModelConfig.preset("tiny").replace(**changes)
+    m = random_model(c)
+    ids = torch.randint(0, c.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = m(ids)
+        cache = LatentCache(c, batch=3, max_len=32)
+        chunks = [m(ids[:, :7], cache=cache)]  # a prefill chunk, then token by token
+        chunks += [m(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.nbytes_per_token() == (c.num_hidden_layers + 1) * c.latent_dim * 4
+
+
+def test_gate_bias_changes_choice_not_weights():
+    c = ModelConfig.preset("tiny").replace(n_group=1, topk_group=1, num_experts_per_tok=2)
+    gate = Gate(c)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    x = torch.zeros(1, c.hidden_size)
+    x[0, 0] = 1.0
+    scores = torch.sigmoid(torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]))
+    w, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [0, 1]
+    gate.e_score_correction_bias[5] = 1.0  # pushes expert 5 (score 0.12) above expert 1 (0.88)
+    w, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [0, 5]
+    sel = scores[[0, 5]]
+    want = sel / sel.sum() * c.routed_scaling_factor  # unbiased scores, normalised, scaled
+    got = w[0][idx[0].argsort()]
+    torch.testing.assert_close(got, want)
+
+
+def test_group_limited_routing_keeps_topk_groups():
+    c = ModelConfig.preset("tiny").replace(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = Gate(c)
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(64, c.hidden_size)
+    _, idx, scores = gate(x)
+    groups = scores.view(64, 4, 2).topk(2, -1).values.sum(-1).topk(2, -1).indices
+    for t in range(64):
+        assert set((idx[t] // 2).tolist()) <= set(groups[t].tolist())
+
+
+def test_moe_matches_per_token_reference():
+    c = ModelConfig.preset("tiny")
+    moe = MoE(c)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 9, c.hidden_size)
+    y = moe(x)
+    flat = x.reshape(-1, c.hidden_size).double()
+    w, idx, _ = moe.gate(x.reshape(-1, c.hidden_size))
+    ref = torch.zeros_like(flat)
+    gu, dn = moe.experts.gate_up.double(), moe.experts.down.double()
+    inter = c.moe_intermediate_size
+    for t in range(flat.shape[0]):
+        for k in range(c.num_experts_per_tok):
+            e = idx[t, k]
+            h = F.silu(gu[e, :inter] @ flat[t]) * (gu[e, inter:] @ flat[t])
+            ref[t] += w[t, k].double() * (dn[e] @ h)
+    ref += moe.shared_experts.double()(flat)
+    torch.testing.assert_close(y.reshape(-1, c.hidden_size).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_router_stats_and_balance_loss_against_float64():
+    c = ModelConfig.preset("tiny")
+    m = random_model(c)
+    ids = torch.randint(0, c.vocab_size, (2, 16))
+    out = m(ids, router_stats=True)
+    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    assert out.expert_load.shape == (n_moe, c.n_routed_experts)
+    assert out.expert_load.sum().item() == n_moe * 2 * 16 * c.num_experts_per_tok
+    # recompute layer 1's balance loss by hand
+    captured = {}
+    layer = m.model.layers[1]
+    layer.mlp.register_forward_pre_hook(lambda mod, args: captured.update(x=args[0]))
+    out = m(ids, router_stats=True)
+    x = captured["x"]
+    _, idx, scores = layer.mlp.gate(x.reshape(-1, c.hidden_size))
+    s, idx = scores.double().view(2, 16, -1), idx.view(2, 16, -1)
+    e, k = c.n_routed_experts, c.num_experts_per_tok
+    total = 0.0
+    for b in range(2):
+        f = torch.bincount(idx[b].reshape(-1), minlength=e).double() * e / (k * 16)
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        total += (f * p).sum() / 2
+    assert out.balance_loss.item() == pytest.approx(total.item(), rel=1e-5)
+    out.balance_loss.backward()  # differentiable through the scores
+    assert layer.mlp.gate.weight.grad is not None and layer.mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_mtp_logits_follow_the_definition():
+    c = ModelConfig.preset("tiny")
+    m = random_model(c)
+    ids = torch.randint(0, c.vocab_size, (2, 10))
+    out = m(ids, mtp=True)
+    assert out.logits.shape == (2, 10, c.vocab_size)
+    assert len(out.mtp_logits) == 1 and out.mtp_logits[0].shape == (2, 9, c.vocab_size)
+    mtp = m.mtp[0]
+    pos = torch.arange(9)
+    cos, sin = m.rope(pos, torch.float32)
+    x = mtp.eh_proj(torch.cat([mtp.enorm(m.model.embed_tokens(ids[:, 1:])), mtp.hnorm(out.hidden[:, :9])], -1))
+    h = x + mtp.self_attn(mtp.input_layernorm(x), cos, sin)
+    h = h + mtp.mlp(mtp.post_attention_layernorm(h))
+    torch.testing.assert_close(out.mtp_logits[0], m.lm_head(mtp.shared_head.norm(h)))
+
+
+def test_forward_rejects_bad_shapes():
+    m = random_model(ModelConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.zeros(5, dtype=torch.long))
