@@ -169,25 +169,29 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
 
-    def _query(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(q_nope [B,S,H,nope], rotated q_pe [B,S,H,rope], latent [B,S,rank+rope]).
 
-    def _latent(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """[c_kv (normed) | rotated k_pe]: what the cache stores, [B, S, kv_lora_rank + rope]."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        The latent [c_kv (normed) | rotated k_pe] is what the cache stores. Both down-projections read
+        x, so they run as one matmul over the concatenated weights.
+        """
+        if hasattr(self, "q_proj"):
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            a = self.q_a_proj
+            w = torch.cat([a.weight, self.kv_a_proj_with_mqa.weight])
+            b = None if a.bias is None else torch.cat([a.bias, self.kv_a_proj_with_mqa.bias])
+            q_a, kv_a = F.linear(x, w, b).split([a.out_features, self.kv_rank + self.rope], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        q_nope, q_pe = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope).split([self.nope, self.rope], -1)
+        c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
-        return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin), latent
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None) -> Tensor:
         b, s, _ = x.shape
-        q_nope, q_pe = self._query(x, cos, sin)
-        latent = self._latent(x, cos, sin)
+        q_nope, q_pe, latent = self._project(x, cos, sin)
         if cache is not None:
             context, mask = cache.update(self.layer_idx, latent)
             return self.o_proj(self._absorbed(q_nope, q_pe, context, mask).reshape(b, s, -1))
@@ -197,8 +201,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+        pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(o[..., : self.v_dim].transpose(1, 2).reshape(b, s, -1))
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         """Attention computed in the latent space (REFERENCE §2): W_UK folds into q, W_UV into the output.
@@ -227,7 +233,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -290,13 +297,14 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         token = order // self.top_k
         xs = flat[token]
-        outs, start = [], 0
-        gate_up, down = self.experts.gate_up, self.experts.down
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)
+        # split/unbind, not slicing: their backward is one concatenation instead of a full-size
+        # zero gradient per expert
+        gate_up, down = self.experts.gate_up.unbind(0), self.experts.down.unbind(0)
+        outs = []
+        for e, chunk in enumerate(xs.split(counts.tolist())):
+            if chunk.shape[0]:
+                g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(g) * u, down[e]))
-                start += n
         ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(xs.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, ys)
         if self.shared_experts is not None:
