@@ -2,7 +2,9 @@
 
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ModelConfig
+from .engine import LLM, SamplingParams
 from .model import DeepSeekV3, LatentCache
 
-__all__ = ["ModelConfig", "DeepSeekV3", "LatentCache", "load_model", "save_model", "CheckpointError"]
+__all__ = ["ModelConfig", "DeepSeekV3", "LatentCache", "load_model", "save_model", "CheckpointError", "LLM",
+           "SamplingParams"]
 __version__ = "0.1.0"

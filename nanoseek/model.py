@@ -134,10 +134,6 @@ class LatentCache:
         mask = q_pos[:, None] >= torch.arange(end, device=latent.device)[None, :]
         return self.data[layer, :, :end], mask[None]
 
-    @property
-    def positions_offset(self) -> int:
-        return self.length
-
     def advance(self, n: int) -> None:
         self.length += n
 
@@ -419,37 +415,43 @@ class DeepSeekV3(nn.Module):
         cos, sin = freqs.cos() * self.rope_attn_factor, freqs.sin() * self.rope_attn_factor
         return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCacheLike | None = None,
-                *, mtp: bool = False, router_stats: bool = False) -> Tensor | ModelOutput:
-        """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents.
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
+                      cache: LatentCacheLike | None = None, stats: RouterStats | None = None) -> Tensor:
+        """Final-normed hidden states [B, S, d]; the engine applies `lm_head` only where it needs logits.
 
-        positions default to 0..S-1 (offset by the cache's committed length when a cache is given).
+        positions ([S] or [B, S]) default to 0..S-1, offset by a LatentCache's committed length.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
         if positions is None:
-            start = getattr(cache, "positions_offset", 0) if cache is not None else 0
-            positions = torch.arange(start, start + s, device=input_ids.device)
+            start = cache.length if isinstance(cache, LatentCache) else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        stats = RouterStats() if router_stats else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, stats)
-        hidden = self.model.norm(x)
-        logits = self.lm_head(hidden)
         if isinstance(cache, LatentCache):
-            cache.advance(s)
+            cache.advance(input_ids.shape[1])
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCacheLike | None = None,
+                *, mtp: bool = False, router_stats: bool = False) -> Tensor | ModelOutput:
+        """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents."""
+        stats = RouterStats() if router_stats else None
+        hidden = self.hidden_states(input_ids, positions, cache, stats)
+        logits = self.lm_head(hidden)
         if not (mtp or router_stats):
             return logits
         out = ModelOutput(logits=logits, hidden=hidden)
         if mtp:
+            s = input_ids.shape[1]
+            cos, sin = self.rope(torch.arange(s, device=input_ids.device), hidden.dtype)
             h = hidden
             for k, module in enumerate(self.mtp, start=1):
                 if s - k <= 0:
                     break
                 emb = self.model.embed_tokens(input_ids[:, k:])
-                h = module(h[:, : s - k], emb, cos[..., : s - k, :, :], sin[..., : s - k, :, :], None, stats)
+                h = module(h[:, : s - k], emb, cos[: s - k], sin[: s - k], None, stats)
                 out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
         if stats is not None and stats.load:
             out.expert_load = torch.stack(stats.load)

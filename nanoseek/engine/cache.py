@@ -1,0 +1,146 @@
+"""Paged MLA latent cache: fixed-size blocks, reference counts, and hashed full blocks for prefix caching.
+
+Each slot holds, per layer, only the `kv_lora_rank + qk_rope_head_dim` latent of absorbed MLA. A full
+block is identified by a chained hash (parent block's hash + its token ids); a hit is confirmed by
+comparing the ids, and the block is shared by reference count. Freed blocks keep their hash and are
+reused least-recently-freed first, so a popular prefix survives as long as memory allows.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+
+
+class BlockManager:
+    """Allocates cache blocks to sequences; knows nothing of tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.block_size, self.prefix_caching = block_size, prefix_caching
+        self.ref = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_ids: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.by_hash: dict[int, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None and self.by_hash.get(h) == block:
+            del self.by_hash[h]  # its old content is about to be overwritten
+        self.block_hash[block] = self.block_ids[block] = None
+        self.ref[block] = 1
+        return block
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Blocks already holding a prefix of token_ids (full blocks only), with their references taken."""
+        if not self.prefix_caching:
+            return []
+        blocks, h = [], None
+        for i in range(len(token_ids) // self.block_size):
+            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = hash((h, ids))
+            block = self.by_hash.get(h)
+            if block is None or self.block_ids[block] != ids:
+                break
+            if self.ref[block] == 0:
+                del self.free[block]
+            self.ref[block] += 1
+            blocks.append(block)
+        return blocks
+
+    def grow(self, table: list[int], num_tokens: int) -> bool:
+        """Append blocks to `table` until it holds num_tokens; False (and no change) if memory is short."""
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need > len(self.free):
+            return False
+        table.extend(self._take() for _ in range(max(need, 0)))
+        return True
+
+    def seal(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
+        """Register the hashes of the blocks that are now full of computed tokens."""
+        if not self.prefix_caching:
+            return
+        h = None
+        for i in range(num_computed // self.block_size):
+            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = hash((h, ids))
+            block = table[i]
+            if self.block_hash[block] is None:
+                self.block_hash[block], self.block_ids[block] = h, ids
+                self.by_hash.setdefault(h, block)
+
+    def fork(self, table: list[int]) -> list[int]:
+        """Share every block of `table` (for n samples of one prompt); the caller copies a partial tail."""
+        for b in table:
+            self.ref[b] += 1
+        return list(table)
+
+    def release(self, table: list[int]) -> None:
+        for b in reversed(table):  # the tail is freed first, so the shared head stays cached longer
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+        table.clear()
+
+
+class LatentStore:
+    """The cache tensor: [layers (main + MTP), num_blocks * block_size slots, latent_dim]."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        self.data = torch.zeros(n_layers, num_blocks * block_size, config.latent_dim, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        return n_layers * config.latent_dim * torch.empty((), dtype=dtype).element_size()
+
+    def slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.data[:, dst * bs:(dst + 1) * bs] = self.data[:, src * bs:(src + 1) * bs]
+
+
+class PagedBatch:
+    """One forward's view of the paged cache (implements the model's `LatentCacheLike`).
+
+    Row b computes tokens at positions [start_b, start_b + len_b) and sees its context [0, start_b + len_b).
+    """
+
+    def __init__(self, store: LatentStore, tables: list[list[int]], starts: list[int], lens: list[int],
+                 device: torch.device | str = "cpu"):
+        self.store = store
+        b, s, t = len(tables), max(lens), max(st + n for st, n in zip(starts, lens))
+        new_slots, ctx_slots = [], torch.zeros(b, t, dtype=torch.long)
+        valid = torch.zeros(b, s, dtype=torch.bool)
+        for i, (table, st, n) in enumerate(zip(tables, starts, lens)):
+            new_slots += store.slots(table, st, st + n)
+            ctx_slots[i, : st + n] = torch.tensor(store.slots(table, 0, st + n))
+            valid[i, :n] = True
+        self.valid = valid.to(device)
+        self.new_slots = torch.tensor(new_slots, dtype=torch.long, device=device)
+        self.ctx_slots = ctx_slots.to(device)
+        q_pos = torch.tensor(starts)[:, None] + torch.arange(s)[None, :]
+        self.positions = q_pos.clamp(max=t - 1).to(device)
+        k_pos = torch.arange(t)
+        self.mask = ((k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, :, None]).to(device)
+        self.mask[:, :, 0] |= ~valid.to(device)  # padded queries attend to one slot: no NaN rows
+
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
+        data = self.store.data[layer]
+        data.index_copy_(0, self.new_slots, latent[self.valid].to(data.dtype))
+        return data[self.ctx_slots].to(latent.dtype), self.mask

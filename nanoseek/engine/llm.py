@@ -1,0 +1,293 @@
+"""`LLM`: the engine's front — requests in, tokens out, with continuous batching over the paged latent cache.
+
+    llm = LLM("runs/base")
+    outs = llm.generate(["1+1="], SamplingParams(temperature=0, max_tokens=8))
+    for delta in llm.stream(["2+2="], SamplingParams(max_tokens=8)): print(delta.text, end="")
+
+The server and the RL trainer drive it through `add_request` / `step` / `abort`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence as Seq
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import load_model
+from ..model import DeepSeekV3
+from .cache import BlockManager, LatentStore, PagedBatch
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, Sequence
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """All samples of one prompt; `.token_ids` / `.text` are the first sample's, for n = 1 convenience."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+
+@dataclass
+class StreamDelta:
+    """What one step produced for one sample: new token ids and the new text safe to show."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float] = field(default_factory=list)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The `tokenizers` tokenizer saved beside a checkpoint, or None."""
+    f = Path(path) / "tokenizer.json"
+    if not f.exists():
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(f))
+
+
+class LLM:
+    """Continuous-batching generation over a paged MLA latent cache with prefix caching.
+
+    The engine holds a reference to `model`, not a copy: weights updated in place (by a trainer) are
+    used from the next step on.
+    """
+
+    def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
+                 block_size: int = 16, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
+                 prefix_caching: bool = True):
+        if not isinstance(model, DeepSeekV3):
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load_model(model)
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        dtype = model.lm_head.weight.dtype
+        per_block = LatentStore.bytes_per_token(self.config, dtype) * block_size
+        num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
+        self.store = LatentStore(self.config, num_blocks, block_size, dtype, model.device)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
+        self.max_len = self.config.max_position_embeddings
+        eos = self.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._requests: dict[str, list[Sequence]] = {}
+        self._pending_forks: dict[str, list[Sequence]] = {}
+        self._counter = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids or a checkpoint with tokenizer.json")
+            return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = list(prompt)
+        if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.config.vocab_size})")
+        return ids
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt; raises ValueError naming the parameter for bad input, leaving others untouched."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
+        if params.max_tokens > self.max_len:
+            raise ValueError(f"max_tokens: {params.max_tokens} exceeds the context of {self.max_len} tokens")
+        capacity = len(self.blocks.ref) * self.blocks.block_size
+        if len(ids) + min(params.max_tokens, self.max_len - len(ids)) > capacity:
+            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {capacity} tokens")
+        if request_id is None:
+            request_id = f"req-{self._counter}"
+            self._counter += 1
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seqs = [Sequence(request_id, i, ids, params, torch.Generator().manual_seed(base_seed + i))
+                for i in range(params.n)]
+        self._requests[request_id] = seqs
+        self.scheduler.add(seqs[0])
+        if params.n > 1:  # the other samples fork from the first once its prompt is in the cache
+            self._pending_forks[request_id] = seqs[1:]
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its cache blocks are freed at once."""
+        for seq in self._requests.pop(request_id, []):
+            if not seq.finished:
+                seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        self._pending_forks.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one engine step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StreamDelta]:
+        batch = self.scheduler.schedule()
+        deltas: list[StreamDelta] = []
+        groups = [[(s, 1) for s in batch.decodes], batch.prefills]
+        for rows in groups:
+            if not rows:
+                continue
+            logits = self._forward(rows)
+            for (seq, n), row_logits in zip(rows, logits):
+                seq.num_computed += n
+                self.blocks.seal(seq.table, seq.tokens, seq.num_computed)
+                if seq.num_computed == len(seq.tokens):
+                    deltas += self._emit(seq, row_logits)
+        return deltas
+
+    def _forward(self, rows: list[tuple[Sequence, int]]) -> Tensor:
+        """Run the model on each row's next n tokens; logits of each row's last computed position [B, V]."""
+        starts = [s.num_computed for s, _ in rows]
+        lens = [n for _, n in rows]
+        ids = torch.zeros(len(rows), max(lens), dtype=torch.long)
+        for i, (s, n) in enumerate(rows):
+            ids[i, :n] = torch.tensor(s.tokens[s.num_computed:s.num_computed + n])
+        cache = PagedBatch(self.store, [s.table for s, _ in rows], starts, lens, self.model.device)
+        hidden = self.model.hidden_states(ids.to(self.model.device), cache.positions, cache)
+        last = hidden[torch.arange(len(rows)), torch.tensor(lens) - 1]
+        return self.model.lm_head(last).float().cpu()
+
+    def _emit(self, seq: Sequence, logits: Tensor) -> list[StreamDelta]:
+        out = [self._append(seq, logits)]
+        forks = self._pending_forks.pop(seq.request_id, None) if len(seq.output_ids) == 1 else None
+        for child in forks or []:
+            self._fork(seq, child)
+            out.append(self._append(child, logits))
+        return out
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give child the parent's prompt cache: full blocks shared, the partial tail block copied."""
+        n = parent.num_computed
+        full = n // self.blocks.block_size
+        child.table = self.blocks.fork(parent.table[:full])
+        if n % self.blocks.block_size:
+            self.blocks.grow(child.table, n) or self._no_room(child)
+            self.store.copy_block(parent.table[full], child.table[full])
+        child.num_computed, child.num_cached_prompt, child.admitted = n, parent.num_cached_prompt, True
+        self.scheduler.running.append(child)
+
+    def _no_room(self, seq: Sequence) -> None:
+        # no block for the copied tail: recompute this sample's prompt later instead
+        self.blocks.release(seq.table)
+        seq.num_computed, seq.admitted = 0, False
+        self.scheduler.waiting.appendleft(seq)
+
+    def _append(self, seq: Sequence, logits: Tensor) -> StreamDelta:
+        """Sample one token for seq, check the stop conditions, and return what to stream."""
+        s = sample(logits, seq.params, seq.output_ids, seq.generator)
+        seq.output_ids.append(s.token)
+        if s.logprob is not None:
+            seq.logprobs.append(s.logprob)
+        if s.top_logprobs is not None:
+            seq.top_logprobs.append(s.top_logprobs)
+        p = seq.params
+        if (not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
+            seq.finish_reason = "length"
+        text_delta = self._update_text(seq)
+        if seq.finished:
+            self.scheduler.finish(seq)
+        return StreamDelta(seq.request_id, seq.index, [s.token], text_delta, seq.finish_reason,
+                           [s.logprob] if s.logprob is not None else [])
+
+    def _update_text(self, seq: Sequence) -> str:
+        """Detokenise incrementally; hold back broken UTF-8 and a tail that may start a stop string."""
+        if self.tokenizer is None:
+            return ""
+        ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
+        seq.text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        for stop in seq.params.stop:
+            at = seq.text.find(stop)
+            if at >= 0:
+                seq.text, seq.finish_reason = seq.text[:at], "stop"
+        safe = len(seq.text)
+        if not seq.finished:
+            while safe > seq.sent_text and seq.text[safe - 1] == "\ufffd":
+                safe -= 1
+            for stop in seq.params.stop:
+                for k in range(min(len(stop) - 1, safe - seq.sent_text), 0, -1):
+                    if seq.text[safe - k:safe] == stop[:k]:
+                        safe -= k
+                        break
+        delta, seq.sent_text = seq.text[seq.sent_text:safe], max(seq.sent_text, safe)
+        return delta
+
+    # ---- batch and streaming fronts --------------------------------------------------------------
+    def stream(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
+               params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield deltas as they are produced, for the given prompts only. Closing the iterator aborts them."""
+        ids = [self.add_request(p, params) for p in _as_list(prompts)]
+        live = set(ids)
+        try:
+            while live:
+                for d in self.step():
+                    if d.request_id in live:
+                        yield d
+                live = {r for r in live if any(not s.finished for s in self._requests.get(r, []))}
+        finally:
+            for r in ids:
+                self.abort(r)
+
+    def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for a batch of prompts (one SamplingParams for all, or one each); outputs in prompt order."""
+        prompts = _as_list(prompts)
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("params: one SamplingParams per prompt, or a single one")
+        ids = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+            while any(not s.finished for r in ids for s in self._requests[r]):
+                self.step()
+            return [self._result(r) for r in ids]
+        finally:
+            for r in ids:
+                self.abort(r)
+
+    def _result(self, request_id: str) -> RequestOutput:
+        seqs = self._requests[request_id]
+        outs = [CompletionOutput(s.index, list(s.output_ids), s.text, s.finish_reason, list(s.logprobs),
+                                 list(s.top_logprobs)) for s in seqs]
+        return RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

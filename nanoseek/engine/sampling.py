@@ -1,0 +1,114 @@
+"""SamplingParams and the sampler: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings, named as in vLLM/OpenAI. Invalid values raise ValueError naming the field."""
+
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False  # log-prob of each chosen token (under the temperature-scaled distribution)
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
+            ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) for t in self.stop_token_ids), "must be integers"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def apply_penalties(logits: Tensor, output_ids: list[int], params: SamplingParams) -> Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far (one row of logits)."""
+    if not output_ids or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def processed_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution actually sampled from: temperature, then top-k, top-p and min-p truncation (fp32)."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_k > 0 and params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop_sorted = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], generator: torch.Generator) -> Sample:
+    """Pick the next token from one row of logits [V]; randomness comes only from the request's generator,
+    so a seeded request samples the same tokens whatever else is in the batch."""
+    logits = apply_penalties(logits.float(), output_ids, params)
+    if params.greedy:
+        token = int(logits.argmax())
+        logp = torch.log_softmax(logits, -1) if (params.logprobs or params.top_logprobs) else None
+    else:
+        probs = processed_probs(logits, params)
+        u = torch.rand((), generator=generator)
+        cdf = probs.cumsum(-1)
+        token = int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=probs.shape[-1] - 1))
+        while probs[token] == 0:  # guard the float edge of the cdf
+            token -= 1
+        logp = torch.log_softmax(logits / params.temperature, -1) if (params.logprobs or params.top_logprobs) else None
+    out = Sample(token)
+    if logp is not None:
+        out.logprob = float(logp[token])
+        if params.top_logprobs:
+            vals, ids = logp.topk(params.top_logprobs)
+            out.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+    return out

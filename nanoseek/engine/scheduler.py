@@ -1,0 +1,139 @@
+"""Sequences and the continuous-batching scheduler: decodes first, then chunked prefills, preempt the newest.
+
+Every step, each running sequence that is decoding gets one token slot (plus draft slots for MTP
+speculation); prefills then fill the remaining token budget in chunks, so a long prompt never stalls the
+others. When the cache cannot hold a decode, the newest running sequence is preempted: its blocks are
+freed and it is recomputed later from its prompt plus what it has generated so far.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import BlockManager
+from .sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample being generated. `tokens` = prompt + output; `num_computed` of them are in the cache."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
+    admitted: bool = False
+    finish_reason: str | None = None
+    text: str = ""
+    sent_text: int = 0  # characters already streamed
+    draft: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.tokens) - 1 or not self.admitted
+
+
+@dataclass
+class Batch:
+    decodes: list[Sequence]
+    prefills: list[tuple[Sequence, int]]  # (sequence, number of tokens to compute this step)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int, num_draft: int = 0):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_batched_tokens, self.num_draft = max_num_seqs, max_batched_tokens, num_draft
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        decodes: list[Sequence] = []
+        budget = self.max_batched_tokens
+        for seq in list(self.running):
+            if seq not in self.running or seq.prefilling:
+                continue
+            need = len(seq.tokens) + self.num_draft  # slots for the last token and the drafts
+            while not self.blocks.grow(seq.table, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                decodes.append(seq)
+                budget -= 1 + self.num_draft
+        prefills: list[tuple[Sequence, int]] = []
+        for seq in [s for s in self.running if s.prefilling]:  # partially prefilled, continue first
+            if budget <= 0:
+                break
+            n = self._chunk(seq, budget)
+            if n:
+                prefills.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.admitted:
+                seq.table = self.blocks.match_prefix(seq.tokens[:-1])
+                seq.num_computed = len(seq.table) * self.blocks.block_size
+                if not seq.output_ids:
+                    seq.num_cached_prompt = seq.num_computed
+                seq.admitted = True
+            n = self._chunk(seq, budget)
+            if not n:  # no room yet: give back the prefix blocks so running sequences can use them
+                self.blocks.release(seq.table)
+                seq.admitted = False
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            prefills.append((seq, n))
+            budget -= n
+        return Batch(decodes, prefills)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq's prompt(+output) to compute now, with cache room for them; 0 if none fit."""
+        n = min(len(seq.tokens) - seq.num_computed, budget)
+        while n > 0 and not self.blocks.grow(seq.table, seq.num_computed + n):
+            n -= self.blocks.block_size
+        return max(n, 0)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.table)
+        seq.num_computed, seq.admitted, seq.draft = 0, False, []
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.table)

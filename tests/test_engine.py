@@ -1,0 +1,161 @@
+import pytest
+import torch
+
+from nanoseek import LLM, ModelConfig, SamplingParams
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return random_model(ModelConfig.preset("tiny"))
+
+
+def naive_greedy(model, prompt, n):
+    """Full recompute every step over the plain model: the reference for the cache and the scheduler."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(k, seed=0, lo=2, hi=60):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(k)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def test_greedy_matches_naive_recompute(model):
+    llm = LLM(model, block_size=4, max_batched_tokens=32)
+    ps = prompts(4)
+    for p, out in zip(ps, llm.generate(ps, GREEDY)):
+        assert out.token_ids == naive_greedy(model, p, 12)
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_alone_equals_in_batch_of_32(model):
+    ps = prompts(32, seed=3)
+    batched = LLM(model, block_size=8).generate(ps, GREEDY)
+    for i in [0, 7, 31]:
+        alone = LLM(model, block_size=8).generate([ps[i]], GREEDY)[0]
+        assert alone.token_ids == batched[i].token_ids
+
+
+def test_prefix_cache_on_off_identical_and_reports_hits(model):
+    shared = prompts(1, seed=5, lo=40, hi=41)[0]
+    ps = [shared + p for p in prompts(3, seed=6, lo=2, hi=10)]
+    on, off = LLM(model, block_size=4), LLM(model, block_size=4, prefix_caching=False)
+    first = on.generate(ps[0], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    rest_on, rest_off = on.generate(ps[1:], GREEDY), off.generate(ps[1:], GREEDY)
+    assert [o.token_ids for o in rest_on] == [o.token_ids for o in rest_off]
+    assert all(o.num_cached_tokens == 40 for o in rest_on)
+    assert all(o.num_cached_tokens == 0 for o in rest_off)
+
+
+def test_preemption_under_tiny_cache_is_exact(model):
+    ps = prompts(6, seed=7, lo=20, hi=30)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    roomy = LLM(model, block_size=4).generate(ps, params)
+    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
+    tight = LLM(model, block_size=4, cache_memory_mb=70 * per_token / 2**20)  # room for ~1.2 sequences
+    outs = tight.generate(ps, params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert tight.blocks.num_free == len(tight.blocks.ref)  # nothing leaked
+
+
+def test_chunked_prefill_does_not_stall_decoding(model):
+    llm = LLM(model, block_size=4, max_batched_tokens=16)
+    short = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    llm.step()
+    long = llm.add_request(prompts(1, seed=8, lo=200, hi=201)[0], GREEDY)
+    steps_with_short_token = 0
+    for _ in range(8):  # the 200-token prompt needs ~13 steps of 16-token chunks
+        deltas = llm.step()
+        steps_with_short_token += any(d.request_id == short for d in deltas)
+        assert not any(d.request_id == long for d in deltas)
+    assert steps_with_short_token == 8
+
+
+def test_seeded_sampling_reproducible_regardless_of_batch(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15, seed=123, ignore_eos=True)
+    ps = prompts(8, seed=9)
+    alone = LLM(model).generate([ps[2]], params)[0].token_ids
+    mixed = LLM(model).generate(ps, [SamplingParams(temperature=0.7, max_tokens=9)] * 2 + [params] +
+                                [SamplingParams(temperature=1.2, max_tokens=20)] * 5)
+    assert mixed[2].token_ids == alone
+    other = LLM(model).generate([ps[2]], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15,
+                                                        seed=124, ignore_eos=True))[0].token_ids
+    assert other != alone
+
+
+def test_n_samples_share_the_prompt_cache(model):
+    llm = LLM(model, block_size=4)
+    p = prompts(1, seed=10, lo=30, hi=31)[0]
+    out = llm.generate(p, SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=0, ignore_eos=True))[0]
+    assert len(out.outputs) == 4 and len({tuple(o.token_ids) for o in out.outputs}) > 1
+    # each sample is what a lone request with that sample's seed gives (seed + index)
+    for o in out.outputs:
+        lone = LLM(model, block_size=4).generate(p, SamplingParams(temperature=1.0, max_tokens=10, seed=o.index,
+                                                                  ignore_eos=True))[0]
+        assert lone.token_ids == o.token_ids
+    assert llm.blocks.num_free == len(llm.blocks.ref)
+
+
+def test_logprobs_match_full_forward(model):
+    llm = LLM(model)
+    p = prompts(1, seed=11)[0]
+    out = llm.generate(p, SamplingParams(temperature=0.8, max_tokens=6, seed=1, logprobs=True, top_logprobs=3,
+                                         ignore_eos=True))[0].outputs[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + out.token_ids]))[0, len(p) - 1:-1]
+    want = torch.log_softmax(logits / 0.8, -1)
+    got = torch.tensor(out.logprobs)
+    torch.testing.assert_close(got, want[torch.arange(6), torch.tensor(out.token_ids)], rtol=1e-4, atol=1e-4)
+    assert [t for t, _ in out.top_logprobs[0]] == want[0].topk(3).indices.tolist()
+
+
+def test_stream_and_abort_free_the_cache(model):
+    llm = LLM(model, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    got = []
+    stream = llm.stream(prompts(1, seed=12)[0], params)
+    for d in stream:
+        got += d.token_ids
+        if len(got) == 5:
+            break
+    stream.close()
+    assert len(got) == 5
+    assert llm.blocks.num_free == len(llm.blocks.ref) and not llm.has_unfinished()
+    rid = llm.add_request([5, 6, 7], params)
+    llm.step()
+    llm.abort(rid)
+    assert llm.blocks.num_free == len(llm.blocks.ref)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                          ({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
+                                          ({"n": 0}, "n")])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_leave_the_engine_serving(model):
+    llm = LLM(model)
+    ok = llm.add_request([1, 2, 3], GREEDY)
+    for prompt, params, field in [([], GREEDY, "prompt"), ([1] * 600, GREEDY, "prompt"),
+                                  ([1, 999], GREEDY, "prompt"), ([-1], GREEDY, "prompt"),
+                                  ("text", GREEDY, "tokenizer"),
+                                  ([1], SamplingParams(max_tokens=10_000), "max_tokens")]:
+        with pytest.raises(ValueError, match=field):
+            llm.add_request(prompt, params)
+    while llm.has_unfinished():
+        llm.step()
+    assert llm._result(ok).token_ids == naive_greedy(model, [1, 2, 3], 12)
