@@ -159,3 +159,68 @@ def test_bad_prompts_leave_the_engine_serving(model):
     while llm.has_unfinished():
         llm.step()
     assert llm._result(ok).token_ids == naive_greedy(model, [1, 2, 3], 12)
+
+
+def test_mtp_speculation_greedy_identical(model):
+    ps = prompts(6, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = LLM(model, block_size=4).generate(ps, params)
+    spec_llm = LLM(model, block_size=4, speculative=True)
+    spec = spec_llm.generate(ps, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert spec_llm.spec_stats["drafted"] > 50
+    assert spec_llm.blocks.num_free == len(spec_llm.blocks.ref)
+
+
+def test_mtp_speculation_with_perfect_drafts_emits_two_tokens_per_step(model):
+    """Oracle drafts (the true next tokens) are all accepted: half the steps, same output, exact cache."""
+    p = [3, 1, 4, 1, 5]
+    ref = naive_greedy(model, p, 20)
+    llm = LLM(model, block_size=4, speculative=True)
+
+    def oracle(seqs, starts, hidden):
+        for s in seqs:
+            if not s.finished and s.num_computed == len(s.tokens) - 1 and len(s.output_ids) < len(ref):
+                s.draft = [ref[len(s.output_ids)]]
+
+    llm._draft = oracle
+    rid = llm.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    steps = 0
+    while llm.has_unfinished():
+        llm.step()
+        steps += 1
+    assert llm._result(rid).token_ids == ref
+    # one prefill step, then two tokens per step: 1 + 2 * 9 = 19, and the 20th from step 11
+    assert steps == 11 and llm.spec_stats["accepted"] == llm.spec_stats["drafted"] == 10
+
+
+def test_speculative_sampling_preserves_distribution():
+    from nanoseek.engine.sampling import verify_draft, draw
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
+    params = SamplingParams(temperature=1.0)
+    p = torch.softmax(logits, -1)
+    q = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    n = 20000
+    for _ in range(n):
+        d = draw(q, g)
+        s, _ = verify_draft(logits, d, q, params, [], g)
+        counts[s.token] += 1
+    chi2 = (((counts - n * p) ** 2) / (n * p)).sum().item()
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+
+
+def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
+    ps = prompts(6, seed=14, lo=20, hi=30)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=25, seed=7, ignore_eos=True)
+    roomy = LLM(model, block_size=4, speculative=True).generate(ps, params)
+    alone = LLM(model, block_size=4, speculative=True).generate([ps[3]], params)[0]
+    assert alone.token_ids == roomy[3].token_ids
+    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
+    tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20)
+    greedy = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    assert [o.token_ids for o in tight.generate(ps, greedy)] == \
+        [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
+    assert tight.scheduler.num_preemptions > 0

@@ -65,18 +65,21 @@ class BlockManager:
         table.extend(self._take() for _ in range(max(need, 0)))
         return True
 
-    def seal(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
-        """Register the hashes of the blocks that are now full of computed tokens."""
+    def seal(self, table: list[int], token_ids: list[int], num_computed: int,
+             done: int = 0, h: int | None = None) -> tuple[int, int | None]:
+        """Register the hashes of blocks now full of computed tokens, from block `done` (whose parent hash
+        is h) on; returns the new (done, h) so each block is hashed once."""
         if not self.prefix_caching:
-            return
-        h = None
-        for i in range(num_computed // self.block_size):
+            return done, h
+        for i in range(done, num_computed // self.block_size):
             ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = hash((h, ids))
             block = table[i]
             if self.block_hash[block] is None:
                 self.block_hash[block], self.block_ids[block] = h, ids
                 self.by_hash.setdefault(h, block)
+            done = i + 1
+        return done, h
 
     def fork(self, table: list[int]) -> list[int]:
         """Share every block of `table` (for n samples of one prompt); the caller copies a partial tail."""

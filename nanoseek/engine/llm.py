@@ -21,7 +21,7 @@ from torch import Tensor
 from ..checkpoint import load_model
 from ..model import DeepSeekV3
 from .cache import BlockManager, LatentStore, PagedBatch
-from .sampling import SamplingParams, sample
+from .sampling import Sample, SamplingParams, apply_penalties, draw, processed_probs, sample, verify_draft
 from .scheduler import Scheduler, Sequence
 
 
@@ -83,7 +83,7 @@ class LLM:
 
     def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
                  block_size: int = 16, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative: bool = False):
         if not isinstance(model, DeepSeekV3):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model)
@@ -93,7 +93,11 @@ class LLM:
         num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
         self.store = LatentStore(self.config, num_blocks, block_size, dtype, model.device)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
+        if speculative and not model.mtp:
+            raise ValueError("speculative: the model has no MTP module to draft with")
+        self.speculative = speculative
+        self.spec_stats = {"drafted": 0, "accepted": 0}
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
         eos = self.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -154,75 +158,124 @@ class LLM:
     # ---- one engine step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[StreamDelta]:
+        """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
-        groups = [[(s, 1) for s in batch.decodes], batch.prefills]
-        for rows in groups:
+        for rows in ([(s, 1 + len(s.draft)) for s in batch.decodes], batch.prefills):
             if not rows:
                 continue
-            logits = self._forward(rows)
-            for (seq, n), row_logits in zip(rows, logits):
-                seq.num_computed += n
-                self.blocks.seal(seq.table, seq.tokens, seq.num_computed)
-                if seq.num_computed == len(seq.tokens):
-                    deltas += self._emit(seq, row_logits)
+            starts = [seq.num_computed for seq, _ in rows]
+            hidden = self._hidden([seq for seq, _ in rows], starts,  # decodes feed their drafts too
+                                  [(seq.tokens + seq.draft)[st:st + n] for (seq, n), st in zip(rows, starts)])
+            for i, (seq, n) in enumerate(rows):
+                if seq.num_computed + n < len(seq.tokens):  # a prefill chunk short of the end
+                    seq.num_computed += n
+                else:
+                    deltas += self._emit(seq, self.model.lm_head(hidden[i, :n]).float().cpu())
+                if not seq.finished:
+                    self.scheduler.seal(seq)
+            if self.speculative:
+                self._draft([seq for seq, _ in rows], starts, hidden)
         return deltas
 
-    def _forward(self, rows: list[tuple[Sequence, int]]) -> Tensor:
-        """Run the model on each row's next n tokens; logits of each row's last computed position [B, V]."""
-        starts = [s.num_computed for s, _ in rows]
-        lens = [n for _, n in rows]
-        ids = torch.zeros(len(rows), max(lens), dtype=torch.long)
-        for i, (s, n) in enumerate(rows):
-            ids[i, :n] = torch.tensor(s.tokens[s.num_computed:s.num_computed + n])
-        cache = PagedBatch(self.store, [s.table for s, _ in rows], starts, lens, self.model.device)
-        hidden = self.model.hidden_states(ids.to(self.model.device), cache.positions, cache)
-        last = hidden[torch.arange(len(rows)), torch.tensor(lens) - 1]
-        return self.model.lm_head(last).float().cpu()
+    def _hidden(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]],
+                mtp_inputs: Tensor | None = None) -> Tensor:
+        """Hidden states [B, S, d] of each sequence's `tokens` at positions from `starts`, through the
+        main model, or (given mtp_inputs [B, S, d]) through the first MTP module."""
+        lens = [len(t) for t in tokens]
+        ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, :len(t)] = torch.tensor(t)
+        device = self.model.device
+        ids = ids.to(device)
+        cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, lens, device)
+        if mtp_inputs is None:
+            return self.model.hidden_states(ids, cache.positions, cache)
+        cos, sin = self.model.rope(cache.positions, mtp_inputs.dtype)
+        return self.model.mtp[0](mtp_inputs, self.model.model.embed_tokens(ids), cos, sin, cache)
+
+    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor) -> None:
+        """MTP (V3 report §2.2): fill the MTP layer's cache at the positions just computed, from
+        (h_i, token_{i+1}), and draft the next-next token of every decoding sequence."""
+        live = [(i, seq) for i, seq in enumerate(seqs) if not seq.finished and seq.num_computed > starts[i]]
+        if not live:
+            return
+        counts = [seq.num_computed - starts[i] for i, seq in live]
+        inputs = torch.stack([torch.nn.functional.pad(hidden[i, :c], (0, 0, 0, max(counts) - c))
+                              for (i, _), c in zip(live, counts)])
+        h = self._hidden([seq for _, seq in live], [starts[i] for i, _ in live],
+                         [seq.tokens[starts[i] + 1:seq.num_computed + 1] for i, seq in live], inputs)
+        mtp = self.model.mtp[0]
+        for row, ((_, seq), c) in enumerate(zip(live, counts)):
+            if seq.num_computed != len(seq.tokens) - 1:
+                continue  # still prefilling: nothing to draft yet
+            logits = apply_penalties(self.model.lm_head(mtp.shared_head.norm(h[row, c - 1])).float().cpu(),
+                                     seq.output_ids, seq.params)
+            if seq.params.greedy:
+                seq.draft, seq.draft_probs = [int(logits.argmax())], None
+            else:
+                seq.draft_probs = processed_probs(logits, seq.params)
+                seq.draft = [draw(seq.draft_probs, seq.generator)]
 
     def _emit(self, seq: Sequence, logits: Tensor) -> list[StreamDelta]:
-        out = [self._append(seq, logits)]
-        forks = self._pending_forks.pop(seq.request_id, None) if len(seq.output_ids) == 1 else None
-        for child in forks or []:
-            self._fork(seq, child)
-            out.append(self._append(child, logits))
-        return out
+        """Turn a forward's logits [n, V] for seq into tokens: verify MTP drafts, then sample one more."""
+        emitted: list[Sample] = []
+        for j, d in enumerate(seq.draft):
+            s, ok = verify_draft(logits[j], d, seq.draft_probs, seq.params,
+                                 seq.output_ids + [x.token for x in emitted], seq.generator)
+            emitted.append(s)
+            self.spec_stats["drafted"] += 1
+            self.spec_stats["accepted"] += ok
+            if not ok:
+                break
+        else:
+            emitted.append(sample(logits[-1], seq.params, seq.output_ids + [x.token for x in emitted],
+                                  seq.generator))
+        # positions computed: the n fed in, less the rejected drafts (the tail of the cache is rewritten)
+        seq.num_computed += logits.shape[0] - len(seq.draft) + len(emitted) - 1
+        seq.draft = []
+        out = []
+        if not seq.output_ids:  # the prompt is in the cache: the other samples fork from it now
+            for child in self._pending_forks.pop(seq.request_id, []):
+                self._fork(seq, child)
+                out.append(self._append(child, [sample(logits[-1], child.params, [], child.generator)]))
+        return [self._append(seq, emitted)] + out
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied."""
         n = parent.num_computed
         full = n // self.blocks.block_size
         child.table = self.blocks.fork(parent.table[:full])
-        if n % self.blocks.block_size:
-            self.blocks.grow(child.table, n) or self._no_room(child)
-            self.store.copy_block(parent.table[full], child.table[full])
         child.num_computed, child.num_cached_prompt, child.admitted = n, parent.num_cached_prompt, True
+        if n % self.blocks.block_size:
+            if not self.blocks.grow(child.table, n):  # no room for the tail: recompute this sample later
+                self.scheduler.requeue(child)
+                return
+            self.store.copy_block(parent.table[full], child.table[full])
         self.scheduler.running.append(child)
 
-    def _no_room(self, seq: Sequence) -> None:
-        # no block for the copied tail: recompute this sample's prompt later instead
-        self.blocks.release(seq.table)
-        seq.num_computed, seq.admitted = 0, False
-        self.scheduler.waiting.appendleft(seq)
-
-    def _append(self, seq: Sequence, logits: Tensor) -> StreamDelta:
-        """Sample one token for seq, check the stop conditions, and return what to stream."""
-        s = sample(logits, seq.params, seq.output_ids, seq.generator)
-        seq.output_ids.append(s.token)
-        if s.logprob is not None:
-            seq.logprobs.append(s.logprob)
-        if s.top_logprobs is not None:
-            seq.top_logprobs.append(s.top_logprobs)
+    def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:
+        """Append sampled tokens up to the first stop condition, and return what to stream."""
         p = seq.params
-        if (not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
-            seq.finish_reason = "length"
+        new = []
+        for s in samples:
+            seq.output_ids.append(s.token)
+            new.append(s.token)
+            if s.logprob is not None:
+                seq.logprobs.append(s.logprob)
+            if s.top_logprobs is not None:
+                seq.top_logprobs.append(s.top_logprobs)
+            if (not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
+                seq.finish_reason = "length"
+            if seq.finished:
+                break
         text_delta = self._update_text(seq)
         if seq.finished:
             self.scheduler.finish(seq)
-        return StreamDelta(seq.request_id, seq.index, [s.token], text_delta, seq.finish_reason,
-                           [s.logprob] if s.logprob is not None else [])
+        return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
+                           seq.logprobs[-len(new):] if p.logprobs else [])
 
     def _update_text(self, seq: Sequence) -> str:
         """Detokenise incrementally; hold back broken UTF-8 and a tail that may start a stop string."""

@@ -90,25 +90,48 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], generator: torch.Generator) -> Sample:
-    """Pick the next token from one row of logits [V]; randomness comes only from the request's generator,
-    so a seeded request samples the same tokens whatever else is in the batch."""
-    logits = apply_penalties(logits.float(), output_ids, params)
-    if params.greedy:
-        token = int(logits.argmax())
-        logp = torch.log_softmax(logits, -1) if (params.logprobs or params.top_logprobs) else None
-    else:
-        probs = processed_probs(logits, params)
-        u = torch.rand((), generator=generator)
-        cdf = probs.cumsum(-1)
-        token = int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=probs.shape[-1] - 1))
-        while probs[token] == 0:  # guard the float edge of the cdf
-            token -= 1
-        logp = torch.log_softmax(logits / params.temperature, -1) if (params.logprobs or params.top_logprobs) else None
+def draw(probs: Tensor, generator: torch.Generator) -> int:
+    """Inverse-CDF draw from probs [V] with one uniform from the request's own generator."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    token = int(torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1))
+    while probs[token] == 0:  # the float edge of the cdf
+        token -= 1
+    return token
+
+
+def _annotate(token: int, logits: Tensor, params: SamplingParams) -> Sample:
+    """Attach the chosen token's log-prob (under the temperature-scaled distribution) and the top ones."""
     out = Sample(token)
-    if logp is not None:
+    if params.logprobs or params.top_logprobs:
+        logp = torch.log_softmax(logits / (params.temperature or 1.0), -1)
         out.logprob = float(logp[token])
         if params.top_logprobs:
             vals, ids = logp.topk(params.top_logprobs)
             out.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
     return out
+
+
+def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], generator: torch.Generator) -> Sample:
+    """Pick the next token from one row of logits [V]; randomness comes only from the request's generator,
+    so a seeded request samples the same tokens whatever else is in the batch."""
+    logits = apply_penalties(logits.float(), output_ids, params)
+    token = int(logits.argmax()) if params.greedy else draw(processed_probs(logits, params), generator)
+    return _annotate(token, logits, params)
+
+
+def verify_draft(logits: Tensor, draft: int, draft_probs: Tensor | None, params: SamplingParams,
+                 output_ids: list[int], generator: torch.Generator) -> tuple[Sample, bool]:
+    """Speculative sampling (Leviathan et al. 2023): accept the draft with probability min(1, p/q), else draw
+    from the normalised residual max(0, p - q); the output distribution is exactly p. Greedy: accept iff
+    the draft is the argmax. Returns the token to emit and whether it was the draft."""
+    logits = apply_penalties(logits.float(), output_ids, params)
+    if params.greedy:
+        token = int(logits.argmax())
+        return _annotate(token, logits, params), token == draft
+    p = processed_probs(logits, params)
+    if torch.rand((), generator=generator) * draft_probs[draft] < p[draft]:
+        return _annotate(draft, logits, params), True
+    residual = (p - draft_probs).clamp(min=0)
+    token = draw(residual if residual.sum() > 0 else p, generator)
+    return _annotate(token, logits, params), False

@@ -34,12 +34,14 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    sealed: tuple[int, int | None] = (0, None)  # blocks hashed for the prefix cache, last hash
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     finish_reason: str | None = None
     text: str = ""
     sent_text: int = 0  # characters already streamed
     draft: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
+    draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @property
@@ -108,8 +110,7 @@ class Scheduler:
                 seq.admitted = True
             n = self._chunk(seq, budget)
             if not n:  # no room yet: give back the prefix blocks so running sequences can use them
-                self.blocks.release(seq.table)
-                seq.admitted = False
+                self._evict(seq)
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -124,14 +125,26 @@ class Scheduler:
             n -= self.blocks.block_size
         return max(n, 0)
 
+    def _evict(self, seq: Sequence) -> None:
+        """Drop seq's cache; it will be recomputed from its prompt plus its output so far."""
+        self.blocks.release(seq.table)
+        seq.num_computed, seq.admitted, seq.draft, seq.sealed = 0, False, [], (0, None)
+
+    def requeue(self, seq: Sequence) -> None:
+        self._evict(seq)
+        self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.table)
-        seq.num_computed, seq.admitted, seq.draft = 0, False, []
-        self.waiting.appendleft(seq)
+        self.requeue(seq)
         self.num_preemptions += 1
 
+    def seal(self, seq: Sequence) -> None:
+        seq.sealed = self.blocks.seal(seq.table, seq.tokens, seq.num_computed, *seq.sealed)
+
     def finish(self, seq: Sequence) -> None:
+        """Remove seq, keeping its computed blocks findable by later prompts that share them."""
+        self.seal(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
