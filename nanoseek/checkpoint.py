@@ -42,6 +42,12 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, Tensor]:
         m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
         if m:
             name = f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
+        m = re.fullmatch(r"(.+)\.(gate_up_proj|fused_a_proj)\.(weight|bias)", name)
+        if m:
+            (a, b), sizes = _fused_parts(cfg, m.group(2), t.shape[0])
+            ta, tb = t.split(sizes)
+            out[f"{m.group(1)}.{a}.{m.group(3)}"], out[f"{m.group(1)}.{b}.{m.group(3)}"] = ta, tb
+            continue
         m = re.fullmatch(r"(.+\.mlp\.experts)\.(gate_up|down)", name)
         if m:
             prefix, inter = m.group(1), cfg.moe_intermediate_size
@@ -58,6 +64,13 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, Tensor]:
         out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight
         out[prefix + "shared_head.head.weight"] = model.lm_head.weight
     return out
+
+
+def _fused_parts(cfg: ModelConfig, fused: str, rows: int = 0) -> tuple[tuple[str, str], list[int]]:
+    """The two checkpoint tensors a fused nanoseek projection of `rows` rows stands for, and their rows."""
+    if fused == "fused_a_proj":
+        return ("q_a_proj", "kv_a_proj_with_mqa"), [cfg.q_lora_rank, cfg.latent_dim]
+    return ("gate_proj", "up_proj"), [rows // 2, rows // 2]
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -81,6 +94,12 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
         sd[prefix + ".gate_up"] = torch.stack(
             [torch.cat([per_expert[j]["gate_proj"], per_expert[j]["up_proj"]]) for j in ids])
         sd[prefix + ".down"] = torch.stack([per_expert[j]["down_proj"] for j in ids])
+    for name in [k for k in sd if re.search(r"\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)$", k)]:
+        m = re.fullmatch(r"(.+)\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)", name)
+        fused = "gate_up_proj" if m.group(2) == "up_proj" else "fused_a_proj"
+        first = f"{m.group(1)}.{_fused_parts(config, fused)[0][0]}.{m.group(3)}"
+        if first in sd:  # (kv_a_proj_with_mqa stands alone when q_lora_rank is null)
+            sd[f"{m.group(1)}.{fused}.{m.group(3)}"] = torch.cat([sd.pop(first), sd.pop(name)])
     renamed = {}
     for name, t in sd.items():
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)

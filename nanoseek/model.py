@@ -154,13 +154,14 @@ class MLA(nn.Module):
         self.kv_rank = c.kv_lora_rank
         self.scale = softmax_scale(c)
         qk = c.qk_head_dim
-        if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+        if c.q_lora_rank:  # q_a_proj and kv_a_proj_with_mqa both read x: one fused matmul
+            self.fused_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank + c.latent_dim, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
             self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
         else:
             self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.latent_dim, bias=c.attention_bias)
+            self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.latent_dim, bias=c.attention_bias)
+        self.q_lora_rank = c.q_lora_rank
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
@@ -168,17 +169,13 @@ class MLA(nn.Module):
     def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(q_nope [B,S,H,nope], rotated q_pe [B,S,H,rope], latent [B,S,rank+rope]).
 
-        The latent [c_kv (normed) | rotated k_pe] is what the cache stores. Both down-projections read
-        x, so they run as one matmul over the concatenated weights.
+        The latent [c_kv (normed) | rotated k_pe] is what the cache stores.
         """
-        if hasattr(self, "q_proj"):
-            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
-        else:
-            a = self.q_a_proj
-            w = torch.cat([a.weight, self.kv_a_proj_with_mqa.weight])
-            b = None if a.bias is None else torch.cat([a.bias, self.kv_a_proj_with_mqa.bias])
-            q_a, kv_a = F.linear(x, w, b).split([a.out_features, self.kv_rank + self.rope], dim=-1)
+        if self.q_lora_rank:
+            q_a, kv_a = self.fused_a_proj(x).split([self.q_lora_rank, self.kv_rank + self.rope], dim=-1)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope).split([self.nope, self.rope], -1)
         c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
@@ -205,31 +202,30 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         """Attention computed in the latent space (REFERENCE §2): W_UK folds into q, W_UV into the output.
 
+        Because the cache row is [c_kv | k_pe], the scores are one matmul of [q_nope W_UK | q_pe] with it.
         q_nope [B,S,H,nope], q_pe [B,S,H,rope], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,H,v].
         """
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
-        c_kv, k_pe = context.split([self.kv_rank, self.rope], dim=-1)
-        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
-        scores = torch.einsum("bshr,btr->bsht", q_lat, c_kv) + torch.einsum("bshp,btp->bsht", q_pe, k_pe)
-        scores = (scores.float() * self.scale).masked_fill(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bsht,btr->bshr", probs, c_kv)
-        return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope])  # [B,H,S,rank]
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)
+        scores = torch.matmul(q, context.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [B,H,S,T]
+        probs = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1).to(q.dtype)
+        o_lat = torch.matmul(probs, context[..., : self.kv_rank].unsqueeze(1))  # [B,H,S,rank]
+        return torch.matmul(o_lat, w[:, self.nope:].transpose(1, 2)).transpose(1, 2)  # [B,S,H,v]
 
 
 # ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate and up are one fused [2I, d] matmul
+    (the checkpoint stores them as gate_proj and up_proj)."""
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,158 @@
+"""Inference engine vs transformers `generate`, same weights, side by side in one run.
+
+    python benchmarks/engine.py --preset small --new-tokens 64 [--checkpoint runs/base]
+
+Prints decode throughput at batch 1 and 32 (ratio), cache bytes per token, prefix-cache TTFT, MTP
+speculation (acceptance, batch-1 speed-up) and a `vllm bench serve`-style latency table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from nanoseek import LLM, DeepSeekV3, ModelConfig, SamplingParams, load_model, save_model
+from nanoseek.engine.cache import LatentStore
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    t = time.perf_counter()
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t
+
+
+def ours_generate(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    return time.perf_counter() - t
+
+
+def hf_cache_bytes_per_token(hf, vocab: int) -> float:
+    from transformers import DynamicCache
+    cache = DynamicCache(config=hf.config)
+    with torch.no_grad():
+        hf(torch.randint(0, vocab, (1, 64)), cache=cache, use_cache=True)
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total / 64
+
+
+def latency_table(llm: LLM, vocab: int, n: int, new_tokens: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    count: dict[str, int] = {}
+    itl: list[float] = []
+    prev: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i in range(n):
+        plen = int(torch.randint(16, 128, (1,), generator=g))
+        llm.add_request(torch.randint(0, vocab, (plen,), generator=g).tolist(),
+                        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), request_id=f"b{i}")
+    while llm.has_unfinished():
+        deltas = llm.step()
+        now = time.perf_counter()
+        for d in deltas:
+            r = d.request_id
+            if r not in first:
+                first[r] = now - t0
+            else:
+                itl.append(now - prev[r])
+            prev[r] = last[r] = now
+            count[r] = count.get(r, 0) + len(d.token_ids)
+    dur = time.perf_counter() - t0
+    ttft = sorted(first.values())
+    tpot = sorted((last[r] - t0 - first[r]) / max(count[r] - 1, 1) for r in first)
+    itl.sort()
+
+    def pct(xs, q):
+        return xs[min(int(q * len(xs)), len(xs) - 1)] * 1e3
+
+    total_out = sum(count.values())
+    print(f"\n---------- serving-style run: {n} requests at once, {new_tokens} output tokens each ----------")
+    print(f"{'Benchmark duration (s):':<40}{dur:>10.2f}")
+    print(f"{'Total generated tokens:':<40}{total_out:>10}")
+    print(f"{'Output token throughput (tok/s):':<40}{total_out / dur:>10.1f}")
+    for name, xs in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl)):
+        print(f"{'Mean ' + name + ' (ms):':<40}{statistics.mean(xs) * 1e3:>10.2f}")
+        print(f"{'Median ' + name + ' (ms):':<40}{pct(xs, 0.5):>10.2f}")
+        print(f"{'P99 ' + name + ' (ms):':<40}{pct(xs, 0.99):>10.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--checkpoint", help="a trained checkpoint (for a meaningful MTP acceptance rate)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        if args.checkpoint:
+            model = load_model(args.checkpoint)
+        else:
+            model = DeepSeekV3(ModelConfig.preset(args.preset)).eval()
+        save_model(model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    cfg = model.config
+    vocab = cfg.vocab_size
+    print(f"model: {cfg.num_params() / 1e6:.2f}M params ({'trained ' + args.checkpoint if args.checkpoint else 'random ' + args.preset}), "
+          f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"\n{'batch':>6}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
+    for batch in (1, 32):
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len)).tolist()
+        llm = LLM(model)
+        ours_generate(llm, prompts[:1], 4)  # warm-up
+        hf_generate(hf, prompts[:1], 4)
+        t_ours = min(ours_generate(LLM(model), prompts, args.new_tokens) for _ in range(2))
+        t_hf = min(hf_generate(hf, prompts, args.new_tokens) for _ in range(2))
+        tok = batch * args.new_tokens
+        print(f"{batch:>6}{tok / t_ours:>16.1f}{tok / t_hf:>20.1f}{t_hf / t_ours:>7.2f}x")
+
+    ours_b = LatentStore.bytes_per_token(cfg, torch.float32)
+    main_b = cfg.num_hidden_layers * cfg.latent_dim * 4
+    print(f"\ncache bytes/token (fp32): nanoseek {main_b} main layers (+{ours_b - main_b} MTP layer) = "
+          f"{cfg.num_hidden_layers} x {cfg.latent_dim} x 4, the MLA minimum; transformers "
+          f"{hf_cache_bytes_per_token(hf, vocab):.0f}; decompressed K/V would be "
+          f"{cfg.num_hidden_layers * cfg.decompressed_cache_dim * 4}")
+
+    # prefix cache: a 1000-token prompt whose first 90% was seen before
+    llm = LLM(model, max_batched_tokens=2048)
+    long = torch.randint(0, vocab, (1000,)).tolist()
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate(long, one)
+    miss = time.perf_counter() - t
+    variant = long[:900] + torch.randint(0, vocab, (100,)).tolist()
+    t = time.perf_counter()
+    out = llm.generate(variant, one)[0]
+    hit = time.perf_counter() - t
+    print(f"\nprefix cache TTFT, 1000-token prompt: uncached {miss * 1e3:.1f} ms, 90% cached "
+          f"({out.num_cached_tokens} tokens hit) {hit * 1e3:.1f} ms -> {miss / hit:.1f}x lower")
+
+    if model.mtp:
+        prompts = torch.randint(0, vocab, (1, args.prompt_len)).tolist()
+        plain = min(ours_generate(LLM(model), prompts, args.new_tokens) for _ in range(2))
+        spec_llm = LLM(model, speculative=True)
+        spec = min(ours_generate(spec_llm, prompts, args.new_tokens) for _ in range(2))
+        st = spec_llm.spec_stats
+        print(f"\nMTP speculation, batch 1: acceptance {st['accepted'] / max(st['drafted'], 1):.1%}, "
+              f"{plain / spec:.2f}x decode speed-up ({args.new_tokens / plain:.1f} -> {args.new_tokens / spec:.1f} tok/s)")
+
+    latency_table(LLM(model), vocab, n=32, new_tokens=args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
