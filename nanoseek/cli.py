@@ -61,6 +61,63 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"greedy continuation of {prompt} (random weights, 32 tokens in {time.perf_counter() - t:.2f}s): {out}")
 
 
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from .data import read_documents
+    from .tokenizer import save_tokenizer, train_tokenizer
+    docs = [d for path in args.corpus for d in read_documents(path)]
+    tok = train_tokenizer(docs, args.vocab_size)
+    save_tokenizer(tok, args.out)
+    print(f"trained a {tok.get_vocab_size()}-token byte-level BPE on {len(docs)} documents -> {args.out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .train.loop import TrainConfig
+    from .train.pretrain import PretrainConfig, pretrain
+    pc = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        seq_len=args.seq_len, batch_size=args.batch_size, num_docs=args.num_docs,
+                        mtp_lambda=args.mtp_lambda, balance_alpha=args.alpha, bias_gamma=args.gamma,
+                        dense=args.dense, eval_every=args.eval_every, eval_problems=args.eval_problems)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+                     grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
+                     seed=args.seed, fsdp=args.fsdp)
+    pretrain(pc, tc, args.out, resume=args.resume)
+
+
+def cmd_cost(args: argparse.Namespace) -> None:
+    from .cost import training_cost, v3_implied_mfu
+    mfu = args.mfu if args.mfu is not None else v3_implied_mfu()
+    c = training_cost(ModelConfig.preset(args.preset), args.tokens, args.gpu, mfu, args.seq_len, args.price)
+    print(f"{args.preset}: {args.tokens:.3g} tokens on {args.gpu} at {mfu:.0%} utilisation: {c.line()}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    from .data import held_out_problems
+    from .engine import LLM
+    from .eval import evaluate
+    from .tasks import get_task
+    llm = LLM(args.checkpoint)
+    results = {}
+    for name in args.task:
+        r = evaluate(llm, get_task(name), held_out_problems(name, args.n, args.seed), args.max_new_tokens, args.k)
+        results[name] = r.as_dict()
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.as_dict().items()))
+        if args.out:
+            with open(args.out, "a") as f:
+                for s in r.samples:
+                    f.write(json.dumps({"task": name, **s}) + "\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .engine import LLM, SamplingParams
+    llm = LLM(args.checkpoint, speculative=args.speculative)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    for delta in llm.stream(args.prompt, params):
+        print(delta.text, end="", flush=True)
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,10 +126,75 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="run the showcase")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE with the chat/reasoning special tokens")
+    t.add_argument("--corpus", nargs="+", required=True, help=".txt/.jsonl/.parquet files")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style base model (torchrun-ready)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--data", default="builtin", help="'builtin' or a .txt/.jsonl/.parquet file")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--num-docs", type=int, default=40000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--mtp-lambda", type=float, default=0.3)
+    p.add_argument("--alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
+    p.add_argument("--gamma", type=float, default=0.01, help="gate bias update speed (V3: 0.001)")
+    p.add_argument("--dense", action="store_true", help="dense FFN with the same activated parameters")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-problems", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of a training run")
+    p.add_argument("--preset", default="v3", choices=sorted(PRESETS))
+    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument("--gpu", default="h800")
+    p.add_argument("--mfu", type=float, help="utilisation (default: V3's implied)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("eval", help="greedy / pass@1 / cons@k accuracy on held-out task problems")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", action="append", required=True)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSONL of every sample")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.set_defaults(func=cmd_generate)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from ..checkpoint import load_model
 from ..model import DeepSeekV3
+from ..tokenizer import load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
 from .sampling import Sample, SamplingParams, apply_penalties, draw, processed_probs, sample, verify_draft
 from .scheduler import Scheduler, Sequence
@@ -63,15 +63,6 @@ class StreamDelta:
     text: str
     finish_reason: str | None
     logprobs: list[float] = field(default_factory=list)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The `tokenizers` tokenizer saved beside a checkpoint, or None."""
-    f = Path(path) / "tokenizer.json"
-    if not f.exists():
-        return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(f))
 
 
 class LLM:

@@ -1,0 +1,109 @@
+"""Pretraining data: the built-in corpus of worked task examples, user files, packing and batches.
+
+Built-in documents are R1-Zero prompts followed by a worked completion; a fraction carry a step-by-step
+scratchpad inside <think>, the rest a short one, so the base model learns the format and RL has room to
+teach it to think more. Documents are packed end to end (separated by EOS) into fixed-length rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .tasks import get_task
+from .tokenizer import EOS, render_chat
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from a disjoint RNG stream
+
+
+def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic", "countdown"),
+                      scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[str]:
+    """n worked examples, cycling over tasks; prompts in `exclude` (held-out problems) are skipped."""
+    rng = random.Random(seed)
+    objs = [get_task(t) for t in tasks]
+    docs: list[str] = []
+    while len(docs) < n:
+        task = objs[len(docs) % len(objs)]
+        p = task.sample(rng)
+        if exclude and p.prompt in exclude:
+            continue
+        docs.append(p.prompt + task.solution(p, scratchpad=rng.random() < scratchpad) + EOS)
+    return docs
+
+
+def held_out_problems(task: str, n: int, seed: int):
+    rng = random.Random(seed + EVAL_SEED_OFFSET)
+    t = get_task(task)
+    return [t.sample(rng) for _ in range(n)]
+
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """Documents from a local .txt (blank-line separated), .jsonl (`text` or chat `messages`) or .parquet."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such data file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        elif suffix == ".jsonl":
+            docs = [_record_text(json.loads(line), path, i + 1)
+                    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+        elif suffix == ".parquet":
+            try:
+                import datasets
+            except ImportError:
+                raise ValueError(f"{path}: reading .parquet needs the `datasets` package") from None
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            docs = [_record_text(r, path, i + 1) for i, r in enumerate(ds)]
+        else:
+            raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .txt, .jsonl or .parquet)")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON on line {e.doc.count(chr(10)) + 1 if e.doc else '?'}") from None
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"{path}: no documents (the file is empty)")
+    return [d + EOS for d in docs]
+
+
+def _record_text(rec: dict, path: Path, line: int) -> str:
+    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+        return rec["text"]
+    if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+        return render_chat(rec["messages"], add_generation_prompt=False)
+    raise ValueError(f"{path}:{line}: a record needs a `text` string or a `messages` list")
+
+
+def pack(token_lists: list[list[int]], seq_len: int) -> Tensor:
+    """Concatenate documents and cut into rows of seq_len + 1 tokens (inputs and shifted targets)."""
+    flat = [t for ids in token_lists for t in ids]
+    rows = len(flat) // (seq_len + 1)
+    if rows == 0:
+        raise ValueError(f"data: {len(flat)} tokens cannot fill one sequence of {seq_len + 1}")
+    return torch.tensor(flat[: rows * (seq_len + 1)], dtype=torch.long).view(rows, seq_len + 1)
+
+
+@dataclass
+class Batches:
+    """Deterministic batches: the rows of step k depend only on (seed, k), so resuming needs only k."""
+
+    rows: Tensor  # [N, seq_len + 1]
+    batch_size: int
+    seed: int
+
+    def get(self, step: int, rank: int = 0, world: int = 1) -> Tensor:
+        """The global batch of `step`, this rank's share of it (rows rank, rank + world, ...)."""
+        n = self.rows.shape[0]
+        per_epoch = max(n // self.batch_size, 1)
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        idx = perm[(k * self.batch_size + torch.arange(self.batch_size)) % n]
+        return self.rows[idx[rank::world]]

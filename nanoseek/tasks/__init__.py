@@ -1,0 +1,19 @@
+"""Verifiable tasks: `get_task(name)` returns a Task with `.sample(rng)` and `.score(problem, completion)`."""
+
+from __future__ import annotations
+
+from .arithmetic import Arithmetic
+from .base import R1_ZERO_TEMPLATE, Problem, Task, extract_answer, format_ok
+from .countdown import Countdown
+
+TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "countdown": Countdown}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]()
+    except KeyError:
+        raise ValueError(f"task: unknown task {name!r}; choose from {sorted(TASKS)}") from None
+
+
+__all__ = ["Task", "Problem", "get_task", "TASKS", "R1_ZERO_TEMPLATE", "extract_answer", "format_ok"]

@@ -1,0 +1,57 @@
+"""Multi-digit arithmetic (+, -, x); the number of digits is the difficulty."""
+
+from __future__ import annotations
+
+import random
+
+from .base import Problem, Task
+
+
+class Arithmetic(Task):
+    name = "arithmetic"
+    difficulties = (1, 2, 3, 4)
+    ops = "+-*"
+
+    def make(self, rng: random.Random, difficulty: int) -> Problem:
+        op = rng.choice(self.ops)
+        lo, hi = 10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if op == "*":  # keep products of manageable length: the second factor has one or two digits
+            b = rng.randint(2, 9 if difficulty < 3 else 99)
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Problem(f"What is {a} {op} {b}", value, difficulty, {"a": a, "b": b, "op": op})
+
+    def check(self, problem: Problem, answer: str) -> float:
+        text = answer.replace(",", "").replace(" ", "")
+        if not (text.lstrip("-").isascii() and text.lstrip("-").isdigit()) or len(text) > 40:
+            return 0.0
+        return 1.0 if int(text) == problem.answer else 0.0
+
+    def solution(self, problem: Problem, scratchpad: bool = True) -> str:
+        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
+        think = _steps(a, b, op) if scratchpad else f"{a} {op} {b}"
+        return f" <think> {think} </think> <answer> {problem.answer} </answer>"
+
+
+def _steps(a: int, b: int, op: str) -> str:
+    """Short column-arithmetic reasoning, least significant digit first."""
+    if op == "+":
+        da, db = str(a)[::-1], str(b)[::-1]
+        carry, parts, digits = 0, [], []
+        for i in range(max(len(da), len(db))):
+            x = int(da[i]) if i < len(da) else 0
+            y = int(db[i]) if i < len(db) else 0
+            s = x + y + carry
+            parts.append(f"{x}+{y}{'+1' if carry else ''}={s}")
+            digits.append(s % 10)
+            carry = s // 10
+        if carry:
+            digits.append(carry)
+        return ", ".join(parts) + f", so {''.join(map(str, digits[::-1]))}"
+    if op == "-":
+        big, small, sign = (a, b, "") if a >= b else (b, a, "-")
+        return f"{big} - {small} = {big - small}, so {sign}{big - small}"
+    tens, ones = divmod(b, 10)
+    if tens:
+        return f"{a}*{ones}={a * ones}, {a}*{tens}0={a * tens * 10}, {a * ones}+{a * tens * 10}={a * b}"
+    return f"{a}*{b}={a * b}"

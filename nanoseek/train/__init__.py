@@ -1,0 +1,1 @@
+"""Training: one shared loop (loop.py) and the recipes built on it."""

@@ -1,0 +1,314 @@
+"""The one training loop shared by pretraining, SFT and GRPO.
+
+It owns what every run needs: torch.distributed set-up (DDP by default, FSDP2 behind a flag; gloo on
+CPU, nccl on CUDA), AdamW with decay on matrices only, warmup + cosine or warmup-stable-decay, gradient
+accumulation and clipping, optional bf16 autocast, a progress bar and JSONL metrics on rank 0,
+checkpoints (HF weights + tokenizer + a safetensors training state) written atomically with the last few
+kept, exact resume, and Ctrl-C that saves before exiting. The caller supplies a loss function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..atomic import atomic_write, atomic_write_text
+from ..checkpoint import load_model, save_model
+from ..model import DeepSeekV3
+from ..tokenizer import copy_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    schedule: str = "cosine"  # or "wsd" (warmup, stable, decay over the last `decay_frac`)
+    decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: str = "fp32"  # or "bf16" (autocast)
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    seed: int = 0
+    fsdp: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule: must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.lr <= 0 or self.grad_accum < 1:
+            raise ValueError("lr must be > 0 and grad_accum >= 1")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr_ratio * lr, or constant then linear decay (WSD)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - floor) * (step - decay_start) / max(cfg.steps - decay_start, 1)
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---- distributed -------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if op == "mean":
+                t /= self.world
+        return t
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(int(os.environ.get("RANK", "0")), world, device)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+STATE_FILE = "training_state.safetensors"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous()
+               for i, st in sd["state"].items() for k, v in st.items() if isinstance(v, Tensor)}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint directory only appears once fully written)."""
+    root = out / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if (p / STATE_FILE).exists()),
+                  key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+
+
+class Trainer:
+    """Runs `steps` optimizer steps of `loss_fn(step, micro) -> (loss, metrics)` over `model`.
+
+    Hooks: `after_step(step, metrics)` (e.g. the MoE bias update), `evaluate(step) -> metrics`.
+    """
+
+    def __init__(self, model: DeepSeekV3, cfg: TrainConfig, out: str | os.PathLike, *,
+                 tokenizer_dir: str | os.PathLike | None = None, run_config: dict | None = None):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = setup_distributed()
+        self.model = model.to(self.dist.device)
+        self.tokenizer_dir = tokenizer_dir
+        self.run_config = run_config or {}
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, foreach=True)
+        self.wrapped = self._wrap(model)
+        self.step = 0
+        self._stop = False
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.world == 1:
+            return model
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for layer in list(model.model.layers) + list(model.mtp):
+                fully_shard(layer)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, broadcast_buffers=False)
+
+    # ---- state --------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step-N atomically (temp dir + rename); keep the newest `keep_checkpoints`."""
+        if not self.dist.main:
+            return None
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write_model(tmp)
+            tensors, meta = _optimizer_tensors(self.optimizer)
+            tensors["rng.torch"] = torch.get_rng_state()
+            meta.update(step=self.step, train_config=asdict(self.cfg), run_config=self.run_config)
+            atomic_write(tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"could not save checkpoint {final} ({e}); the previous checkpoint is intact") from None
+        for old in checkpoint_dirs(self.out)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _write_model(self, path: Path) -> None:
+        save_model(self.model, path)
+        if self.tokenizer_dir:
+            copy_tokenizer(self.tokenizer_dir, path)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; refuses one written for a different run config."""
+        found = checkpoint_dirs(self.out)
+        if not found:
+            return False
+        ckpt = found[-1]
+        with safe_open(str(ckpt / STATE_FILE), framework="pt") as f:
+            meta = json.loads(f.metadata()["json"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key, value in self.run_config.items():
+            if meta["run_config"].get(key) != value:
+                raise ValueError(f"resume: {ckpt} was written with {key}={meta['run_config'].get(key)!r}, "
+                                 f"this run has {key}={value!r}")
+        loaded = load_model(ckpt, device=self.dist.device, dtype=None)
+        if loaded.config != self.model.config:
+            raise ValueError(f"resume: {ckpt} holds a model with a different config")
+        with torch.no_grad():
+            for (name, p), q in zip(self.model.state_dict().items(), loaded.state_dict().values()):
+                p.copy_(q)
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        _load_optimizer(self.optimizer, tensors, meta)
+        self.step = meta["step"]
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        if self.dist.main and self.metrics_path.exists():
+            keep = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train(self, loss_fn: Callable[[int, int], tuple[Tensor, dict]],
+              after_step: Callable[[int, dict], None] | None = None,
+              evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
+              tokens_per_step: int = 0, progress: bool = True) -> list[dict]:
+        """Run from self.step to cfg.steps; returns the per-step metric records of this call."""
+        from tqdm import tqdm
+
+        records: list[dict] = []
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.main else None
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (progress and self.dist.main),
+                   dynamic_ncols=True)
+        try:
+            while self.step < self.cfg.steps and not self._stop:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, self.cfg)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                sums: dict[str, float] = {}
+                for micro in range(self.cfg.grad_accum):
+                    sync = micro == self.cfg.grad_accum - 1 or self.dist.world == 1
+                    ctx = contextlib.nullcontext() if sync or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                    with ctx:
+                        with self.autocast():
+                            loss, metrics = loss_fn(self.step, micro)
+                        (loss / self.cfg.grad_accum).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / self.cfg.grad_accum
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                record = {"step": self.step + 1, "lr": lr, "grad_norm": grad_norm}
+                for k, v in sums.items():  # averaged over ranks
+                    record[k] = float(self.dist.all_reduce(torch.tensor(v), "mean"))
+                if after_step is not None:
+                    after_step(self.step, record)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                record["step_seconds"] = dt
+                if tokens_per_step:
+                    record["tokens_per_s"] = tokens_per_step / dt
+                if evaluate is not None and eval_every and (self.step % eval_every == 0 or self.step == self.cfg.steps):
+                    record.update(evaluate(self.step))
+                self.log(record)
+                records.append(record)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "tokens_per_s", "val_loss") if k in record})
+                bar.update(1)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                    self.save_checkpoint()
+            if self._stop:
+                path = self.save_checkpoint()
+                if self.dist.main:
+                    print(f"\ninterrupted: saved {path}; continue with --resume")
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return records
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self._stop = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stop
+
+    def finish(self) -> None:
+        """The finished model is the output directory itself (HF format + tokenizer)."""
+        if self.dist.main:
+            self._write_model(self.out)

@@ -1,0 +1,215 @@
+"""Pretraining with the V3 recipe: next-token + lambda x MTP loss, a small sequence-wise balance loss, and
+aux-loss-free balancing (gate biases nudged by +-gamma toward the mean expert load after every step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
+from ..data import Batches, builtin_documents, held_out_problems, pack, read_documents
+from ..model import DeepSeekV3, Gate, MoE
+from ..plots import plot_series
+from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from .loop import Trainer, TrainConfig, setup_distributed
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "small"
+    data: str = "builtin"  # or a .txt/.jsonl/.parquet file
+    tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
+    vocab_size: int = 2048
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step (global, across ranks and micro-batches)
+    num_docs: int = 40000  # built-in worked examples
+    tasks: tuple[str, ...] = ("arithmetic", "countdown")
+    scratchpad: float = 0.25
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 0.01  # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
+    dense: bool = False  # replace MoE by a dense FFN with the same activated parameters (ablation)
+    eval_every: int = 50
+    val_batches: int = 4
+    eval_problems: int = 100  # held-out problems per task family for the final accuracy
+
+
+def dense_equivalent(config: ModelConfig) -> ModelConfig:
+    """A dense model with the MoE preset's activated FFN width (for the DeepSeekMoE ablation)."""
+    inter = config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
+    return config.replace(first_k_dense_replace=config.num_hidden_layers + config.num_nextn_predict_layers,
+                          n_routed_experts=0, n_shared_experts=0, n_group=1, topk_group=1,
+                          intermediate_size=config.intermediate_size if config.first_k_dense_replace else inter)
+
+
+def moe_gates(model: DeepSeekV3) -> list[Gate]:
+    """Gates in the order the forward pass reports their load (main layers, then MTP)."""
+    return [m.mlp.gate for m in list(model.model.layers) + list(model.mtp) if isinstance(m.mlp, MoE)]
+
+
+@torch.no_grad()
+def update_gate_biases(model: DeepSeekV3, load: torch.Tensor, gamma: float) -> None:
+    """V3 §2.1.2: b_i -= gamma if expert i is over the mean load, += gamma if under."""
+    for gate, layer_load in zip(moe_gates(model), load):
+        gate.e_score_correction_bias += gamma * torch.sign(layer_load.float().mean() - layer_load.float())
+
+
+def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
+    """Tokenizer (trained on rank 0 if not given), packed train/val rows, and held-out problems."""
+    held_out = {t: held_out_problems(t, pc.eval_problems, seed) for t in pc.tasks} if pc.data == "builtin" else {}
+    if pc.data == "builtin":
+        exclude = {p.prompt for ps in held_out.values() for p in ps}
+        docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
+    else:
+        docs = read_documents(pc.data)
+    tok_dir = Path(pc.tokenizer) if pc.tokenizer else out / "tokenizer"
+    if pc.tokenizer is None and rank == 0 and load_tokenizer(tok_dir) is None:
+        save_tokenizer(train_tokenizer(docs, pc.vocab_size), tok_dir, model_max_length=pc.seq_len * 4)
+    if world > 1:
+        dist.barrier()
+    tok = load_tokenizer(tok_dir)
+    if tok is None:
+        raise ValueError(f"tokenizer: no tokenizer.json in {tok_dir}")
+    rows = pack([e.ids for e in tok.encode_batch(docs, add_special_tokens=False)], pc.seq_len)
+    n_val = max(pc.val_batches * pc.batch_size, rows.shape[0] // 20)
+    if rows.shape[0] <= n_val:
+        raise ValueError(f"data: only {rows.shape[0]} sequences of {pc.seq_len + 1} tokens; need more than "
+                         f"{n_val} (add data or lower --seq-len)")
+    return tok, tok_dir, rows[:-n_val], rows[-n_val:], held_out
+
+
+def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
+             progress: bool = True) -> dict:
+    """Train a base model into `out` (checkpoints under out/checkpoints); returns the run summary."""
+    out = Path(out)
+    d = setup_distributed()
+    if tc.grad_accum * d.world > pc.batch_size or pc.batch_size % (tc.grad_accum * d.world):
+        raise ValueError(f"batch_size: {pc.batch_size} must be a multiple of grad_accum x ranks "
+                         f"({tc.grad_accum} x {d.world})")
+    config = ModelConfig.preset(pc.preset)
+    if pc.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    tok, tok_dir, train_rows, val_rows, held_out = build_data(pc, out, tc.seed, d.rank, d.world)
+    config = config.replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<｜begin▁of▁sentence｜>"),
+                            eos_token_id=tok.token_to_id("<｜end▁of▁sentence｜>"))
+    if pc.dense:
+        config = dense_equivalent(config)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    model = DeepSeekV3(config).train()
+    run_config = {k: v for k, v in asdict(pc).items() if k not in ("eval_every", "eval_problems")}
+    run_config["tasks"] = list(pc.tasks)
+    trainer = Trainer(model, tc, out, tokenizer_dir=tok_dir, run_config=run_config)
+    if resume and not trainer.resume():
+        print(f"nanoseek: nothing to resume in {out}/checkpoints; starting fresh")
+    elif not resume and trainer.metrics_path.exists() and d.main:
+        trainer.metrics_path.unlink()
+
+    micro_rows = pc.batch_size // tc.grad_accum
+    batches = Batches(train_rows, micro_rows, tc.seed)
+    has_moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    load_acc: list[torch.Tensor] = []
+
+    def loss_fn(step: int, micro: int):
+        rows = batches.get(step * tc.grad_accum + micro, d.rank, d.world).to(d.device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        out_ = trainer.wrapped(x, mtp=config.num_nextn_predict_layers > 0, router_stats=has_moe)
+        ce = F.cross_entropy(out_.logits.flatten(0, 1).float(), y.flatten())
+        loss, metrics = ce, {"loss": ce.detach()}
+        if out_.mtp_logits:
+            mtp = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
+                      for k, lg in enumerate(out_.mtp_logits, start=1)) / len(out_.mtp_logits)
+            loss = loss + pc.mtp_lambda * mtp
+            metrics["mtp_loss"] = mtp.detach()
+        if out_.balance_loss is not None:
+            loss = loss + pc.balance_alpha * out_.balance_loss
+            metrics["balance_loss"] = out_.balance_loss.detach()
+            load_acc.append(out_.expert_load.detach())
+        return loss, metrics
+
+    def after_step(step: int, record: dict) -> None:
+        if not load_acc:
+            return
+        load = d.all_reduce(torch.stack(load_acc).sum(0).float())
+        load_acc.clear()
+        ratio = (load.max(-1).values / load.mean(-1)).tolist()
+        record.update({f"load_max_mean_{i}": r for i, r in enumerate(ratio)})
+        record["load_max_mean"] = max(ratio)
+        update_gate_biases(model, load, pc.bias_gamma)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        model.eval()
+        losses = []
+        for b in range(pc.val_batches):
+            rows = val_rows[b * pc.batch_size:(b + 1) * pc.batch_size].to(d.device)
+            with trainer.autocast():
+                logits = model(rows[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten()))
+        model.train()
+        return {"val_loss": float(d.all_reduce(torch.stack(losses).mean(), "mean"))}
+
+    t0 = time.perf_counter()
+    tokens_per_step = pc.batch_size * pc.seq_len
+    start_step = trainer.step
+    trainer.train(loss_fn, after_step, evaluate, pc.eval_every, tokens_per_step, progress)
+    seconds = time.perf_counter() - t0
+    if trainer.interrupted:
+        return {"interrupted": True, "step": trainer.step}
+    trainer.finish()
+    summary = {"steps": trainer.step, "seconds": seconds, "params": config.num_params(),
+               "active_params": config.num_active_params()}
+    if d.main:
+        summary.update(_report(out, config, pc, (trainer.step - start_step) * tokens_per_step, seconds))
+        if held_out:
+            summary["accuracy"] = _accuracy(model, tok, held_out)
+        from ..atomic import atomic_write_text
+        atomic_write_text(out / "pretrain_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _report(out: Path, config: ModelConfig, pc: PretrainConfig, tokens: int, seconds: float) -> dict:
+    """Plots and the run's cost line: FLOPs done, measured FLOP/s, equivalent H800-hours and dollars."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    series = {"train loss": (steps, [r["loss"] for r in records])}
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        series["val loss"] = ([s for s, _ in val], [v for _, v in val])
+    plot_series(out / "loss.png", "pretraining loss", series, "cross-entropy")
+    load_keys = sorted(k for k in records[-1] if k.startswith("load_max_mean_"))
+    if load_keys:
+        plot_series(out / "expert_load.png", "expert load max/mean per MoE layer",
+                    {k.removeprefix("load_max_mean_"): (steps, [r.get(k, float("nan")) for r in records])
+                     for k in load_keys}, "max / mean load")
+    flops = tokens * config.train_flops_per_token(pc.seq_len, mtp=config.num_nextn_predict_layers > 0)
+    h800_hours = flops / (GPU_PEAK["h800"] * v3_implied_mfu()) / 3600
+    cost = {"tokens": tokens, "flops": flops, "flops_per_s": flops / max(seconds, 1e-9),
+            "h800_hours": h800_hours, "dollars": h800_hours * PRICE_PER_GPU_HOUR}
+    print(f"cost: {flops:.3e} FLOPs in {seconds:.0f}s ({cost['flops_per_s'] / 1e9:.1f} GFLOP/s measured) = "
+          f"{h800_hours * 3600:.3f} H800-seconds at V3's utilisation, ${cost['dollars']:.6f}")
+    return {"cost": cost, "final_loss": records[-1]["loss"], "final_val_loss": val[-1][1] if val else None,
+            "final_load_max_mean": records[-1].get("load_max_mean")}
+
+
+def _accuracy(model: DeepSeekV3, tok, held_out: dict) -> dict:
+    from ..engine import LLM
+    from ..eval import evaluate
+    from ..tasks import get_task
+    model.eval()
+    llm = LLM(model, tok)
+    acc = {name: evaluate(llm, get_task(name), problems).as_dict() for name, problems in held_out.items()}
+    for name, r in acc.items():
+        print(f"held-out greedy accuracy, {name}: {r['greedy']:.1%} (mean {r['mean_len']:.1f} tokens)")
+    return acc
