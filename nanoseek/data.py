@@ -53,7 +53,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
         if suffix == ".txt":
             docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
         elif suffix == ".jsonl":
-            docs = [_record_text(json.loads(line), path, i + 1)
+            docs = [_record_text(_json_line(line, path, i + 1), path, i + 1)
                     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
         elif suffix == ".parquet":
             try:
@@ -66,12 +66,17 @@ def read_documents(path: str | os.PathLike) -> list[str]:
             raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .txt, .jsonl or .parquet)")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON on line {e.doc.count(chr(10)) + 1 if e.doc else '?'}") from None
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"{path}: no documents (the file is empty)")
     return [d + EOS for d in docs]
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON on line {number} ({e.msg})") from None
 
 
 def _record_text(rec: dict, path: Path, line: int) -> str:

@@ -9,9 +9,9 @@ from .countdown import Countdown
 TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "countdown": Countdown}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, template: str = "chat") -> Task:
     try:
-        return TASKS[name]()
+        return TASKS[name](template)
     except KeyError:
         raise ValueError(f"task: unknown task {name!r}; choose from {sorted(TASKS)}") from None
 

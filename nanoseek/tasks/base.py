@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..tokenizer import render_chat
+
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
@@ -26,15 +28,29 @@ _FORMAT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*
 
 @dataclass
 class Problem:
+    """One problem. With the chat template (the default) the prompt ends inside `<think>` (R1 style), so
+    completions start with the reasoning; with the R1-Zero template they open `<think>` themselves."""
+
     question: str  # the user's question, without the template
     answer: Any  # what the verifier compares against
     difficulty: int = 1
     data: dict = field(default_factory=dict)  # task-specific (e.g. Countdown's numbers)
-    template: str = R1_ZERO_TEMPLATE
+    template: str = "chat"  # or "r1zero"
 
     @property
     def prompt(self) -> str:
-        return self.template.format(prompt=self.question)
+        if self.template == "r1zero":
+            return R1_ZERO_TEMPLATE.format(prompt=self.question)
+        return render_chat([{"role": "user", "content": self.question}])
+
+    def full_completion(self, completion: str) -> str:
+        """The completion with the `<think>` the chat prompt already opened, for format checks."""
+        return completion if self.template == "r1zero" else "<think>" + completion
+
+    def completion(self, think: str, answer: str) -> str:
+        """A well-formed completion for this problem's template."""
+        body = f" {think} </think> <answer> {answer} </answer>"
+        return body if self.template == "chat" else " <think>" + body
 
 
 def extract_answer(completion: str) -> str | None:
@@ -57,8 +73,15 @@ class Task:
     name = "task"
     difficulties: tuple[int, ...] = (1,)
 
+    def __init__(self, template: str = "chat"):
+        if template not in ("chat", "r1zero"):
+            raise ValueError(f"template: must be 'chat' or 'r1zero', got {template!r}")
+        self.template = template
+
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
-        return self.make(rng, rng.choice(self.difficulties) if difficulty is None else difficulty)
+        problem = self.make(rng, rng.choice(self.difficulties) if difficulty is None else difficulty)
+        problem.template = self.template
+        return problem
 
     def make(self, rng: random.Random, difficulty: int) -> Problem:
         raise NotImplementedError
@@ -68,7 +91,7 @@ class Task:
         raise NotImplementedError
 
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
-        """A worked completion in the R1-Zero format (used to build the pretraining corpus)."""
+        """A worked completion (used to build the pretraining corpus); `scratchpad` adds the steps."""
         raise NotImplementedError
 
     def score(self, problem: Problem, completion: str) -> float:

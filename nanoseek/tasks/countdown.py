@@ -95,4 +95,4 @@ class Countdown(Task):
 
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
         think = ", ".join(problem.data["steps"]) if scratchpad else "try the numbers"
-        return f" <think> {think} </think> <answer> {problem.data['expression']} </answer>"
+        return problem.completion(think, problem.data["expression"])

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from nanoseek.data import Batches, builtin_documents, held_out_problems, pack, read_documents
+
+
+def test_builtin_corpus_excludes_held_out_problems():
+    held = {p.prompt for p in held_out_problems("arithmetic", 300, seed=0)}
+    docs = builtin_documents(3000, seed=0, tasks=("arithmetic",), exclude=held)
+    assert not any(d.split("<think>")[0] + "<think>\n" in held for d in docs)
+    assert sum("," in d.split("<think>")[1] for d in docs) > 300  # some carry a scratchpad
+
+
+def test_pack_and_deterministic_sharded_batches():
+    rows = pack([list(range(i, i + 7)) for i in range(40)], seq_len=9)
+    assert rows.shape == (28, 10)
+    b = Batches(rows, batch_size=4, seed=3)
+    assert torch.equal(b.get(5), Batches(rows, 4, 3).get(5))
+    shards = [b.get(5, r, 2) for r in range(2)]
+    assert sorted(map(tuple, torch.cat(shards).tolist())) == sorted(map(tuple, b.get(5).tolist()))
+    with pytest.raises(ValueError, match="cannot fill"):
+        pack([[1, 2]], seq_len=9)
+
+
+def test_read_user_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    assert len(read_documents(tmp_path / "a.txt")) == 2
+    lines = [{"text": "hello"}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    docs = read_documents(tmp_path / "b.jsonl")
+    assert docs[0].startswith("hello") and "<｜User｜>q<｜Assistant｜>a" in docs[1]
+
+
+def test_parquet_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).to_parquet(str(tmp_path / "c.parquet"))
+    assert [d[:3] for d in read_documents(tmp_path / "c.parquet")] == ["one", "two"]
+
+
+@pytest.mark.parametrize("name,content,match", [("e.txt", "", "empty"), ("x.csv", "a", "unsupported"),
+                                               ("bad.jsonl", '{"text": "a"}\n{oops', "line 2"),
+                                               ("nofield.jsonl", '{"title": 1}', "needs a `text`")])
+def test_bad_data_files(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=match):
+        read_documents(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_documents(tmp_path / "missing.txt")

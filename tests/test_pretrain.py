@@ -1,0 +1,173 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek import ModelConfig, load_model
+from nanoseek.cost import training_cost
+from nanoseek.model import DeepSeekV3
+from nanoseek.train.loop import TrainConfig, lr_at
+from nanoseek.train.pretrain import PretrainConfig, moe_gates, pretrain, update_gate_biases
+
+TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400", "--vocab-size", "400",
+        "--eval-problems", "2", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, **kw)
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = cli("pretrain", *TINY, "--steps", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_pretrain_writes_a_servable_checkpoint(reference_run):
+    out = reference_run
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl",
+              "loss.png", "expert_load.png", "pretrain_summary.json"]:
+        assert (out / f).exists(), f
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ["loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "load_max_mean_0", "tokens_per_s"]:
+        assert key in records[-1]
+    assert records[-1]["loss"] < records[0]["loss"]
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["cost"]["flops"] > 0 and "arithmetic" in summary["accuracy"]
+    model = load_model(out)
+    assert len(model.mtp) == 1
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "<｜end▁of▁sentence｜>"
+
+
+def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "8",
+                             "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000004").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = cli("pretrain", *TINY, "--steps", "8", "--save-every", "2", "--resume", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(reference_run), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted" in stdout
+    ckpts = list((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "training_state.safetensors").exists()
+
+
+def test_resume_refuses_a_different_config(reference_run, tmp_path):
+    out = tmp_path / "run"
+    assert cli("pretrain", *TINY, "--steps", "2", "--save-every", "1", "--out", str(out)).returncode == 0
+    r = cli("pretrain", *[a if a != "64" else "32" for a in TINY], "--steps", "4", "--resume", "--out", str(out))
+    assert r.returncode == 2 and "seq_len" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TINY, "--steps", "3", "--batch-size", "4"]
+    assert cli("pretrain", *args, "--out", str(one)).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                        "-m", "nanoseek.cli", "pretrain", *args, "--out", str(two)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 3
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--data", "missing.txt"], "no such data file"),
+    (["--vocab-size", "100"], "vocab_size"),
+    (["--seq-len", "4096"], "seq_len"),
+    (["--batch-size", "3", "--grad-accum", "2"], "batch_size"),
+])
+def test_bad_input_one_line_errors(tmp_path, args, msg):
+    r = cli("pretrain", *TINY, *args, "--steps", "1", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_data_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    r = cli("pretrain", *TINY, "--data", str(tmp_path / "empty.txt"), "--steps", "1", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "empty" in r.stderr
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import nanoseek.train.loop as loop
+    pc = PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=400, vocab_size=400, eval_problems=2,
+                        eval_every=0)
+    tc = TrainConfig(steps=4, save_every=2, warmup=1)
+    calls = {"n": 0}
+    real = loop.save_file
+
+    def flaky(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(loop, "save_file", flaky)
+    with pytest.raises(OSError, match="previous checkpoint is intact"):
+        pretrain(pc, tc, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-0000002"]  # no half-written step-4, no temp directory left
+
+
+def test_bias_update_moves_toward_mean_load():
+    m = DeepSeekV3(ModelConfig.preset("tiny"))
+    gates = moe_gates(m)
+    load = torch.tensor([[10, 0, 5, 5, 5, 5, 5, 5]] * len(gates))
+    update_gate_biases(m, load, 0.01)
+    b = gates[0].e_score_correction_bias
+    assert b[0] == pytest.approx(-0.01) and b[1] == pytest.approx(0.01) and b[2] == 0
+
+
+def test_schedules():
+    cos = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
+    assert lr_at(99, cos) == pytest.approx(0.1, abs=0.01)
+    wsd = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="wsd", decay_frac=0.2, min_lr_ratio=0.1)
+    assert lr_at(50, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.55)
+
+
+def test_cost_reproduces_v3_pretraining_row():
+    c = training_cost(ModelConfig.preset("v3"), 14.8e12, "h800")
+    assert abs(c.gpu_hours - 2664e3) / 2664e3 < 0.10
+    assert abs(c.dollars - 5.328e6) / 5.328e6 < 0.10
+    r = cli("cost", "--preset", "v3", "--tokens", "14.8e12", "--gpu", "h800")
+    assert r.returncode == 0 and "GPU-hours" in r.stdout

@@ -1,0 +1,62 @@
+import random
+import time
+
+import pytest
+
+from nanoseek.tasks import extract_answer, format_ok, get_task
+from nanoseek.tasks.countdown import InvalidExpression, evaluate
+
+
+def test_worked_solutions_score_full_marks():
+    for name in ["arithmetic", "countdown"]:
+        task, rng = get_task(name), random.Random(0)
+        for _ in range(200):
+            p = task.sample(rng)
+            for pad in (True, False):
+                sol = task.solution(p, scratchpad=pad)
+                assert format_ok(p.full_completion(sol)) and task.score(p, sol) == 1.0
+    r1 = get_task("arithmetic", template="r1zero").sample(random.Random(0))
+    assert r1.prompt.startswith("A conversation between User and Assistant") and r1.prompt.endswith("Assistant:")
+    assert format_ok(r1.full_completion(get_task("arithmetic").solution(r1)))
+
+
+def test_countdown_rewards():
+    task = get_task("countdown")
+    p = task.sample(random.Random(1), 3)
+    a, b, c = p.data["numbers"]
+    assert task.check(p, p.data["expression"]) == 1.0
+    assert task.check(p, f"{a} + {b}") == 0.1  # well formed, not all numbers
+    assert task.check(p, f"{a} + {b} + {c} + 1") == 0.1  # an extra number
+    assert task.check(p, "hello") == 0.0
+
+
+@pytest.mark.parametrize("expr", ["9**9**9", "(" * 10000 + "1" + ")" * 10000, "1" * 1_000_000,
+                                  "1/0", "١+٢", "__import__('os')", "1 if 1 else 2", "-(1)", "1e9"])
+def test_countdown_rejects_hostile_answers_fast(expr):
+    t = time.perf_counter()
+    with pytest.raises(InvalidExpression):
+        evaluate(expr)
+    assert time.perf_counter() - t < 0.05
+
+
+def test_evaluate_is_exact_rational():
+    value, used = evaluate("(1 / 3) * 3")
+    assert value == 1 and used == [1, 3, 3]
+
+
+def test_arithmetic_check_and_format():
+    task = get_task("arithmetic")
+    p = task.make(random.Random(0), 3)
+    assert task.score(p, f"<think> x </think> <answer> {p.answer} </answer>") == 1.0
+    assert task.score(p, f"<answer> {p.answer + 1} </answer>") == 0.0
+    assert task.score(p, "<answer> ٣ </answer>") == 0.0
+    assert extract_answer("<answer>1</answer> <answer> 2 </answer>") == "2"
+    assert format_ok("<think> a </think> <answer> 5 </answer>")
+    assert not format_ok("<think> a </think> <answer>  </answer>")  # empty answer
+    assert not format_ok("<think> a </think><think> b </think> <answer> 5 </answer>")  # repeated tag
+    assert not format_ok("<answer> 5 </answer> <think> a </think>")  # wrong order
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("chess")
