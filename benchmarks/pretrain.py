@@ -29,7 +29,7 @@ def run(name: str, *args: str, torchrun: int = 0) -> list[dict]:
     cmd = [sys.executable, "-m", "nanoseek.cli", "pretrain", *args, "--out", str(out)]
     env = dict(os.environ)
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                "-m", "nanoseek.cli", "pretrain", *args, "--out", str(out)]
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // torchrun))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

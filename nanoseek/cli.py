@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 
-import torch
-
-from .checkpoint import CheckpointError, load_model, save_model
+from .checkpoint import CheckpointError
 from .config import PRESETS, ModelConfig
-from .model import DeepSeekV3, LatentCache
 
 
 def describe(config: ModelConfig, name: str) -> str:
@@ -27,38 +22,15 @@ def describe(config: ModelConfig, name: str) -> str:
     ])
 
 
-@torch.no_grad()
-def greedy(model: DeepSeekV3, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation through the absorbed-MLA latent cache (the engine does this at scale)."""
-    cache = LatentCache(model.config, batch=1, max_len=len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt]), cache=cache)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        out.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([out[-1:]]), cache=cache)
-    return out
-
-
 def cmd_info(args: argparse.Namespace) -> None:
     for name in args.preset or list(PRESETS):
         print(describe(ModelConfig.preset(name), name))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Showcase of the core: presets, a save/load round trip in the HF format, a greedy continuation."""
-    for name in PRESETS:
-        print(describe(ModelConfig.preset(name), name))
-    torch.manual_seed(0)
-    model = DeepSeekV3(ModelConfig.preset("small")).eval()
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        save_model(model, d)
-        loaded = load_model(d)
-        print(f"\nsaved and re-loaded the small model in the Hugging Face format in {time.perf_counter() - t:.2f}s")
-    prompt = [1, 2, 3, 4, 5]
-    t = time.perf_counter()
-    out = greedy(loaded, prompt, 32)
-    print(f"greedy continuation of {prompt} (random weights, 32 tokens in {time.perf_counter() - t:.2f}s): {out}")
+    from .demo import DemoConfig, run_demo
+    run_demo(DemoConfig(out=args.out, task=args.task, pretrain_steps=args.pretrain_steps, grpo_steps=args.grpo_steps,
+                        seed=args.seed))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -81,6 +53,22 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                      grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
                      seed=args.seed, fsdp=args.fsdp)
     pretrain(pc, tc, args.out, resume=args.resume)
+
+
+def cmd_grpo(args: argparse.Namespace) -> None:
+    from .train.grpo import GRPOConfig, GRPOTrainer
+    from .train.loop import TrainConfig
+    cfg = GRPOConfig(task=args.task, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                     epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, beta=args.beta,
+                     ref_reset_every=args.ref_reset_every, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
+                     mu=args.mu, minibatches=args.minibatches, dynamic_sampling=args.dynamic_sampling,
+                     mask_truncated=args.mask_truncated, format_weight=args.format_weight,
+                     overlong_cache=args.overlong_cache, eval_every=args.eval_every, eval_problems=args.eval_problems,
+                     eval_k=args.eval_k, template=args.template)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=1.0, weight_decay=0.0,
+                     save_every=args.save_every, seed=args.seed, precision=args.precision)
+    GRPOTrainer(args.init, cfg, tc, args.out).train(resume=args.resume)
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
@@ -124,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of presets")
     p.add_argument("--preset", action="append", choices=sorted(PRESETS))
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="run the showcase")
+    p = sub.add_parser("demo", help="R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--data", default="builtin", help="'builtin' or a .txt/.jsonl/.parquet file")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -161,6 +154,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("grpo", help="reinforcement learning with GRPO on a verifiable task (torchrun-ready)")
+    p.add_argument("--init", required=True, help="checkpoint directory (with tokenizer) to start from")
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (a rollout every --mu steps)")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL weight against the frozen reference")
+    p.add_argument("--ref-reset-every", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--epsilon-low", type=float, default=0.2)
+    p.add_argument("--epsilon-high", type=float, default=0.28)
+    p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
+    p.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="dapo")
+    p.add_argument("--mu", type=int, default=1, help="updates per rollout batch")
+    p.add_argument("--minibatches", type=int, default=1)
+    p.add_argument("--dynamic-sampling", action="store_true")
+    p.add_argument("--mask-truncated", action="store_true")
+    p.add_argument("--format-weight", type=float, default=0.1)
+    p.add_argument("--overlong-cache", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-problems", type=int, default=100)
+    p.add_argument("--eval-k", type=int, default=4)
+    p.add_argument("--template", choices=["chat", "r1zero"], default="chat")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of a training run")
     p.add_argument("--preset", default="v3", choices=sorted(PRESETS))

@@ -315,10 +315,10 @@ _TINY = dict(
 )
 
 _SMALL = dict(
-    vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=192,
+    vocab_size=1024, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
     num_hidden_layers=4, num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4,
-    n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=128,
-    qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2, num_experts_per_tok=2,
+    n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96,
+    qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=2, topk_group=1, num_experts_per_tok=2,
     first_k_dense_replace=1, max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
     rope_scaling=None,
 )
@@ -327,7 +327,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "small": _SMALL,
     # the distillation student: every layer dense, MLA kept, about half the small preset's active params
-    "dense-small": {**_SMALL, "num_hidden_layers": 3, "first_k_dense_replace": 3, "intermediate_size": 512,
+    "dense-small": {**_SMALL, "num_hidden_layers": 3, "first_k_dense_replace": 3, "intermediate_size": 384,
                     "n_routed_experts": 0, "n_shared_experts": 0, "num_nextn_predict_layers": 0,
                     "n_group": 1, "topk_group": 1},
     "v3": {},

@@ -22,9 +22,15 @@ from .tokenizer import EOS, render_chat
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from a disjoint RNG stream
 
 
+Document = str | tuple[str, ...]  # a text, or pieces tokenised separately (prompt, completion)
+
+
 def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic", "countdown"),
-                      scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[str]:
-    """n worked examples, cycling over tasks; prompts in `exclude` (held-out problems) are skipped."""
+                      scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+    """n worked examples (prompt, completion), cycling over tasks; prompts in `exclude` are skipped.
+
+    Prompt and completion are tokenised separately, as at generation time, so no BPE merge spans the
+    boundary the model will see when it is asked to complete the prompt."""
     rng = random.Random(seed)
     objs = [get_task(t) for t in tasks]
     docs: list[str] = []
@@ -33,8 +39,19 @@ def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic",
         p = task.sample(rng)
         if exclude and p.prompt in exclude:
             continue
-        docs.append(p.prompt + task.solution(p, scratchpad=rng.random() < scratchpad) + EOS)
+        docs.append((p.prompt, task.solution(p, scratchpad=rng.random() < scratchpad) + EOS))
     return docs
+
+
+def tokenize(tok, docs: list[Document]) -> list[list[int]]:
+    """Token ids per document; the pieces of a tuple document are encoded one by one and joined."""
+    pieces = [d if isinstance(d, tuple) else (d,) for d in docs]
+    flat = tok.encode_batch([x for ps in pieces for x in ps], add_special_tokens=False)
+    out, i = [], 0
+    for ps in pieces:
+        out.append([t for e in flat[i:i + len(ps)] for t in e.ids])
+        i += len(ps)
+    return out
 
 
 def held_out_problems(task: str, n: int, seed: int):

@@ -100,7 +100,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*TINY, "--steps", "3", "--batch-size", "4"]
     assert cli("pretrain", *args, "--out", str(one)).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "nanoseek.cli", "pretrain", *args, "--out", str(two)],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import nanoseek.train.loop as loop
     pc = PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=400, vocab_size=400, eval_problems=2,
                         eval_every=0)
-    tc = TrainConfig(steps=4, save_every=2, warmup=1)
+    tc = TrainConfig(steps=6, save_every=2, warmup=1)
     calls = {"n": 0}
     real = loop.save_file
 

@@ -9,7 +9,7 @@ from nanoseek.tokenizer import (ASSISTANT, MIN_VOCAB, SPECIAL_TOKENS, THINK, ren
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(builtin_documents(400, seed=0), 600)
+    return train_tokenizer(["".join(d) for d in builtin_documents(400, seed=0)], 600)
 
 
 @settings(max_examples=300, deadline=None)

@@ -81,6 +81,12 @@ class BlockManager:
             done = i + 1
         return done, h
 
+    def reset_hashes(self) -> None:
+        """Forget every cached prefix (after a weight update the stored latents are stale)."""
+        self.by_hash.clear()
+        self.block_hash = [None] * len(self.ref)
+        self.block_ids = [None] * len(self.ref)
+
     def fork(self, table: list[int]) -> list[int]:
         """Share every block of `table` (for n samples of one prompt); the caller copies a partial tail."""
         for b in table:

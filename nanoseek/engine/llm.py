@@ -143,6 +143,12 @@ class LLM:
             self.scheduler.finish(seq)
         self._pending_forks.pop(request_id, None)
 
+    def reset_prefix_cache(self) -> None:
+        """Call after changing the model's weights in place: cached prompt latents are no longer valid."""
+        self.blocks.reset_hashes()
+        for seq in self.scheduler.running + list(self.scheduler.waiting):
+            seq.sealed = (1 << 62, None)  # sequences in flight hold stale latents: never share their blocks
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -49,8 +49,8 @@ class Problem:
 
     def completion(self, think: str, answer: str) -> str:
         """A well-formed completion for this problem's template."""
-        body = f" {think} </think> <answer> {answer} </answer>"
-        return body if self.template == "chat" else " <think>" + body
+        body = f"{think} </think> <answer> {answer} </answer>"
+        return body if self.template == "chat" else " <think> " + body
 
 
 def extract_answer(completion: str) -> str | None:

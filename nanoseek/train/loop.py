@@ -49,6 +49,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     fsdp: bool = False
+    max_seconds: float = 0.0  # stop (and finish normally) after this much wall time; 0 = no limit
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -252,8 +253,11 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.main else None
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (progress and self.dist.main),
                    dynamic_ncols=True)
+        started = time.perf_counter()
         try:
             while self.step < self.cfg.steps and not self._stop:
+                if self.cfg.max_seconds and time.perf_counter() - started > self.cfg.max_seconds:
+                    break
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, self.cfg)
                 for g in self.optimizer.param_groups:

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
-from ..data import Batches, builtin_documents, held_out_problems, pack, read_documents
+from ..data import Batches, builtin_documents, held_out_problems, pack, read_documents, tokenize
 from ..model import DeepSeekV3, Gate, MoE
 from ..plots import plot_series
 from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -29,7 +30,8 @@ class PretrainConfig:
     preset: str = "small"
     data: str = "builtin"  # or a .txt/.jsonl/.parquet file
     tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
-    vocab_size: int = 2048
+    init: str | None = None  # continue from this checkpoint (and its tokenizer) instead of a new model
+    vocab_size: int = 1024
     seq_len: int = 256
     batch_size: int = 16  # sequences per optimizer step (global, across ranks and micro-batches)
     num_docs: int = 40000  # built-in worked examples
@@ -66,21 +68,24 @@ def update_gate_biases(model: DeepSeekV3, load: torch.Tensor, gamma: float) -> N
 
 def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
     """Tokenizer (trained on rank 0 if not given), packed train/val rows, and held-out problems."""
-    held_out = {t: held_out_problems(t, pc.eval_problems, seed) for t in pc.tasks} if pc.data == "builtin" else {}
+    held_out = ({t: held_out_problems(t, pc.eval_problems, seed) for t in pc.tasks}
+                if pc.data == "builtin" and pc.eval_problems else {})
     if pc.data == "builtin":
         exclude = {p.prompt for ps in held_out.values() for p in ps}
         docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
     else:
         docs = read_documents(pc.data)
-    tok_dir = Path(pc.tokenizer) if pc.tokenizer else out / "tokenizer"
-    if pc.tokenizer is None and rank == 0 and load_tokenizer(tok_dir) is None:
-        save_tokenizer(train_tokenizer(docs, pc.vocab_size), tok_dir, model_max_length=pc.seq_len * 4)
+    given = pc.tokenizer or pc.init
+    tok_dir = Path(given) if given else out / "tokenizer"
+    if given is None and rank == 0 and load_tokenizer(tok_dir) is None:
+        texts = ["".join(d) if isinstance(d, tuple) else d for d in docs]
+        save_tokenizer(train_tokenizer(texts, pc.vocab_size), tok_dir, model_max_length=pc.seq_len * 4)
     if world > 1:
         dist.barrier()
     tok = load_tokenizer(tok_dir)
     if tok is None:
         raise ValueError(f"tokenizer: no tokenizer.json in {tok_dir}")
-    rows = pack([e.ids for e in tok.encode_batch(docs, add_special_tokens=False)], pc.seq_len)
+    rows = pack(tokenize(tok, docs), pc.seq_len)
     n_val = max(pc.val_batches * pc.batch_size, rows.shape[0] // 20)
     if rows.shape[0] <= n_val:
         raise ValueError(f"data: only {rows.shape[0]} sequences of {pc.seq_len + 1} tokens; need more than "
@@ -107,7 +112,11 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
         config = dense_equivalent(config)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    model = DeepSeekV3(config).train()
+    if pc.init:
+        model = load_model(pc.init).train()
+        config = model.config
+    else:
+        model = DeepSeekV3(config).train()
     run_config = {k: v for k, v in asdict(pc).items() if k not in ("eval_every", "eval_problems")}
     run_config["tasks"] = list(pc.tasks)
     trainer = Trainer(model, tc, out, tokenizer_dir=tok_dir, run_config=run_config)

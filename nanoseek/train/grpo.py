@@ -1,0 +1,292 @@
+"""GRPO (DeepSeekMath §4; R1 §2.2) with the DAPO and Dr. GRPO variants, on the shared training loop.
+
+Each rollout step samples prompts, generates G completions per prompt with the inference engine (which
+holds the live policy, so updated weights are used at once), scores them with rule-based rewards, and
+turns group-relative advantages into a clipped policy-gradient loss with an optional k3 KL penalty
+against a frozen reference. One rollout batch feeds `mu` optimizer updates with stored old log-probs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checkpoint import load_model
+from ..engine import LLM, SamplingParams
+from ..eval import evaluate
+from ..plots import plot_series
+from ..tasks import Problem, get_task
+from ..tasks.rewards import RewardSet, overlong_penalty
+from ..tokenizer import load_tokenizer
+from .loop import Trainer, TrainConfig, setup_distributed
+
+
+@dataclass
+class GRPOConfig:
+    task: str = "arithmetic"
+    group_size: int = 8
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28  # DAPO's clip-higher
+    beta: float = 0.0  # k3 KL weight (R1-Zero: 0.001; Dr. GRPO / DAPO: 0)
+    ref_reset_every: int = 0
+    scale_rewards: str = "group"  # group | batch | none
+    loss_type: str = "dapo"  # grpo | dapo | dr_grpo
+    mu: int = 1  # optimizer updates per rollout batch
+    minibatches: int = 1  # gradient-accumulation chunks per update
+    dynamic_sampling: bool = False
+    mask_truncated: bool = False
+    format_weight: float = 0.1
+    overlong_cache: int = 0  # DAPO soft overlong penalty buffer (0 = off)
+    eval_every: int = 0
+    eval_problems: int = 100
+    eval_k: int = 4
+    template: str = "chat"
+
+    def validate(self, world: int) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size: GRPO needs at least 2 samples per prompt, got {self.group_size}")
+        if self.prompts_per_step < 1 or self.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step: {self.prompts_per_step} does not divide across {world} ranks")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards: must be group, batch or none, got {self.scale_rewards!r}")
+        if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
+            raise ValueError(f"loss_type: must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
+        if self.mu < 1 or self.minibatches < 1:
+            raise ValueError("mu and minibatches must be >= 1")
+        get_task(self.task)  # unknown task: error before any training
+
+
+def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4) -> Tensor:
+    """A_i = r_i - mean(group), divided by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(-1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + eps)
+    return adv.reshape(-1)
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
+                cfg: GRPOConfig) -> tuple[Tensor, dict]:
+    """Clipped surrogate minus beta x k3 KL, aggregated per `loss_type`; tensors are [N, T] (adv [N])."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    per_token = -torch.minimum(ratio * a, clipped * a)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and cfg.beta:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + cfg.beta * kl
+    mask = mask.to(logp.dtype)
+    if cfg.loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif cfg.loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        loss = (per_token * mask).sum() / (mask.shape[0] * cfg.max_new_tokens)
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        stats = {"kl": float((kl * mask).sum() / n),
+                 "clip_low_frac": float((((ratio < 1 - cfg.epsilon_low) & (a < 0)) * mask).sum() / n),
+                 "clip_high_frac": float((((ratio > 1 + cfg.epsilon_high) & (a > 0)) * mask).sum() / n)}
+    return loss, stats
+
+
+@dataclass
+class Rollout:
+    ids: Tensor  # [N, P + T] prompt + completion, right-padded
+    prompt_lens: Tensor  # [N]
+    mask: Tensor  # [N, T] completion tokens that count in the loss
+    adv: Tensor  # [N]
+    old_logp: Tensor | None = None  # [N, T]
+    ref_logp: Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
+    """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled)."""
+    ids, plens = rollout.ids[rows], rollout.prompt_lens[rows]
+    t = rollout.mask.shape[1]
+    logits = model(ids[:, :-1]).float() / temperature
+    # gather the positions that predict completion tokens: prompt_len - 1 + j for j < T
+    pos = (plens[:, None] - 1 + torch.arange(t)[None, :]).clamp(max=ids.shape[1] - 2)
+    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    targets = ids.gather(1, (pos + 1))
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+class GRPOTrainer:
+    def __init__(self, init: str | os.PathLike, cfg: GRPOConfig, tc: TrainConfig, out: str | os.PathLike,
+                 rewards: RewardSet | None = None):
+        self.d = setup_distributed()
+        cfg.validate(self.d.world)
+        self.cfg, self.tc, self.out = cfg, tc, Path(out)
+        self.tokenizer = load_tokenizer(init)
+        if self.tokenizer is None:
+            raise ValueError(f"init: {init} has no tokenizer.json")
+        torch.manual_seed(tc.seed)
+        self.model = load_model(init).train()
+        self.task = get_task(cfg.task, cfg.template)
+        self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight})
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
+        self.llm = LLM(self.model, self.tokenizer)
+        tc.grad_accum = cfg.minibatches
+        run_config = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "eval_problems", "eval_k")}
+        self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config)
+        self.rollout: Rollout | None = None
+        rng = random.Random(tc.seed + 7)
+        self.eval_problems = [self.task.sample(rng) for _ in range(cfg.eval_problems)]
+
+    # ---- rollouts -------------------------------------------------------------------------------
+    def sample_prompts(self, step: int, count: int, attempt: int = 0) -> list[Problem]:
+        rng = random.Random(hash((self.tc.seed, step, attempt)) & 0xFFFFFFFF)
+        problems = [self.task.sample(rng) for _ in range(count)]
+        return problems[self.d.rank::self.d.world]
+
+    @torch.no_grad()
+    def make_rollout(self, step: int) -> Rollout:
+        cfg, g = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
+        self.llm.reset_prefix_cache()  # cached latents were computed with the previous weights
+        was_training = self.model.training
+        self.model.eval()
+        want = cfg.prompts_per_step // self.d.world
+        groups: list[tuple[Problem, list, list[float], list[dict]]] = []
+        all_rewards: list[float] = []
+        attempts = 0
+        while len(groups) < want and attempts < (4 if cfg.dynamic_sampling else 1):
+            problems = self.sample_prompts(step, cfg.prompts_per_step, attempts)
+            params = [SamplingParams(n=g, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                     seed=hash((self.tc.seed, step, attempts, i)) & 0xFFFFFFFF)
+                      for i in range(len(problems))]
+            outs = self.llm.generate([p.prompt for p in problems], params)
+            for p, out in zip(problems, outs):
+                scored = [self.rewards(p, o.text) for o in out.outputs]
+                rs = [r for r, _ in scored]
+                for o in out.outputs:
+                    if cfg.overlong_cache:
+                        rs[o.index] += overlong_penalty(len(o.token_ids), cfg.max_new_tokens, cfg.overlong_cache)
+                all_rewards += rs
+                last = (p, out, rs, [parts for _, parts in scored])
+                if not (cfg.dynamic_sampling and max(rs) == min(rs)):
+                    groups.append(last)
+            attempts += 1
+        groups = groups[:want] or [last]  # all groups dropped: one zero-advantage group, no crash
+        rollout_seconds = time.perf_counter() - t0
+        self.model.train(was_training)
+        return self._pack(groups, all_rewards, rollout_seconds)
+
+    def _pack(self, groups, all_rewards: list[float], rollout_seconds: float) -> Rollout:
+        cfg = self.cfg
+        seqs, plens, comps, rewards, accs, fmts, truncated = [], [], [], [], [], [], []
+        for p, out, rs, parts in groups:
+            for o, r, part in zip(out.outputs, rs, parts):
+                seqs.append(out.prompt_token_ids + o.token_ids)
+                plens.append(len(out.prompt_token_ids))
+                comps.append(len(o.token_ids))
+                rewards.append(r)
+                accs.append(float(part.get("accuracy", 0.0) >= 1.0))
+                fmts.append(part.get("format", 0.0))
+                truncated.append(o.finish_reason == "length")
+        n, t = len(seqs), max(comps)
+        ids = torch.zeros(n, max(len(s) for s in seqs), dtype=torch.long)
+        mask = torch.zeros(n, t, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            if not (cfg.mask_truncated and truncated[i]):
+                mask[i, : comps[i]] = True
+        rw = torch.tensor(rewards)
+        adv = advantages(rw, cfg.group_size, cfg.scale_rewards)
+        zero_std = float((rw.view(-1, cfg.group_size).std(-1) == 0).float().mean())
+        tokens = sum(comps)
+        metrics = {"reward_mean": float(rw.mean()), "reward_std": float(rw.std()), "accuracy": sum(accs) / n,
+                   "format_rate": sum(fmts) / n, "zero_std_frac": zero_std, "mean_len": tokens / n,
+                   "max_len": float(max(comps)), "truncation_rate": sum(truncated) / n,
+                   "rollout_seconds": rollout_seconds, "rollout_tokens_per_s": tokens / rollout_seconds,
+                   "reward_errors": float(self.rewards.errors),
+                   "sampled_reward_mean": sum(all_rewards) / len(all_rewards)}
+        return Rollout(ids, torch.tensor(plens), mask, adv, metrics=metrics)
+
+    # ---- the update ------------------------------------------------------------------------------
+    def loss_fn(self, step: int, micro: int) -> tuple[Tensor, dict]:
+        cfg = self.cfg
+        if micro == 0 and step % cfg.mu == 0:
+            self.rollout = self.make_rollout(step // cfg.mu)
+            if cfg.mu > 1:  # stored old log-probs for the later updates on this batch
+                with torch.no_grad():
+                    self.rollout.old_logp = token_logprobs(self.model, self.rollout, slice(None), cfg.temperature)[0]
+            if self.ref is not None:
+                with torch.no_grad():
+                    self.rollout.ref_logp = token_logprobs(self.ref, self.rollout, slice(None), cfg.temperature)[0]
+        r = self.rollout
+        t0 = time.perf_counter()
+        n = r.ids.shape[0]
+        chunk = -(-n // cfg.minibatches)
+        rows = slice(micro * chunk, min((micro + 1) * chunk, n))
+        logp, entropy = token_logprobs(self.trainer.wrapped, r, rows, cfg.temperature, with_entropy=True)
+        entropy = entropy.detach()
+        old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
+        ref = r.ref_logp[rows] if r.ref_logp is not None else None
+        loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg)
+        m = r.mask[rows].float()
+        stats["entropy"] = float((entropy * m).sum() / m.sum().clamp(min=1))
+        stats["update_seconds"] = time.perf_counter() - t0
+        # rollout metrics are per rollout batch: report them on every micro-batch so averages hold
+        return loss, {**r.metrics, **stats}
+
+    def after_step(self, step: int, record: dict) -> None:
+        if self.ref is not None and self.cfg.ref_reset_every and (step + 1) % self.cfg.ref_reset_every == 0:
+            self.ref.load_state_dict(self.model.state_dict())
+
+    def evaluate(self, step: int) -> dict:
+        self.llm.reset_prefix_cache()
+        self.model.eval()
+        res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
+        self.model.train()
+        return {f"eval_{k}": v for k, v in res.as_dict().items()}
+
+    def train(self, resume: bool = False, progress: bool = True) -> dict:
+        if resume:
+            self.trainer.resume()
+        elif self.trainer.metrics_path.exists() and self.d.main:
+            self.trainer.metrics_path.unlink()
+        t0 = time.perf_counter()
+        self.trainer.train(self.loss_fn, self.after_step, self.evaluate if self.cfg.eval_every else None,
+                           self.cfg.eval_every, progress=progress)
+        seconds = time.perf_counter() - t0
+        if self.trainer.interrupted:
+            return {"interrupted": True}
+        self.trainer.finish()
+        if self.d.main:
+            self._plots()
+        return {"seconds": seconds, "steps": self.trainer.step}
+
+    def _plots(self) -> None:
+        records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        steps = [r["step"] for r in records]
+        acc = {"train accuracy": (steps, [r["accuracy"] for r in records])}
+        ev = [(r["step"], r["eval_greedy"]) for r in records if "eval_greedy" in r]
+        if ev:
+            acc["held-out greedy"] = ([s for s, _ in ev], [v for _, v in ev])
+        plot_series(self.out / "accuracy.png", f"GRPO on {self.cfg.task}: accuracy", acc, "accuracy")
+        plot_series(self.out / "length.png", "mean completion length", {"mean_len": (steps, [r["mean_len"] for r in records])},
+                    "tokens")

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from nanoseek.tasks import get_task
+from nanoseek.tasks.rewards import RewardSet, format_reward, overlong_penalty
+from nanoseek.train.grpo import GRPOConfig, advantages, policy_loss
+
+
+def naive_loss(logp, old, ref, adv, mask, cfg):
+    """Float64, per token, straight from REFERENCE §8."""
+    n, t = len(logp), len(logp[0])
+    per = [[0.0] * t for _ in range(n)]
+    for i in range(n):
+        for j in range(t):
+            r = math.exp(logp[i][j] - old[i][j])
+            c = min(max(r, 1 - cfg.epsilon_low), 1 + cfg.epsilon_high)
+            obj = min(r * adv[i], c * adv[i])
+            d = ref[i][j] - logp[i][j]
+            per[i][j] = -(obj - cfg.beta * (math.exp(d) - d - 1))
+    if cfg.loss_type == "grpo":
+        return sum(sum(per[i][j] for j in range(t) if mask[i][j]) / sum(mask[i]) for i in range(n)) / n
+    total = sum(per[i][j] for i in range(n) for j in range(t) if mask[i][j])
+    if cfg.loss_type == "dapo":
+        return total / sum(map(sum, mask))
+    return total / (n * cfg.max_new_tokens)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_policy_loss_against_float64(loss_type):
+    g = torch.Generator().manual_seed(0)
+    n, t = 6, 5
+    logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.4  # ratios well outside the clip
+    ref = logp + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, t, generator=g) > 0.3
+    mask[:, 0] = True
+    cfg = GRPOConfig(loss_type=loss_type, beta=0.04, max_new_tokens=7)
+    got, stats = policy_loss(logp, old, ref, adv, mask, cfg)
+    want = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), cfg)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    assert stats["kl"] >= 0 and 0 < stats["clip_low_frac"] + stats["clip_high_frac"] < 1
+
+
+def test_gradient_is_zero_when_all_rewards_equal():
+    adv = advantages(torch.tensor([1.0, 1.0, 1.0, 1.0]), 4, "group")
+    assert torch.equal(adv, torch.zeros(4))
+    logp = torch.zeros(4, 3, requires_grad=True)
+    loss, _ = policy_loss(logp, logp.detach(), None, adv, torch.ones(4, 3, dtype=torch.bool), GRPOConfig())
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(4, 3))
+
+
+def test_advantage_scalings():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    a = advantages(r, 3, "none")
+    assert torch.allclose(a, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]))
+    assert torch.allclose(advantages(r, 3, "group"), a / (r.view(2, 3).std(-1).repeat_interleave(3) + 1e-4))
+    assert torch.allclose(advantages(r, 3, "batch"), a / (r.std() + 1e-4))
+
+
+def test_rewards_survive_broken_reward_functions():
+    task = get_task("arithmetic")
+    p = task.sample(__import__("random").Random(0))
+    good = f" ok </think> <answer> {p.answer} </answer>"
+    rs = RewardSet(task, {"accuracy": 1.0, "format": 0.1, "boom": 1.0, "nan": 1.0, "none": 1.0},
+                   extra={"boom": lambda p, c: 1 / 0, "nan": lambda p, c: float("nan"), "none": lambda p, c: None})
+    total, parts = rs(p, good)
+    assert total == pytest.approx(1.1) and parts["boom"] == 0 and rs.errors == 3
+    assert format_reward(p, good) == 1.0
+    assert format_reward(p, f" a </think> <answer> 1 </answer> <answer> 2 </answer>") == 0.0
+    assert format_reward(p, " a </think> <answer> </answer>") == 0.0
+
+
+def test_overlong_penalty():
+    assert overlong_penalty(10, 20, 5) == 0 and overlong_penalty(15, 20, 5) == 0
+    assert overlong_penalty(18, 20, 5) == pytest.approx(-0.6) and overlong_penalty(30, 20, 5) == -1
+
+
+@pytest.mark.parametrize("changes,msg", [({"group_size": 1}, "group_size"), ({"task": "chess"}, "unknown task"),
+                                         ({"loss_type": "ppo"}, "loss_type")])
+def test_config_errors_before_training(changes, msg):
+    with pytest.raises(ValueError, match=msg):
+        GRPOConfig(**changes).validate(world=1)
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        GRPOConfig(prompts_per_step=3).validate(world=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+    out = tmp_path_factory.mktemp("base") / "base"
+    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0,
+                            eval_every=0, tasks=("arithmetic",)), TrainConfig(steps=3, warmup=1), out, progress=False)
+    return out
+
+
+def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
+    import json
+    from nanoseek import load_model
+    from nanoseek.train.grpo import GRPOTrainer
+    from nanoseek.train.loop import TrainConfig
+    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, eval_every=2,
+                     eval_problems=4, eval_k=2, beta=0.01, mu=2, minibatches=2)
+    trainer = GRPOTrainer(tiny_base, cfg, TrainConfig(steps=4, lr=1e-3, warmup=1), tmp_path / "rl")
+    assert trainer.llm.model is trainer.model  # the engine holds the policy itself, not a copy
+    trainer.train(progress=False)
+    records = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ["step", "reward_mean", "accuracy", "mean_len", "step_seconds", "rollout_seconds", "kl",
+                "clip_low_frac", "entropy", "zero_std_frac", "truncation_rate", "grad_norm", "format_rate"]:
+        assert key in records[0], key
+    assert "eval_greedy" in records[1] and "eval_pass@1" in records[1]
+    before, after = load_model(tiny_base), load_model(tmp_path / "rl")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
+    assert (tmp_path / "rl" / "accuracy.png").exists() and (tmp_path / "rl" / "tokenizer.json").exists()
+
+
+def test_grpo_cli_rejects_bad_flags_before_training(tiny_base, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "grpo", "--init", str(tiny_base), "--task", "nope",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown task" in r.stderr and not (tmp_path / "x").exists()
