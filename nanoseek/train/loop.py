@@ -289,7 +289,8 @@ class Trainer:
                     record.update(evaluate(self.step))
                 self.log(record)
                 records.append(record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "tokens_per_s", "val_loss") if k in record})
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "tokens_per_s", "val_loss", "reward_mean",
+                                                                  "accuracy", "mean_len") if k in record})
                 bar.update(1)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save_checkpoint()
