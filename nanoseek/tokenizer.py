@@ -96,9 +96,3 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if f.exists():
             atomic_write_text(Path(dst) / name, f.read_text())
 
-
-def special_id(tok: Tokenizer, token: str) -> int:
-    i = tok.token_to_id(token)
-    if i is None:
-        raise ValueError(f"tokenizer has no special token {token!r}")
-    return i

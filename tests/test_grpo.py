@@ -70,7 +70,7 @@ def test_rewards_survive_broken_reward_functions():
     total, parts = rs(p, good)
     assert total == pytest.approx(1.1) and parts["boom"] == 0 and rs.errors == 3
     assert format_reward(p, good) == 1.0
-    assert format_reward(p, f" a </think> <answer> 1 </answer> <answer> 2 </answer>") == 0.0
+    assert format_reward(p, " a </think> <answer> 1 </answer> <answer> 2 </answer>") == 0.0
     assert format_reward(p, " a </think> <answer> </answer>") == 0.0
 
 
