@@ -170,3 +170,11 @@ def test_cost_reproduces_v3_pretraining_row():
     assert abs(c.dollars - 5.328e6) / 5.328e6 < 0.10
     r = cli("cost", "--preset", "v3", "--tokens", "14.8e12", "--gpu", "h800")
     assert r.returncode == 0 and "GPU-hours" in r.stdout
+
+
+def test_dense_equivalent_matches_activated_parameters():
+    from nanoseek.train.pretrain import dense_equivalent
+    moe = ModelConfig.preset("small")
+    dense = dense_equivalent(moe)
+    assert dense.n_routed_experts == 0 and not any(dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
+    assert abs(dense.num_active_params() - moe.num_active_params()) / moe.num_active_params() < 0.01

@@ -47,11 +47,13 @@ class PretrainConfig:
 
 
 def dense_equivalent(config: ModelConfig) -> ModelConfig:
-    """A dense model with the MoE preset's activated FFN width (for the DeepSeekMoE ablation)."""
-    inter = config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
+    """A dense model with the MoE model's activated FFN parameters (for the DeepSeekMoE ablation): every
+    layer gets the mean of the activated FFN widths (dense width, or (top-k + shared) x expert width)."""
+    widths = [config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
+              if config.is_moe_layer(i) else config.intermediate_size for i in range(config.num_hidden_layers)]
     return config.replace(first_k_dense_replace=config.num_hidden_layers + config.num_nextn_predict_layers,
                           n_routed_experts=0, n_shared_experts=0, n_group=1, topk_group=1,
-                          intermediate_size=config.intermediate_size if config.first_k_dense_replace else inter)
+                          intermediate_size=round(sum(widths) / len(widths)))
 
 
 def moe_gates(model: DeepSeekV3) -> list[Gate]:
