@@ -94,8 +94,9 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
         sd[prefix + ".gate_up"] = torch.stack(
             [torch.cat([per_expert[j]["gate_proj"], per_expert[j]["up_proj"]]) for j in ids])
         sd[prefix + ".down"] = torch.stack([per_expert[j]["down_proj"] for j in ids])
-    for name in [k for k in sd if re.search(r"\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)$", k)]:
-        m = re.fullmatch(r"(.+)\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)", name)
+    second = re.compile(r"(.+)\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)")
+    for m in [m for m in map(second.fullmatch, list(sd)) if m]:
+        name = m.group(0)
         fused = "gate_up_proj" if m.group(2) == "up_proj" else "fused_a_proj"
         first = f"{m.group(1)}.{_fused_parts(config, fused)[0][0]}.{m.group(3)}"
         if first in sd:  # (kv_a_proj_with_mqa stands alone when q_lora_rank is null)

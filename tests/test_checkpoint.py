@@ -116,35 +116,24 @@ def _rewrite(path, tensors):
     save_file(tensors, path / "model.safetensors")
 
 
-def test_missing_tensor_named(saved):
-    path, t = saved
+def _drop_o_proj(t):
     del t["model.layers.0.self_attn.o_proj.weight"]
-    _rewrite(path, t)
-    with pytest.raises(CheckpointError, match="missing tensors: model.layers.0.self_attn.o_proj.weight"):
-        load_model(path)
 
 
-def test_unexpected_tensor_named(saved):
+@pytest.mark.parametrize("corrupt,message", [
+    (_drop_o_proj, "missing tensors: model.layers.0.self_attn.o_proj.weight"),
+    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
+     "unexpected tensors: model.layers.0.self_attn.extra.weight"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(65)}),
+     r"model.norm.weight has shape \(65,\), expected \(64,\)"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}),
+     "model.norm.weight has unsupported dtype"),
+])
+def test_bad_tensors_are_named(saved, corrupt, message):
     path, t = saved
-    t["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    corrupt(t)
     _rewrite(path, t)
-    with pytest.raises(CheckpointError, match="unexpected tensors: model.layers.0.self_attn.extra.weight"):
-        load_model(path)
-
-
-def test_shape_mismatch_names_both_shapes(saved):
-    path, t = saved
-    t["model.norm.weight"] = torch.ones(65)
-    _rewrite(path, t)
-    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(65,\), expected \(64,\)"):
-        load_model(path)
-
-
-def test_unknown_dtype(saved):
-    path, t = saved
-    t["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
-    _rewrite(path, t)
-    with pytest.raises(CheckpointError, match="model.norm.weight has unsupported dtype"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 

@@ -1,5 +1,4 @@
 import random
-import time
 
 import pytest
 
@@ -30,13 +29,20 @@ def test_countdown_rewards():
     assert task.check(p, "hello") == 0.0
 
 
-@pytest.mark.parametrize("expr", ["9**9**9", "(" * 10000 + "1" + ")" * 10000, "1" * 1_000_000,
-                                  "1/0", "١+٢", "__import__('os')", "1 if 1 else 2", "-(1)", "1e9"])
-def test_countdown_rejects_hostile_answers_fast(expr):
-    t = time.perf_counter()
+@pytest.mark.parametrize("expr", ["(" * 10000 + "1" + ")" * 10000, "1" * 1_000_000, "١+٢", "__import__('os')",
+                                  "1 if 1 else 2", "1e9"])
+def test_countdown_guards_refuse_before_parsing(expr, monkeypatch):
+    """Huge, deep or foreign-character answers never reach the parser (so they cost a scan, not a parse)."""
+    import ast
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: pytest.fail("parser reached"))
     with pytest.raises(InvalidExpression):
         evaluate(expr)
-    assert time.perf_counter() - t < 0.05
+
+
+@pytest.mark.parametrize("expr", ["9**9**9", "1/0", "-(1)", "2*(3+", "(1+2)(3)"])
+def test_countdown_rejects_unsafe_or_invalid_trees(expr):
+    with pytest.raises(InvalidExpression):  # powers are refused as nodes: 9**9**9 is never computed
+        evaluate(expr)
 
 
 def test_evaluate_is_exact_rational():

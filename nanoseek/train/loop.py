@@ -215,9 +215,7 @@ class Trainer:
         loaded = load_model(ckpt, device=self.dist.device, dtype=None)
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
-        with torch.no_grad():
-            for (name, p), q in zip(self.model.state_dict().items(), loaded.state_dict().values()):
-                p.copy_(q)
+        self.model.load_state_dict(loaded.state_dict())
         torch.set_rng_state(tensors.pop("rng.torch"))
         _load_optimizer(self.optimizer, tensors, meta)
         self.step = meta["step"]

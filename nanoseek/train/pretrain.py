@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_text
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
@@ -185,7 +186,6 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
         summary.update(_report(out, config, pc, (trainer.step - start_step) * tokens_per_step, seconds))
         if held_out:
             summary["accuracy"] = _accuracy(model, tok, held_out)
-        from ..atomic import atomic_write_text
         atomic_write_text(out / "pretrain_summary.json", json.dumps(summary, indent=2))
     return summary
 
