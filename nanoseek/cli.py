@@ -106,6 +106,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from .engine import LLM
+    from .serve.api import create_app
+    llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, cache_memory_mb=args.cache_memory_mb,
+              speculative=args.speculative)
+    app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
+                     max_pending=args.max_concurrency + args.max_queue)
+    print(f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +229,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API server with a chat page")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
+    p.add_argument("--served-model-name", default="nanoseek")
+    p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
+    p.add_argument("--cache-memory-mb", type=float, default=256)
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -49,6 +49,28 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     return "".join(out)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable character byte-level BPE uses for each byte (GPT-2's table), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """The raw bytes of one token (a token may hold part of a UTF-8 character, so text alone is lossy)."""
+    piece = tok.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if token_id in tok.get_added_tokens_decoder():
+        return piece.encode()
+    return bytes(_BYTE_OF[c] for c in piece)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE; digits are split one per token (it helps small models do arithmetic)."""
     if vocab_size < MIN_VOCAB:

@@ -63,6 +63,8 @@ class StreamDelta:
     text: str
     finish_reason: str | None
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens of this request served from the prefix cache
 
 
 class LLM:
@@ -272,7 +274,8 @@ class LLM:
         if seq.finished:
             self.scheduler.finish(seq)
         return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
-                           seq.logprobs[-len(new):] if p.logprobs else [])
+                           seq.logprobs[-len(new):] if p.logprobs else [],
+                           seq.top_logprobs[-len(new):] if p.top_logprobs else [], seq.num_cached_prompt)
 
     def _update_text(self, seq: Sequence) -> str:
         """Detokenise incrementally; hold back broken UTF-8 and a tail that may start a stop string."""

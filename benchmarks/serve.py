@@ -1,0 +1,145 @@
+"""`nanoseek serve` under load, `vllm bench serve`-style: random prompts, fixed concurrency, streaming.
+
+    python benchmarks/serve.py [--checkpoint runs/demo/rl] [--requests 32] [--input-len 128] [--output-len 64]
+
+Runs in one process: the engine alone (`LLM.generate`, the bound), then the HTTP server at concurrency 1
+and 16, then a repeated 1k-token system prompt (prefix-cache hits) against fresh ones (misses). Prints
+TTFT / TPOT / ITL p50/p99 and output tokens/s per run, and the ratios the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import torch
+
+from nanoseek import LLM, DeepSeekV3, ModelConfig, SamplingParams, save_model
+from nanoseek.data import builtin_documents
+from nanoseek.serve.api import background_server, create_app
+from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+
+
+@dataclass
+class Record:
+    start: float
+    chunks: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> Record:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    rec = Record(time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                rec.chunks.append(time.perf_counter())
+            else:
+                rec.tokens = chunk["usage"]["completion_tokens"]
+    return rec
+
+
+async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> tuple[list[Record], float]:
+    limit = asyncio.Semaphore(concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as c:
+        async def bounded(p):
+            async with limit:
+                return await one_request(c, p, max_tokens)
+        t = time.perf_counter()
+        records = await asyncio.gather(*(bounded(p) for p in prompts))
+        return records, time.perf_counter() - t
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)] * 1e3
+
+
+def summarise(name: str, records: list[Record], duration: float) -> dict[str, float]:
+    ttft = [r.chunks[0] - r.start for r in records]
+    tpot = [(r.chunks[-1] - r.chunks[0]) / max(r.tokens - 1, 1) for r in records]
+    itl = [b - a for r in records for a, b in zip(r.chunks, r.chunks[1:])]
+    out = sum(r.tokens for r in records)
+    row = {"tok/s": out / duration, "TTFT p50": pct(ttft, .5), "TTFT p99": pct(ttft, .99), "TPOT p50": pct(tpot, .5),
+           "TPOT p99": pct(tpot, .99), "ITL p50": pct(itl, .5), "ITL p99": pct(itl, .99)}
+    print(f"{name:<28}" + "".join(f"{v:>10.1f}" for v in row.values()))
+    return row
+
+
+def build_model(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    if args.checkpoint:
+        return args.checkpoint, None
+    tmp = tempfile.TemporaryDirectory()
+    docs = [p + c for p, c in builtin_documents(2000, seed=0)]
+    tok = train_tokenizer(docs, 1024)
+    torch.manual_seed(0)
+    save_model(DeepSeekV3(ModelConfig.preset(args.preset)).eval(), tmp.name)
+    save_tokenizer(tok, tmp.name)
+    return tmp.name, tmp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="checkpoint directory with tokenizer (default: a random small model)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--system-len", type=int, default=1024)
+    args = ap.parse_args()
+    path, _tmp = build_model(args)
+    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=2048)
+    vocab = llm.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n: int, length: int) -> list[list[int]]:  # fresh random ids: no accidental prefix hits
+        return torch.randint(16, vocab, (n, length), generator=g).tolist()
+
+    print(f"model {path}: {llm.config.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads; "
+          f"{args.requests} requests, input {args.input_len}, output {args.output_len} tokens")
+    print(f"{'run':<28}" + "".join(f"{h:>10}" for h in ("tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                                                         "ITL p50", "ITL p99")) + "   (ms)")
+    llm.generate(prompts(2, args.input_len), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate(prompts(args.requests, args.input_len), params)
+    engine_tps = args.requests * args.output_len / (time.perf_counter() - t)
+    print(f"{'engine alone (LLM.generate)':<28}{engine_tps:>10.1f}")
+
+    app = create_app(llm, max_pending=args.requests + 1)
+    with background_server(app) as url:
+        rows = {}
+        for c in (1, args.concurrency):
+            records, dur = asyncio.run(run_load(url, prompts(args.requests, args.input_len), args.output_len, c))
+            rows[c] = summarise(f"server, concurrency {c}", records, dur)
+        system = prompts(1, args.system_len)[0]
+        asyncio.run(run_load(url, [system + prompts(1, 16)[0]], 4, 1))  # put the shared system prompt in cache
+        miss, _ = asyncio.run(run_load(url, [p + q for p, q in zip(prompts(8, args.system_len), prompts(8, 16))], 4, 1))
+        hit, _ = asyncio.run(run_load(url, [system + q for q in prompts(8, 16)], 4, 1))
+    c = args.concurrency
+    served = rows[c]["tok/s"]
+    print(f"\nconcurrency {c} vs 1: {served / rows[1]['tok/s']:.2f}x output tokens/s "
+          f"({rows[1]['tok/s']:.1f} -> {served:.1f})")
+    print(f"server overhead vs the engine alone at concurrency {c}: {1 - served / engine_tps:.1%} "
+          f"({engine_tps:.1f} -> {served:.1f} tok/s)")
+    ttft_miss = statistics.median(r.chunks[0] - r.start for r in miss)
+    ttft_hit = statistics.median(r.chunks[0] - r.start for r in hit)
+    print(f"{args.system_len}-token system prompt, median TTFT: miss {ttft_miss * 1e3:.1f} ms, hit "
+          f"{ttft_hit * 1e3:.1f} ms -> {ttft_miss / ttft_hit:.1f}x lower on hits")
+
+
+if __name__ == "__main__":
+    main()

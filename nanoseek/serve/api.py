@@ -1,0 +1,491 @@
+"""The OpenAI/DeepSeek-compatible HTTP API (REFERENCE §9) and the chat page, over one shared engine.
+
+    app = create_app(LLM("runs/rl"), served_model_name="nanoseek")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Bad input is answered in the OpenAI error shape with a 4xx status and never disturbs other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Literal
+
+import uvicorn
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from ..engine import LLM, SamplingParams
+from ..engine.llm import StreamDelta
+from ..tokenizer import END_THINK, THINK, render_chat, token_bytes
+from .async_engine import AsyncEngine, EngineError
+from .metrics import Metrics
+from .reasoning import ThinkParser
+
+log = logging.getLogger("nanoseek.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def _from_value_error(e: ValueError) -> APIError:
+    """Engine/sampler errors start with the name of the offending field."""
+    m = re.match(r"(\w+)", str(e))
+    return APIError(400, str(e), param=m.group(1) if m else None)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+# ---- request schema ----------------------------------------------------------------------------------
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI-compatible servers do
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text"] = "text"
+
+
+class _Sampling(_Lenient):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    top_k: int = Field(0, ge=-1)  # extensions, as in vLLM's server
+    min_p: float = Field(0.0, ge=0, le=1)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=20)  # legacy: how many top log-probs per token
+
+
+# ---- one request in flight ---------------------------------------------------------------------------
+class _Choice:
+    def __init__(self, in_reasoning: bool):
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.finish_reason: str | None = None
+        self.parser = ThinkParser(in_reasoning)
+
+
+class Generation:
+    """An engine request as a handler sees it: deltas in, per-choice state, usage and metrics out."""
+
+    def __init__(self, server: "Server", prompt_ids: list[int], params: SamplingParams, in_reasoning: bool):
+        self.server, self.prompt_ids, self.in_reasoning = server, prompt_ids, in_reasoning
+        self.choices = [_Choice(in_reasoning) for _ in range(params.n)]
+        self.arrived, self.first_token_at = time.perf_counter(), None
+        self.num_cached = 0
+        self.request_id, self.queue = server.submit(prompt_ids, params)
+        self.done = self.closed = False
+
+    async def deltas(self, request: Request | None = None) -> AsyncIterator[StreamDelta]:
+        """Deltas until every choice finished. Given `request`, also stop when its client goes away."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self.queue.get(), 1.0) if request else await self.queue.get()
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if item is None:
+                self.done = True
+                return
+            if isinstance(item, EngineError):
+                raise APIError(500, str(item), type="server_error")
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+                self.server.metrics.observe("nanoseek_time_to_first_token_seconds", self.first_token_at - self.arrived)
+            c = self.choices[item.index]
+            c.token_ids += item.token_ids
+            c.text += item.text
+            c.logprobs += item.logprobs
+            c.top_logprobs += item.top_logprobs
+            c.finish_reason = item.finish_reason
+            self.num_cached = item.num_cached_tokens
+            yield item
+
+    def close(self) -> None:
+        """Abort if unfinished (client gone or error) and record the request's metrics, once."""
+        if self.closed:
+            return
+        self.closed = True
+        m = self.server.metrics
+        if not self.done:
+            self.server.engine.abort(self.request_id)
+            m.inc("nanoseek_requests_total", label="abort")
+            return
+        m.inc("nanoseek_requests_total", label=self.choices[0].finish_reason or "stop")
+        m.inc("nanoseek_prompt_tokens_total", len(self.prompt_ids))
+        m.inc("nanoseek_prompt_cache_hit_tokens_total", self.num_cached)
+        m.inc("nanoseek_generation_tokens_total", sum(len(c.token_ids) for c in self.choices))
+        n_out = len(self.choices[0].token_ids)
+        if n_out > 1 and self.first_token_at is not None:
+            m.observe("nanoseek_time_per_output_token_seconds",
+                      (time.perf_counter() - self.first_token_at) / (n_out - 1))
+
+    def usage(self) -> dict[str, Any]:
+        completion = sum(len(c.token_ids) for c in self.choices)
+        reasoning = sum(self.server.reasoning_tokens(c.token_ids, self.in_reasoning) for c in self.choices)
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_cache_hit_tokens": self.num_cached, "prompt_cache_miss_tokens": prompt - self.num_cached,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached},
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+# ---- the server --------------------------------------------------------------------------------------
+class Server:
+    """What the routes share: the engine thread, tokenizer, limits and metrics."""
+
+    def __init__(self, llm: LLM, served_model_name: str, api_key: str | None, max_pending: int):
+        if llm.tokenizer is None:
+            raise ValueError("model: serving needs a tokenizer; the checkpoint has no tokenizer.json")
+        self.llm, self.tokenizer, self.name, self.api_key = llm, llm.tokenizer, served_model_name, api_key
+        self.max_pending = max_pending
+        self.engine = AsyncEngine(llm)
+        self.end_think = self.tokenizer.token_to_id(END_THINK)
+        self.think = self.tokenizer.token_to_id(THINK)
+        self.created = int(time.time())
+        stats = self.engine.stats
+        self.metrics = Metrics({
+            "nanoseek_requests_running": ("Sequences being generated.", lambda: stats()["running"]),
+            "nanoseek_requests_waiting": ("Sequences queued for the engine (queue depth).", lambda: stats()["waiting"]),
+            "nanoseek_cache_blocks_used": ("Latent-cache blocks held by requests.", lambda: stats()["blocks_used"]),
+            "nanoseek_cache_blocks_total": ("Latent-cache blocks in all.", lambda: stats()["blocks_total"]),
+        })
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams):
+        if self.engine.num_requests >= self.max_pending:
+            self.metrics.inc("nanoseek_requests_total", label="rejected")
+            raise APIError(429, f"the server is busy ({self.max_pending} requests in flight); retry later",
+                           type="rate_limit_error", code="rate_limit_exceeded")
+        try:
+            return self.engine.add(prompt_ids, params)
+        except ValueError as e:
+            raise _from_value_error(e) from None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
+               top_logprobs: int) -> SamplingParams:
+        room = self.llm.max_len - prompt_len
+        if room <= 0:
+            raise APIError(400, f"messages: the prompt is {prompt_len} tokens; the context holds {self.llm.max_len}",
+                           param="messages", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"max_tokens: {max_tokens} plus the {prompt_len}-token prompt exceeds the context "
+                                f"of {self.llm.max_len} tokens", param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                max_tokens=max_tokens or room, ignore_eos=req.ignore_eos,
+                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
+                logprobs=logprobs, top_logprobs=top_logprobs)
+        except ValueError as e:
+            raise _from_value_error(e) from None
+
+    def reasoning_tokens(self, ids: list[int], in_reasoning: bool) -> int:
+        if not in_reasoning and not (ids and ids[0] == self.think):
+            return 0
+        return ids.index(self.end_think) + 1 if self.end_think in ids else len(ids)
+
+    def token_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(self.tokenizer, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> dict | None:
+        if not lps:
+            return None
+        content = []
+        for i, (t, lp) in enumerate(zip(ids, lps)):
+            entry = self.token_logprob(t, lp)
+            entry["top_logprobs"] = [self.token_logprob(a, b) for a, b in tops[i]] if i < len(tops) else []
+            content.append(entry)
+        return {"content": content}
+
+    def completion_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]],
+                            offset: int) -> dict | None:
+        if not lps:
+            return None
+        tokens = [self.token_logprob(t, 0.0)["token"] for t in ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,
+                "top_logprobs": [{self.token_logprob(a, 0.0)["token"]: b for a, b in top} for top in tops] or None}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | None = None,
+               max_pending: int = 256, max_body_bytes: int = 2 * 2**20) -> FastAPI:
+    """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
+    server = Server(llm, served_model_name, api_key, max_pending)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI/DeepSeek-compatible API for a nanoseek model.")
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        if err.get("type") == "json_invalid":
+            return APIError(400, "the request body is not valid JSON").response()
+        param = _loc(tuple(err.get("loc", ()))[1:]) or None
+        msg = "the request body must be a JSON object" if param is None else f"{param}: {err.get('msg')}"
+        return APIError(400, msg, param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return APIError(500, "internal server error", type="server_error").response()
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+            return APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large").response()
+        return await call_next(request)
+
+    async def authorize(request: Request) -> None:
+        if server.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+
+    v1 = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        alive = server.engine._thread is not None and server.engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "nanoseek", "max_model_len": llm.max_len}]}
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        server.check_model(req.model)
+        prompt = render_chat([m.as_dict() for m in req.messages])
+        ids = server.tokenizer.encode(prompt, add_special_tokens=False).ids
+        in_reasoning = prompt.rstrip().endswith(THINK)
+        params = server.params(req, len(ids), req.max_completion_tokens or req.max_tokens,
+                               req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0)
+        gen = Generation(server, ids, params, in_reasoning)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        if req.stream:
+            return StreamingResponse(_chat_stream(server, gen, head, req), media_type="text/event-stream")
+        try:
+            async for _ in gen.deltas(request):
+                pass
+        finally:
+            gen.close()
+        choices = []
+        for i, c in enumerate(gen.choices):
+            reasoning, content = c.parser.feed(c.text, final=True)
+            message = {"role": "assistant", "content": content}
+            if in_reasoning or reasoning:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": message, "finish_reason": c.finish_reason,
+                            "logprobs": server.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs)})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": gen.usage(),
+                "system_fingerprint": None}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(req: CompletionRequest, request: Request):
+        server.check_model(req.model)
+        if isinstance(req.prompt, str):
+            ids = server.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+            if not ids:
+                raise APIError(400, "prompt: must not be empty", param="prompt")
+        else:
+            ids = req.prompt
+        params = server.params(req, len(ids), req.max_tokens, req.logprobs is not None, req.logprobs or 0)
+        gen = Generation(server, ids, params, in_reasoning=False)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        if req.stream:
+            return StreamingResponse(_completion_stream(server, gen, head, req), media_type="text/event-stream")
+        try:
+            async for _ in gen.deltas(request):
+                pass
+        finally:
+            gen.close()
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)}
+                   for i, c in enumerate(gen.choices)]
+        return {**head, "object": "text_completion", "choices": choices, "usage": gen.usage()}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def _chat_stream(server: Server, gen: Generation, head: dict, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    """SSE chunks: the role, then `reasoning_content` deltas, then `content` deltas, finish, usage, [DONE]."""
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
+        return _sse({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
+    try:
+        for i in range(len(gen.choices)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        try:
+            async for d in gen.deltas():
+                c = gen.choices[d.index]
+                reasoning, content = c.parser.feed(d.text, final=d.finish_reason is not None)
+                logprobs = server.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs)
+                if reasoning:
+                    yield chunk(d.index, {"reasoning_content": reasoning}, logprobs=None if content else logprobs)
+                if content or (logprobs and not reasoning):
+                    yield chunk(d.index, {"content": content}, logprobs=logprobs)
+                if d.finish_reason is not None:
+                    yield chunk(d.index, {}, d.finish_reason)
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+            return
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": gen.usage()})
+        yield _sse("[DONE]")
+    finally:
+        gen.close()
+
+
+async def _completion_stream(server: Server, gen: Generation, head: dict, req: CompletionRequest) -> AsyncIterator[str]:
+    offsets = [0] * len(gen.choices)
+    try:
+        try:
+            async for d in gen.deltas():
+                logprobs = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
+                offsets[d.index] += len(d.text)
+                yield _sse({**head, "object": "text_completion", "choices": [
+                    {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]})
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+            return
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**head, "object": "text_completion", "choices": [], "usage": gen.usage()})
+        yield _sse("[DONE]")
+    finally:
+        gen.close()
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` under uvicorn on a thread (port 0: a free port) and yield its URL; for tests, benchmarks
+    and notebooks. The socket is bound before the thread starts, so there is no race for the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
