@@ -2,9 +2,10 @@
 
     python benchmarks/serve.py [--checkpoint runs/demo/rl] [--requests 32] [--input-len 128] [--output-len 64]
 
-Runs in one process: the engine alone (`LLM.generate`, the bound), then the HTTP server at concurrency 1
-and 16, then a repeated 1k-token system prompt (prefix-cache hits) against fresh ones (misses). Prints
-TTFT / TPOT / ITL p50/p99 and output tokens/s per run, and the ratios the README quotes.
+First the engine alone (`LLM.generate` in this process, the bound), then `nanoseek serve` in its own
+process, as a deployment runs it, loaded by this client at concurrency 1 and 16, then with a repeated
+1k-token system prompt (prefix-cache hits) against fresh ones (misses). Prints TTFT / TPOT / ITL p50/p99
+and output tokens/s per run, and the ratios the README quotes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,7 +27,6 @@ import torch
 
 from nanoseek import LLM, DeepSeekV3, ModelConfig, SamplingParams, save_model
 from nanoseek.data import builtin_documents
-from nanoseek.serve.api import background_server, create_app
 from nanoseek.tokenizer import save_tokenizer, train_tokenizer
 
 
@@ -90,6 +94,28 @@ def build_model(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
     return tmp.name, tmp
 
 
+@contextmanager
+def server_process(path: str, concurrency: int, max_pending: int):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", path, "--port", str(port),
+                             "--max-concurrency", str(concurrency), "--max-queue", str(max_pending),
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint directory with tokenizer (default: a random small model)")
@@ -119,8 +145,7 @@ def main() -> None:
     engine_tps = args.requests * args.output_len / (time.perf_counter() - t)
     print(f"{'engine alone (LLM.generate)':<28}{engine_tps:>10.1f}")
 
-    app = create_app(llm, max_pending=args.requests + 1)
-    with background_server(app) as url:
+    with server_process(path, args.concurrency, args.requests) as url:
         rows = {}
         for c in (1, args.concurrency):
             records, dur = asyncio.run(run_load(url, prompts(args.requests, args.input_len), args.output_len, c))

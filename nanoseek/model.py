@@ -205,13 +205,19 @@ class MLA(nn.Module):
         Because the cache row is [c_kv | k_pe], the scores are one matmul of [q_nope W_UK | q_pe] with it.
         q_nope [B,S,H,nope], q_pe [B,S,H,rope], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,H,v].
         """
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        q_lat = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope])  # [B,H,S,rank]
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)
-        scores = torch.matmul(q, context.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [B,H,S,T]
-        probs = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1).to(q.dtype)
-        o_lat = torch.matmul(probs, context[..., : self.kv_rank].unsqueeze(1))  # [B,H,S,rank]
-        return torch.matmul(o_lat, w[:, self.nope:].transpose(1, 2)).transpose(1, 2)  # [B,S,H,v]
+        b, s, h, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_rank)
+        # heads-first batched matmuls: no broadcasting, so neither weights nor context are copied per row
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * s, self.nope), w[:, : self.nope])
+        q = torch.cat([q_lat.view(h, b, s, self.kv_rank), q_pe.permute(2, 0, 1, 3)], dim=-1)
+        q = q.transpose(0, 1).reshape(b, h * s, -1)  # [B, H*S, rank+rope]
+        scores = torch.bmm(q, context.transpose(1, 2)).float() * self.scale  # [B, H*S, T]
+        scores = scores.view(b, h, s, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype).view(b, h * s, -1)
+        o_lat = torch.bmm(probs, context[..., : self.kv_rank])  # [B, H*S, rank]
+        o_lat = o_lat.view(b, h, s, self.kv_rank).transpose(0, 1).reshape(h, b * s, self.kv_rank)
+        o = torch.bmm(o_lat, w[:, self.nope:].transpose(1, 2))  # [H, B*S, v]
+        return o.view(h, b, s, self.v_dim).permute(1, 2, 0, 3)  # [B,S,H,v]
 
 
 # ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------

@@ -109,11 +109,8 @@ class LLM:
             raise ValueError(f"prompt: token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt; raises ValueError naming the parameter for bad input, leaving others untouched."""
-        params = params or SamplingParams()
-        ids = self.encode(prompt)
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the parameter if this request cannot be served; changes nothing."""
         if not ids:
             raise ValueError("prompt: must not be empty")
         if len(ids) >= self.max_len:
@@ -123,6 +120,13 @@ class LLM:
         capacity = len(self.blocks.ref) * self.blocks.block_size
         if len(ids) + min(params.max_tokens, self.max_len - len(ids)) > capacity:
             raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {capacity} tokens")
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt; raises ValueError naming the parameter for bad input, leaving others untouched."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self.check_request(ids, params)
         if request_id is None:
             request_id = f"req-{self._counter}"
             self._counter += 1

@@ -287,6 +287,22 @@ class Server:
                 "top_logprobs": [{self.token_logprob(a, 0.0)["token"]: b for a, b in top} for top in tops] or None}
 
 
+class BodyLimit:
+    """413 for a declared body over the limit; a plain ASGI middleware, so streamed responses pass through
+    untouched (Starlette's `BaseHTTPMiddleware` would copy every chunk through a queue)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"0")
+            if not size.isdigit() or int(size) > self.max_bytes:
+                error = APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -328,12 +344,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         log.exception("unhandled error")
         return APIError(500, "internal server error", type="server_error").response()
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return APIError(413, f"the request body exceeds {max_body_bytes} bytes", code="request_too_large").response()
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     async def authorize(request: Request) -> None:
         if server.api_key is None:
@@ -347,7 +358,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 
     @app.get("/health")
     async def health():
-        alive = server.engine._thread is not None and server.engine._thread.is_alive()
+        alive = server.engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
