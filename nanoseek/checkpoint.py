@@ -20,9 +20,11 @@ from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig
+from .fp8 import BLOCK, dequantize_weight, quantize_weight
 from .model import DeepSeekV3, rope_inv_freq
 
-FP8_BLOCK = 128
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [BLOCK, BLOCK]}
 _ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn}
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's tensors
 
@@ -118,12 +120,16 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, name: str = "weight") -> Tensor:
     """float8_e4m3fn [out, in] with fp32 scale_inv [ceil(out/128), ceil(in/128)] -> fp32 (ragged edges ok)."""
     out_f, in_f = weight.shape
-    want = (math.ceil(out_f / FP8_BLOCK), math.ceil(in_f / FP8_BLOCK))
+    want = (math.ceil(out_f / BLOCK), math.ceil(in_f / BLOCK))
     if tuple(scale_inv.shape) != want:
         raise CheckpointError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} "
                               f"for FP8 weight {name} of shape {(out_f, in_f)}")
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out_f].repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
-    return weight.float() * scale
+    return dequantize_weight(weight, scale_inv)
+
+
+def _fp8_eligible(name: str, t: Tensor) -> bool:
+    """As in the public V3 checkpoints: 2-D projection weights in FP8; embeddings, head, router, norms not."""
+    return t.dim() == 2 and not re.search(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$", name)
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -230,16 +236,26 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_model(model: DeepSeekV3, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, fp8: bool = False) -> Path:
     """Write `model` as a Hugging Face checkpoint directory (sharded above max_shard_size), atomically.
+
+    `fp8=True` stores projection weights as float8_e4m3fn with 128x128-block `weight_scale_inv` and a
+    `quantization_config` in config.json, like the public DeepSeek-V3 checkpoints (the rest in `dtype`,
+    bf16 by default).
 
     Every file is written under a temporary name and renamed into place, weights before config.json;
     shards of an earlier save that the new one does not use are removed afterwards.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if fp8 and dtype is None:
+        dtype = torch.bfloat16
     tensors = {}
     for k, t in to_hf_state_dict(model).items():
+        if fp8 and _fp8_eligible(k, t):
+            q, scale = quantize_weight(t.detach().cpu())
+            tensors[k], tensors[k + "_scale_inv"] = q, scale
+            continue
         keep_fp32 = k.endswith("gate.weight") or k.endswith("e_score_correction_bias")
         t = t.detach().to("cpu", None if (dtype is None or keep_fp32) else dtype)
         tensors[k] = t.contiguous().clone()
@@ -267,8 +283,11 @@ def save_model(model: DeepSeekV3, path: str | os.PathLike, max_shard_size: int |
     for stale in path.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-    stored = next(iter(tensors.values())).dtype
-    model.config.save(path, dtype=str(stored).removeprefix("torch."))
+    stored = dtype or next(iter(tensors.values())).dtype
+    extra = {k: v for k, v in model.config.extra.items() if k != "quantization_config"}
+    if fp8:
+        extra["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    model.config.replace(extra=extra).save(path, dtype=str(stored).removeprefix("torch."))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
     return path

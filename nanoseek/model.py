@@ -284,6 +284,7 @@ class MoE(nn.Module):
         self.experts.gate_up = nn.Parameter(torch.empty(e, 2 * inter, d))
         self.experts.down = nn.Parameter(torch.empty(e, d, inter))
         self.shared_experts = MLP(d, inter * config.n_shared_experts) if config.n_shared_experts else None
+        self.expert_linear = F.linear  # fp8.apply_fp8 swaps in the FP8 matmul
 
     def forward(self, x: Tensor, stats: RouterStats | None = None) -> Tensor:
         b, s, d = x.shape
@@ -301,8 +302,8 @@ class MoE(nn.Module):
         outs = []
         for e, chunk in enumerate(xs.split(counts.tolist())):
             if chunk.shape[0]:
-                g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(g) * u, down[e]))
+                g, u = self.expert_linear(chunk, gate_up[e]).chunk(2, dim=-1)
+                outs.append(self.expert_linear(F.silu(g) * u, down[e]))
         ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(xs.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, ys)
         if self.shared_experts is not None:

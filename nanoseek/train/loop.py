@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import load_model, save_model
+from ..fp8 import apply_fp8
 from ..model import DeepSeekV3
 from ..tokenizer import copy_tokenizer
 
@@ -44,7 +45,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     grad_accum: int = 1
-    precision: str = "fp32"  # or "bf16" (autocast)
+    precision: str = "fp32"  # "bf16" (autocast) or "fp8" (FP8 linear GEMMs, the rest under bf16 autocast)
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
     seed: int = 0
@@ -56,8 +57,8 @@ class TrainConfig:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"schedule: must be 'cosine' or 'wsd', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"precision: must be 'fp32', 'bf16' or 'fp8', got {self.precision!r}")
         if self.lr <= 0 or self.grad_accum < 1:
             raise ValueError("lr must be > 0 and grad_accum >= 1")
 
@@ -146,6 +147,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out)
         self.dist = setup_distributed()
         self.model = model.to(self.dist.device)
+        if cfg.precision == "fp8":
+            apply_fp8(model)
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -236,7 +239,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def autocast(self):
-        if self.cfg.precision == "bf16":
+        if self.cfg.precision in ("bf16", "fp8"):
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
