@@ -48,7 +48,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pc = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                         seq_len=args.seq_len, batch_size=args.batch_size, num_docs=args.num_docs,
                         mtp_lambda=args.mtp_lambda, balance_alpha=args.alpha, bias_gamma=args.gamma,
-                        dense=args.dense, eval_every=args.eval_every, eval_problems=args.eval_problems)
+                        dense=args.dense, doc_mask=not args.no_doc_mask, eval_every=args.eval_every,
+                        eval_problems=args.eval_problems)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                      grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
                      seed=args.seed, fsdp=args.fsdp)
@@ -64,11 +65,57 @@ def cmd_grpo(args: argparse.Namespace) -> None:
                      ref_reset_every=args.ref_reset_every, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
                      mu=args.mu, minibatches=args.minibatches, dynamic_sampling=args.dynamic_sampling,
                      mask_truncated=args.mask_truncated, format_weight=args.format_weight,
+                     consistency_weight=args.consistency_weight,
                      overlong_cache=args.overlong_cache, eval_every=args.eval_every, eval_problems=args.eval_problems,
                      eval_k=args.eval_k, template=args.template)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=1.0, weight_decay=0.0,
                      save_every=args.save_every, seed=args.seed, precision=args.precision)
     GRPOTrainer(args.init, cfg, tc, args.out).train(resume=args.resume)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .train.loop import TrainConfig
+    from .train.sft import SFTConfig, sft
+    sc = SFTConfig(init=args.init, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                   strict=args.strict, eval_every=args.eval_every, eval_problems=0, mtp_lambda=args.mtp_lambda)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
+                     precision=args.precision, save_every=args.save_every, seed=args.seed, fsdp=args.fsdp)
+    sft(sc, tc, args.out, resume=args.resume)
+
+
+def _sample_config(args: argparse.Namespace):
+    from .train.distill import SampleConfig
+    return SampleConfig(task=args.task, problems=args.problems, n=args.n, keep=args.keep, select=args.select,
+                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .engine import LLM
+    from .train.distill import print_rates, rejection_sample, write_jsonl
+    records, rates = rejection_sample(LLM(args.model), _sample_config(args))
+    write_jsonl(args.out, records)
+    print_rates(rates, len(records))
+    print(f"wrote {args.out}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .train.distill import DistillConfig, distill
+    distill(DistillConfig(teacher=args.teacher, student_preset=args.student_preset, student_init=args.student_init,
+                          sample=_sample_config(args), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          seq_len=args.seq_len), args.out, args.seed)
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--problems", type=int, default=400)
+    p.add_argument("--n", type=int, default=8, help="samples per problem")
+    p.add_argument("--keep", type=int, default=1, help="verified samples kept per problem")
+    p.add_argument("--select", choices=["shortest", "reward"], default="shortest")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
@@ -80,20 +127,20 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
+    from .atomic import atomic_write_text
     from .data import held_out_problems
     from .engine import LLM
     from .eval import evaluate
-    from .tasks import get_task
+    from .tasks import TASKS, get_task
     llm = LLM(args.checkpoint)
-    results = {}
-    for name in args.task:
+    rows = []
+    for name in args.task or sorted(TASKS):
         r = evaluate(llm, get_task(name), held_out_problems(name, args.n, args.seed), args.max_new_tokens, args.k)
-        results[name] = r.as_dict()
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.as_dict().items()))
-        if args.out:
-            with open(args.out, "a") as f:
-                for s in r.samples:
-                    f.write(json.dumps({"task": name, **s}) + "\n")
+        rows += [json.dumps({"task": name, **s}) + "\n" for s in r.samples]
+    if args.out:
+        atomic_write_text(args.out, "".join(rows))
+        print(f"wrote {len(rows)} samples to {args.out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -158,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
     p.add_argument("--gamma", type=float, default=0.01, help="gate bias update speed (V3: 0.001)")
     p.add_argument("--dense", action="store_true", help="dense FFN with the same activated parameters")
+    p.add_argument("--no-doc-mask", action="store_true", help="let attention cross packed document boundaries")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--save-every", type=int, default=0)
@@ -190,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dynamic-sampling", action="store_true")
     p.add_argument("--mask-truncated", action="store_true")
     p.add_argument("--format-weight", type=float, default=0.1)
+    p.add_argument("--consistency-weight", type=float, default=0.0,
+                   help="R1 language-consistency reward: share of reasoning words in Latin script")
     p.add_argument("--overlong-cache", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-problems", type=int, default=100)
@@ -200,6 +250,44 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)")
+    p.add_argument("--init", required=True, help="checkpoint directory (with tokenizer) to fine-tune")
+    p.add_argument("--data", required=True, help="JSONL of {messages: [...]} with optional reasoning_content")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--mtp-lambda", type=float, default=0.3)
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed line instead of skipping")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("sample", help="rejection sampling: verified-correct samples as SFT JSONL")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output JSONL")
+    add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("distill", help="rejection-sample a teacher and SFT a small dense student on it")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student-preset", default="dense-small", choices=sorted(PRESETS))
+    p.add_argument("--student-init", help="a student base checkpoint (same tokenizer); default: from scratch")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    add_sample_args(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of a training run")
     p.add_argument("--preset", default="v3", choices=sorted(PRESETS))
@@ -212,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("eval", help="greedy / pass@1 / cons@k accuracy on held-out task problems")
     p.add_argument("checkpoint")
-    p.add_argument("--task", action="append", required=True)
+    p.add_argument("--task", action="append", help="repeatable; default: every built-in task")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
     p.add_argument("--max-new-tokens", type=int, default=96)

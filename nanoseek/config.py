@@ -325,9 +325,9 @@ _SMALL = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "small": _SMALL,
-    # the distillation student: every layer dense, MLA kept, about half the small preset's active params
-    "dense-small": {**_SMALL, "num_hidden_layers": 3, "first_k_dense_replace": 3, "intermediate_size": 384,
-                    "n_routed_experts": 0, "n_shared_experts": 0, "num_nextn_predict_layers": 0,
-                    "n_group": 1, "topk_group": 1},
+    # the distillation student: every layer dense, MLA kept, at most half the small preset's active params
+    "dense-small": {**_SMALL, "hidden_size": 128, "num_hidden_layers": 4, "first_k_dense_replace": 4,
+                    "intermediate_size": 256, "q_lora_rank": 64, "kv_lora_rank": 32, "n_routed_experts": 0,
+                    "n_shared_experts": 0, "num_nextn_predict_layers": 0, "n_group": 1, "topk_group": 1},
     "v3": {},
 }

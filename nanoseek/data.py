@@ -113,6 +113,11 @@ def pack(token_lists: list[list[int]], seq_len: int) -> Tensor:
     return torch.tensor(flat[: rows * (seq_len + 1)], dtype=torch.long).view(rows, seq_len + 1)
 
 
+def document_ids(rows: Tensor, bos_id: int) -> Tensor:
+    """Which packed document each token belongs to (a new one starts at every BOS), for `segments=`."""
+    return (rows == bos_id).cumsum(-1)
+
+
 @dataclass
 class Batches:
     """Deterministic batches: the rows of step k depend only on (seed, k), so resuming needs only k."""

@@ -182,7 +182,9 @@ class MLA(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin), latent
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """`mask` [B, 1, S, S] (True = attend) replaces the causal mask, e.g. to keep packed documents apart."""
         b, s, _ = x.shape
         q_nope, q_pe, latent = self._project(x, cos, sin)
         if cache is not None:
@@ -196,7 +198,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
         pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
         v = F.pad(v, (0, pad)) if pad > 0 else v
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+                                           scale=self.scale)
         return self.o_proj(o[..., : self.v_dim].transpose(1, 2).reshape(b, s, -1))
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, context: Tensor, mask: Tensor) -> Tensor:
@@ -333,8 +336,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None,
-                stats: RouterStats | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+                stats: RouterStats | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -358,9 +361,10 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def forward(self, h: Tensor, next_emb: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
-                cache: LatentCacheLike | None = None, stats: RouterStats | None = None) -> Tensor:
+                cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
+                mask: Tensor | None = None) -> Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, cache, stats)
+        return super().forward(x, cos, sin, cache, stats, mask)
 
 
 class Backbone(nn.Module):
@@ -380,6 +384,19 @@ class ModelOutput:
     mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, S-k, V], slot i predicts t_{i+k+1}
     expert_load: Tensor | None = None  # [n_moe_layers (+ MTP), E] tokens routed per expert
     balance_loss: Tensor | None = None  # sum over MoE layers of the sequence-wise balance loss
+
+
+def segment_positions_and_mask(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """For packed rows with document ids [B, S]: positions restarting at each document, and the
+    [B, 1, S, S] mask that is causal within a document and closed across documents."""
+    b, s = segments.shape
+    idx = torch.arange(s, device=segments.device).expand(b, s)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    return positions, (same & causal)[:, None]
 
 
 class DeepSeekV3(nn.Module):
@@ -419,42 +436,55 @@ class DeepSeekV3(nn.Module):
         return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
-                      cache: LatentCacheLike | None = None, stats: RouterStats | None = None) -> Tensor:
+                      cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
+                      segments: Tensor | None = None) -> Tensor:
         """Final-normed hidden states [B, S, d]; the engine applies `lm_head` only where it needs logits.
 
         positions ([S] or [B, S]) default to 0..S-1, offset by a LatentCache's committed length.
+        `segments` [B, S] (ids of packed documents) keeps attention within each document and restarts
+        positions at each document's first token, so a packed row trains like separate sequences.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if positions is None:
+        mask = None
+        if segments is not None:
+            positions, mask = segment_positions_and_mask(segments)
+        elif positions is None:
             start = cache.length if isinstance(cache, LatentCache) else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, stats)
+            x = layer(x, cos, sin, cache, stats, mask)
         if isinstance(cache, LatentCache):
             cache.advance(input_ids.shape[1])
         return self.model.norm(x)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCacheLike | None = None,
-                *, mtp: bool = False, router_stats: bool = False) -> Tensor | ModelOutput:
+                *, mtp: bool = False, router_stats: bool = False, segments: Tensor | None = None
+                ) -> Tensor | ModelOutput:
         """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents."""
         stats = RouterStats() if router_stats else None
-        hidden = self.hidden_states(input_ids, positions, cache, stats)
+        hidden = self.hidden_states(input_ids, positions, cache, stats, segments)
         logits = self.lm_head(hidden)
         if not (mtp or router_stats):
             return logits
         out = ModelOutput(logits=logits, hidden=hidden)
         if mtp:
             s = input_ids.shape[1]
-            cos, sin = self.rope(torch.arange(s, device=input_ids.device), hidden.dtype)
+            mask = None
+            if segments is not None:
+                pos, mask = segment_positions_and_mask(segments)
+            else:
+                pos = torch.arange(s, device=input_ids.device)
             h = hidden
             for k, module in enumerate(self.mtp, start=1):
                 if s - k <= 0:
                     break
                 emb = self.model.embed_tokens(input_ids[:, k:])
-                h = module(h[:, : s - k], emb, cos[: s - k], sin[: s - k], None, stats)
+                cos, sin = self.rope(pos[..., : s - k], hidden.dtype)
+                h = module(h[:, : s - k], emb, cos, sin, None, stats,
+                           None if mask is None else mask[..., : s - k, : s - k])
                 out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
         if stats is not None and stats.load:
             out.expert_load = torch.stack(stats.load)

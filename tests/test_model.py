@@ -121,3 +121,19 @@ def test_forward_rejects_bad_shapes():
     m = random_model(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.zeros(5, dtype=torch.long))
+
+
+def test_packed_segments_equal_separate_documents():
+    """Two documents packed in one row with `segments` give the logits (and MTP logits) of each alone."""
+    from nanoseek.model import segment_positions_and_mask
+    model = random_model(ModelConfig.preset("tiny"))
+    a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    out = model(packed, segments=segments, mtp=True)
+    alone_a, alone_b = model(a, mtp=True), model(b, mtp=True)
+    torch.testing.assert_close(out.logits[:, :7], alone_a.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[:, 7:], alone_b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mtp_logits[0][:, 7:], alone_b.mtp_logits[0], atol=1e-5, rtol=1e-5)
+    positions, mask = segment_positions_and_mask(segments)
+    assert positions.tolist() == [list(range(7)) + list(range(9))] and not mask[0, 0, 8, 3]

@@ -7,6 +7,8 @@ turns a function that raises or returns None/NaN into a zero reward, counting it
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +20,20 @@ RewardFn = Callable[[Problem, str], float]
 def format_reward(problem: Problem, completion: str) -> float:
     """1.0 for exactly one <think>…</think> then one non-empty <answer>…</answer>, else 0."""
     return 1.0 if format_ok(problem.full_completion(completion)) else 0.0
+
+
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def language_consistency(problem: Problem, completion: str, script: str = "LATIN") -> float:
+    """R1 stage 2: the share of words in the reasoning written in the expected script (Unicode name
+    prefix: LATIN, CYRILLIC, CJK, ...). Numbers and symbols are neutral; no words at all counts as 1."""
+    reasoning = problem.full_completion(completion).split("</think>")[0]
+    words = _WORD.findall(reasoning)
+    if not words:
+        return 1.0
+    ok = sum(all(unicodedata.name(c, "").startswith(script) for c in w) for w in words)
+    return ok / len(words)
 
 
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:
@@ -36,7 +52,8 @@ class RewardSet:
     errors: int = 0
 
     def functions(self) -> dict[str, RewardFn]:
-        return {"accuracy": self.task.score, "format": format_reward, **self.extra}
+        return {"accuracy": self.task.score, "format": format_reward, "consistency": language_consistency,
+                **self.extra}
 
     def __call__(self, problem: Problem, completion: str) -> tuple[float, dict[str, float]]:
         """Total reward and each component; failing components count as 0 and are tallied in `errors`."""

@@ -49,6 +49,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     mask_truncated: bool = False
     format_weight: float = 0.1
+    consistency_weight: float = 0.0  # R1 stage 2 language-consistency reward (share of Latin-script words)
     overlong_cache: int = 0  # DAPO soft overlong penalty buffer (0 = off)
     eval_every: int = 0
     eval_problems: int = 100
@@ -146,7 +147,8 @@ class GRPOTrainer:
         torch.manual_seed(tc.seed)
         self.model = load_model(init).train()
         self.task = get_task(cfg.task, cfg.template)
-        self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight})
+        self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
+                                                               "consistency": cfg.consistency_weight})
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
         self.llm = LLM(self.model, self.tokenizer)
         tc.grad_accum = cfg.minibatches

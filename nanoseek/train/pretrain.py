@@ -19,10 +19,10 @@ from ..atomic import atomic_write_text
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
-from ..data import Batches, builtin_documents, held_out_problems, pack, read_documents, tokenize
+from ..data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents, tokenize
 from ..model import DeepSeekV3, Gate, MoE
 from ..plots import plot_series
-from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from ..tokenizer import BOS, load_tokenizer, save_tokenizer, train_tokenizer
 from .loop import Trainer, TrainConfig, setup_distributed
 
 
@@ -42,6 +42,7 @@ class PretrainConfig:
     balance_alpha: float = 1e-4
     bias_gamma: float = 0.01  # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
     dense: bool = False  # replace MoE by a dense FFN with the same activated parameters (ablation)
+    doc_mask: bool = True  # attention stays within each packed document (positions restart per document)
     eval_every: int = 50
     val_batches: int = 4
     eval_problems: int = 100  # held-out problems per task family for the final accuracy
@@ -99,17 +100,29 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
 def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
              progress: bool = True) -> dict:
     """Train a base model into `out` (checkpoints under out/checkpoints); returns the run summary."""
+    d = setup_distributed()
+    config = ModelConfig.preset(pc.preset)
+    if pc.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    return train_lm(pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world), resume, progress)
+
+
+def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: tuple, resume: bool = False,
+             progress: bool = True) -> dict:
+    """The language-model training run shared by pretraining and SFT.
+
+    `data` = (tokenizer, tokenizer dir, train rows, val rows, held-out problems). Rows are token ids
+    [N, L+1] (every token is a target; documents are told apart by BOS), or [N, 3, L+1] stacking ids, a
+    0/1 target mask and document ids (SFT: only assistant tokens are targets).
+    """
     out = Path(out)
     d = setup_distributed()
     if tc.grad_accum * d.world > pc.batch_size or pc.batch_size % (tc.grad_accum * d.world):
         raise ValueError(f"batch_size: {pc.batch_size} must be a multiple of grad_accum x ranks "
                          f"({tc.grad_accum} x {d.world})")
-    config = ModelConfig.preset(pc.preset)
-    if pc.seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
-                         f"{config.max_position_embeddings}")
-    tok, tok_dir, train_rows, val_rows, held_out = build_data(pc, out, tc.seed, d.rank, d.world)
-    config = config.replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<｜begin▁of▁sentence｜>"),
+    tok, tok_dir, train_rows, val_rows, held_out = data
+    config = ModelConfig.preset(pc.preset).replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<｜begin▁of▁sentence｜>"),
                             eos_token_id=tok.token_to_id("<｜end▁of▁sentence｜>"))
     if pc.dense:
         config = dense_equivalent(config)
@@ -130,17 +143,34 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
 
     micro_rows = pc.batch_size // tc.grad_accum
     batches = Batches(train_rows, micro_rows, tc.seed)
-    has_moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     load_acc: list[torch.Tensor] = []
 
+    bos = tok.token_to_id(BOS)
+
+    def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if rows.dim() == 3:
+            return rows[:, 0], rows[:, 1].bool(), rows[:, 2]
+        return rows, None, document_ids(rows, bos) if pc.doc_mask else None
+
+    def ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None, seg: torch.Tensor | None,
+           k: int) -> torch.Tensor:
+        """Cross-entropy of logits[:, i] against ids[:, i + k] over kept targets inside one document."""
+        s = logits.shape[1]
+        target = ids[:, k:k + s]
+        if keep is None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        w = keep[:, k:k + s] & (seg[:, k:k + s] == seg[:, :s])
+        return F.cross_entropy(logits[w].float(), target[w])
+
     def loss_fn(step: int, micro: int):
-        rows = batches.get(step * tc.grad_accum + micro, d.rank, d.world).to(d.device)
-        x, y = rows[:, :-1], rows[:, 1:]
-        out_ = trainer.wrapped(x, mtp=config.num_nextn_predict_layers > 0, router_stats=has_moe)
-        ce = F.cross_entropy(out_.logits.flatten(0, 1).float(), y.flatten())
-        loss, metrics = ce, {"loss": ce.detach()}
+        ids, keep, seg = unpack(batches.get(step * tc.grad_accum + micro, d.rank, d.world).to(d.device))
+        x = ids[:, :-1]
+        out_ = trainer.wrapped(x, mtp=config.num_nextn_predict_layers > 0, router_stats=True,  # a ModelOutput
+                               segments=None if seg is None else seg[:, :-1])
+        main = ce(out_.logits, ids, keep, seg, 1)
+        loss, metrics = main, {"loss": main.detach()}
         if out_.mtp_logits:
-            mtp = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
+            mtp = sum(ce(lg, ids, keep, seg, k + 1)
                       for k, lg in enumerate(out_.mtp_logits, start=1)) / len(out_.mtp_logits)
             loss = loss + pc.mtp_lambda * mtp
             metrics["mtp_loss"] = mtp.detach()
@@ -165,11 +195,15 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
         model.eval()
         losses = []
         for b in range(pc.val_batches):
-            rows = val_rows[b * pc.batch_size:(b + 1) * pc.batch_size].to(d.device)
+            ids, keep, seg = unpack(val_rows[b * pc.batch_size:(b + 1) * pc.batch_size].to(d.device))
+            if ids.shape[0] == 0:
+                break
             with trainer.autocast():
-                logits = model(rows[:, :-1])
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten()))
+                logits = model(ids[:, :-1], segments=None if seg is None else seg[:, :-1])
+            losses.append(ce(logits, ids, keep, seg, 1))
         model.train()
+        if not losses:
+            return {}
         return {"val_loss": float(d.all_reduce(torch.stack(losses).mean(), "mean"))}
 
     t0 = time.perf_counter()

@@ -1,0 +1,168 @@
+"""Rejection sampling and distillation (R1 §2.3.3 and §2.4): verified teacher samples become SFT data for
+a smaller dense student.
+
+    nanoseek sample --model runs/demo/rl --task arithmetic --n 8 --out data.jsonl
+    nanoseek distill --teacher runs/demo/rl --student-preset dense-small --task arithmetic --out runs/student
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write_text
+from ..checkpoint import save_model
+from ..config import ModelConfig
+from ..data import held_out_problems
+from ..engine import LLM, SamplingParams
+from ..model import DeepSeekV3
+from ..tasks import Problem, Task, get_task
+from ..tasks.rewards import RewardSet
+from ..tokenizer import END_THINK, copy_tokenizer, load_tokenizer
+from .loop import TrainConfig
+from .sft import SFTConfig, sft
+
+
+@dataclass
+class SampleConfig:
+    task: str = "arithmetic"
+    problems: int = 400
+    n: int = 8  # samples per problem
+    keep: int = 1  # verified samples kept per problem
+    select: str = "shortest"  # or "reward" (accuracy + format, then shortest)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.select not in ("shortest", "reward"):
+            raise ValueError(f"select: must be 'shortest' or 'reward', got {self.select!r}")
+        for name in ("problems", "n", "keep", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+def training_problems(task: Task, name: str, n: int, seed: int) -> list[Problem]:
+    """Fresh problems from the task's generator, none of them among the held-out evaluation problems."""
+    held_out = {p.prompt for p in held_out_problems(name, 1000, seed)}
+    rng, out = random.Random(seed * 7 + 13), []
+    while len(out) < n:
+        p = task.sample(rng)
+        if p.prompt not in held_out:
+            out.append(p)
+    return out
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """The raw text before and after `</think>`; rendering them back gives the exact sample."""
+    reasoning, _, content = text.partition(END_THINK)
+    return reasoning, content
+
+
+def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
+    """K samples per problem; keep distinct, verified-correct, untruncated ones as chat SFT records.
+    Returns the records and accept rates per difficulty."""
+    cfg.validate()
+    task = get_task(cfg.task)
+    problems = training_problems(task, cfg.task, cfg.problems, cfg.seed)
+    rewards = RewardSet(task)
+    outs = llm.generate([p.prompt for p in problems],
+                        SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    records, tally = [], defaultdict(lambda: {"problems": 0, "solved": 0, "samples": 0, "correct": 0})
+    for p, out in zip(problems, outs):
+        t = tally[p.difficulty]
+        t["problems"] += 1
+        t["samples"] += cfg.n
+        verified: dict[str, tuple[float, int]] = {}
+        for o in out.outputs:
+            if o.finish_reason != "stop" or task.score(p, o.text) < 1.0:
+                continue
+            t["correct"] += 1
+            verified.setdefault(o.text, (rewards(p, o.text)[0], len(o.token_ids)))
+        if verified:
+            t["solved"] += 1
+        key = (lambda kv: kv[1][1]) if cfg.select == "shortest" else (lambda kv: (-kv[1][0], kv[1][1]))
+        for text, (reward, length) in sorted(verified.items(), key=key)[:cfg.keep]:
+            reasoning, content = split_reasoning(text)
+            records.append({"messages": [{"role": "user", "content": p.question},
+                                         {"role": "assistant", "content": content, "reasoning_content": reasoning}],
+                            "task": cfg.task, "difficulty": p.difficulty, "reward": reward, "tokens": length})
+    rates = {str(d): {**t, "accept_rate": t["correct"] / t["samples"], "solved_rate": t["solved"] / t["problems"]}
+             for d, t in sorted(tally.items())}
+    return records, rates
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def print_rates(rates: dict, kept: int) -> None:
+    print(f"{'difficulty':>10}{'problems':>10}{'solved':>9}{'samples':>9}{'correct':>9}{'accept':>8}")
+    for d, t in rates.items():
+        print(f"{d:>10}{t['problems']:>10}{t['solved']:>9}{t['samples']:>9}{t['correct']:>9}{t['accept_rate']:>8.1%}")
+    print(f"kept {kept} verified samples")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str
+    student_preset: str = "dense-small"
+    student_init: str | None = None  # a student base to start from (same tokenizer); default: from scratch
+    sample: SampleConfig | None = None
+    steps: int = 300
+    lr: float = 2e-3
+    batch_size: int = 16
+    seq_len: int = 256
+
+
+def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike) -> None:
+    a, b = load_tokenizer(teacher), load_tokenizer(student)
+    if a is None or b is None:
+        raise ValueError(f"tokenizer: {teacher if a is None else student} has no tokenizer.json")
+    if a.get_vocab() != b.get_vocab():
+        raise ValueError(f"tokenizer: the student {student} and the teacher {teacher} use different tokenizers "
+                         f"({b.get_vocab_size()} vs {a.get_vocab_size()} tokens); distillation through text "
+                         "needs one vocabulary")
+
+
+def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
+    """Rejection-sample the teacher, then SFT the student on the verified samples into `out`."""
+    out = Path(out)
+    sc = cfg.sample or SampleConfig(seed=seed)
+    if cfg.student_init:
+        check_same_tokenizer(cfg.teacher, cfg.student_init)
+    t0 = time.perf_counter()
+    teacher = LLM(cfg.teacher)
+    records, rates = rejection_sample(teacher, sc)
+    sample_seconds = time.perf_counter() - t0
+    if not records:
+        raise ValueError("the teacher produced no verified-correct samples; nothing to distill")
+    write_jsonl(out / "distill_data.jsonl", records)
+    print_rates(rates, len(records))
+    init = cfg.student_init
+    if init is None:  # from scratch: a random student speaking the teacher's vocabulary
+        init = str(out / "student_init")
+        t = teacher.config
+        config = ModelConfig.preset(cfg.student_preset).replace(
+            vocab_size=t.vocab_size, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
+        torch.manual_seed(seed)
+        save_model(DeepSeekV3(config), init)
+        copy_tokenizer(cfg.teacher, init)
+    t1 = time.perf_counter()
+    summary = sft(SFTConfig(init=init, data=str(out / "distill_data.jsonl"), seq_len=cfg.seq_len,
+                            batch_size=cfg.batch_size, eval_every=0, eval_problems=0),
+                  TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(20, cfg.steps // 10 + 1), seed=seed), out)
+    summary.update({"sample_seconds": sample_seconds, "sft_seconds": time.perf_counter() - t1,
+                    "records": len(records), "accept_rates": rates, "sample_config": asdict(sc)})
+    atomic_write_text(out / "distill_summary.json", json.dumps(summary, indent=2))
+    return summary
