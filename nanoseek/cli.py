@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
     run_demo(DemoConfig(out=args.out, task=args.task, pretrain_steps=args.pretrain_steps, grpo_steps=args.grpo_steps,
-                        seed=args.seed))
+                        seed=args.seed, with_distill=args.with_distill))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--grpo-steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--with-distill", action="store_true",
+                   help="also distil the RL model into a dense student, against GRPO on that student")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -17,6 +17,7 @@ from .data import held_out_problems
 from .engine import LLM
 from .eval import EvalResult, evaluate
 from .tasks import get_task
+from .train.distill import DistillConfig, SampleConfig, distill
 from .train.grpo import GRPOConfig, GRPOTrainer
 from .train.loop import TrainConfig
 from .train.pretrain import PretrainConfig, pretrain
@@ -32,6 +33,7 @@ class DemoConfig:
     eval_k: int = 4
     max_new_tokens: int = 48
     seed: int = 0
+    with_distill: bool = False  # also: teacher samples -> dense student, vs GRPO on that student
 
 
 def _eval(path: Path, cfg: DemoConfig, problems) -> EvalResult:
@@ -44,16 +46,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     problems = held_out_problems(cfg.task, cfg.eval_problems, cfg.seed)
 
     print(f"[1/5] pretraining the small DeepSeek-V3-style base ({cfg.pretrain_steps} steps)")
-    pretrain(PretrainConfig(preset="small", batch_size=8, eval_every=0, eval_problems=0),
-             TrainConfig(steps=cfg.pretrain_steps, lr=2e-3, warmup=20, seed=cfg.seed), out / "base")
+    teacher_base = pretrain(PretrainConfig(preset="small", batch_size=8, eval_every=0, eval_problems=0),
+                            TrainConfig(steps=cfg.pretrain_steps, lr=2e-3, warmup=20, seed=cfg.seed), out / "base")
     print("[2/5] evaluating the base")
     base = _eval(out / "base", cfg, problems)
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
     t = time.perf_counter()
     grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=8, max_new_tokens=cfg.max_new_tokens, eval_every=0)
-    GRPOTrainer(out / "base", grpo_cfg, TrainConfig(steps=cfg.grpo_steps, lr=5e-4, warmup=5, min_lr_ratio=1.0,
-                                                    weight_decay=0.0, seed=cfg.seed), out / "rl").train()
+    teacher_rl = GRPOTrainer(out / "base", grpo_cfg, TrainConfig(steps=cfg.grpo_steps, lr=5e-4, warmup=5, min_lr_ratio=1.0,
+                                                                 weight_decay=0.0, seed=cfg.seed), out / "rl").train()
     rl_seconds = time.perf_counter() - t
     rl = _eval(out / "rl", cfg, problems)
 
@@ -64,10 +66,16 @@ def run_demo(cfg: DemoConfig) -> dict:
                          max_seconds=rl_seconds), out / "sft_control")
     sft = _eval(out / "sft_control", cfg, problems)
 
+    extra = {}
+    if cfg.with_distill:
+        extra = _distillation(cfg, out, problems, grpo_cfg)
+        extra["teacher"] = {"active_params": teacher_base["active_params"],
+                            "seconds": teacher_base["seconds"] + teacher_rl["seconds"],
+                            "flops": teacher_base["cost"]["flops"] + teacher_rl["flops"]}
     print("[5/5] writing the report")
     seconds = time.perf_counter() - t_start
     summary = {"task": cfg.task, "seconds": seconds, "grpo_seconds": rl_seconds,
-               "base": _row(base), "rl": _row(rl), "sft_control": _row(sft)}
+               "base": _row(base), "rl": _row(rl), "sft_control": _row(sft), **extra}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", _report(cfg, summary, base, rl, sft))
     _samples(out, base, rl)
@@ -75,6 +83,29 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"mean length {base.mean_len:.1f} -> {rl.mean_len:.1f} tokens; {seconds / 60:.1f} min in all")
     print(f"report: {out / 'report.md'}\nchat with it: nanoseek serve {out / 'rl'}")
     return summary
+
+
+def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) -> dict:
+    """R1 §4.1 in miniature: distil the RL teacher into a dense student half its size, against GRPO run
+    directly on the same student base for the same wall time."""
+    print("[4b] distillation: a dense student base, then SFT on verified teacher samples")
+    student = pretrain(PretrainConfig(preset="dense-small", tokenizer=str(out / "base"), batch_size=8, eval_every=0,
+                                      eval_problems=0),
+                       TrainConfig(steps=cfg.pretrain_steps, lr=2e-3, warmup=20, seed=cfg.seed), out / "student_base")
+    t = time.perf_counter()
+    d = distill(DistillConfig(teacher=str(out / "rl"), student_init=str(out / "student_base"), steps=200, batch_size=8,
+                              sample=SampleConfig(task=cfg.task, problems=400, n=8, max_new_tokens=cfg.max_new_tokens,
+                                                  seed=cfg.seed)), out / "student_distill", cfg.seed)
+    budget = time.perf_counter() - t
+    print(f"[4c] GRPO directly on the student base for the same {budget:.0f}s")
+    g = GRPOTrainer(out / "student_base", grpo_cfg, TrainConfig(steps=10**6, lr=5e-4, warmup=5, min_lr_ratio=1.0,
+                                                                 weight_decay=0.0, seed=cfg.seed, max_seconds=budget),
+                    out / "student_rl").train()
+    distilled, student_rl = _eval(out / "student_distill", cfg, problems), _eval(out / "student_rl", cfg, problems)
+    flops = student["cost"]["flops"]
+    return {"student_active_params": student["active_params"],
+            "student_distill": {**_row(distilled), "seconds": budget, "flops": flops + d["flops"]},
+            "student_rl": {**_row(student_rl), "seconds": g["seconds"], "flops": flops + g["flops"]}}
 
 
 def _row(r: EvalResult) -> dict:
@@ -88,10 +119,22 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
         f"{cfg.eval_k} samples at temperature 0.6, top-p 0.95. Total time {s['seconds'] / 60:.1f} min.", "",
         f"| model | greedy | pass@1 | cons@{cfg.eval_k} | mean tokens |", "|---|---|---|---|---|",
     ]
-    for name, key in (("base (pretrained)", "base"), ("GRPO (rule rewards only)", "rl"),
-                      ("control: SFT for the same wall time", "sft_control")):
+    rows = [("base (pretrained)", "base"), ("GRPO (rule rewards only)", "rl"),
+            ("control: SFT for the same wall time", "sft_control")]
+    if "student_distill" in s:
+        rows += [("dense student, distilled from the GRPO teacher", "student_distill"),
+                 ("dense student, GRPO for the same time", "student_rl")]
+    for name, key in rows:
         r = s[key]
         lines.append(f"| {name} | {r['greedy']:.1%} | {r['pass@1']:.1%} | {r['cons@k']:.1%} | {r['mean_len']:.1f} |")
+    if "student_distill" in s:
+        t = s["teacher"]
+        lines += ["", f"Teacher: small MoE, {t['active_params'] / 1e6:.2f}M activated parameters, pretraining + GRPO "
+                  f"{t['seconds']:.0f} s, {t['flops']:.2e} FLOPs. "
+                  f"Student: dense-small, {s['student_active_params'] / 1e6:.2f}M activated parameters. Cost after "
+                  "the student's pretraining: " + "; ".join(
+                      f"{k.replace('student_', '')} {s[k]['seconds']:.0f} s, {s[k]['flops']:.2e} FLOPs"
+                      for k in ("student_distill", "student_rl"))]
     lines += ["", "![pretraining loss](base/loss.png)", "![GRPO accuracy](rl/accuracy.png)",
               "![completion length](rl/length.png)", "", "## Samples (greedy)", ""]
     for b, r in list(zip(base.samples, rl.samples))[:4]:

@@ -66,3 +66,15 @@ def test_arithmetic_check_and_format():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         get_task("chess")
+
+
+def test_language_consistency_reward_is_the_share_of_words_in_the_script():
+    from nanoseek.tasks import get_task
+    from nanoseek.tasks.rewards import RewardSet, language_consistency
+    p = get_task("arithmetic").sample(random.Random(0))
+    assert language_consistency(p, "add the ones 3 + 4 = 7 </think> <answer> 7 </answer>") == 1.0
+    assert language_consistency(p, "add два числа </think> <answer> 7 </answer>") == pytest.approx(1 / 3)
+    assert language_consistency(p, "1 + 2 </think> <answer> 3 </answer>") == 1.0  # numbers are neutral
+    assert language_consistency(p, "x </think> words after the reasoning всё") == 1.0  # only the reasoning counts
+    total, parts = RewardSet(get_task("arithmetic"), {"accuracy": 1.0, "consistency": 0.5})(p, "сумма </think>")
+    assert parts["consistency"] == 0.0 and total == 0.0

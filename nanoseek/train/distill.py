@@ -77,13 +77,15 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
     outs = llm.generate([p.prompt for p in problems],
                         SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                        max_tokens=cfg.max_new_tokens, seed=cfg.seed))
-    records, tally = [], defaultdict(lambda: {"problems": 0, "solved": 0, "samples": 0, "correct": 0})
+    records = []
+    tally = defaultdict(lambda: {"problems": 0, "solved": 0, "samples": 0, "correct": 0, "tokens": 0})
     for p, out in zip(problems, outs):
         t = tally[p.difficulty]
         t["problems"] += 1
         t["samples"] += cfg.n
         verified: dict[str, tuple[float, int]] = {}
         for o in out.outputs:
+            t["tokens"] += len(o.token_ids)
             if o.finish_reason != "stop" or task.score(p, o.text) < 1.0:
                 continue
             t["correct"] += 1
@@ -162,7 +164,9 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
     summary = sft(SFTConfig(init=init, data=str(out / "distill_data.jsonl"), seq_len=cfg.seq_len,
                             batch_size=cfg.batch_size, eval_every=0, eval_problems=0),
                   TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(20, cfg.steps // 10 + 1), seed=seed), out)
+    sample_flops = sum(t["tokens"] for t in rates.values()) * teacher.config.decode_flops_per_token(sc.max_new_tokens)
     summary.update({"sample_seconds": sample_seconds, "sft_seconds": time.perf_counter() - t1,
-                    "records": len(records), "accept_rates": rates, "sample_config": asdict(sc)})
+                    "flops": sample_flops + summary["cost"]["flops"], "records": len(records),
+                    "accept_rates": rates, "sample_config": asdict(sc)})
     atomic_write_text(out / "distill_summary.json", json.dumps(summary, indent=2))
     return summary

@@ -280,7 +280,14 @@ class GRPOTrainer:
         self.trainer.finish()
         if self.d.main:
             self._plots()
-        return {"seconds": seconds, "steps": self.trainer.step}
+        return {"seconds": seconds, "steps": self.trainer.step, "flops": self._flops()}
+
+    def _flops(self) -> float:
+        """≈ FLOPs spent: generating the rollouts, plus forward+backward over them on each of the mu updates."""
+        records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        c, cfg = self.model.config, self.cfg
+        tokens = sum(r["mean_len"] for r in records) * cfg.prompts_per_step * cfg.group_size / cfg.mu
+        return tokens * (c.decode_flops_per_token(cfg.max_new_tokens) + cfg.mu * c.train_flops_per_token(cfg.max_new_tokens))
 
     def _plots(self) -> None:
         records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
