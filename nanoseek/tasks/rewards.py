@@ -28,7 +28,7 @@ _WORD = re.compile(r"[^\W\d_]+")
 def language_consistency(problem: Problem, completion: str, script: str = "LATIN") -> float:
     """R1 stage 2: the share of words in the reasoning written in the expected script (Unicode name
     prefix: LATIN, CYRILLIC, CJK, ...). Numbers and symbols are neutral; no words at all counts as 1."""
-    reasoning = problem.full_completion(completion).split("</think>")[0]
+    reasoning = problem.full_completion(completion).split("</think>")[0].replace("<think>", " ")
     words = _WORD.findall(reasoning)
     if not words:
         return 1.0
