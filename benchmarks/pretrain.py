@@ -112,7 +112,7 @@ def fp8(args) -> None:
     """V3 report §3.3: FP8 training stays within 0.25% relative loss of BF16."""
     from nanoseek.plots import plot_series
     common = ["--preset", "small", "--steps", str(args.steps), "--eval-every", str(max(args.steps // 6, 1)),
-              "--eval-problems", "1", "--batch-size", "8"]
+              "--eval-problems", "1", "--batch-size", "8", "--seq-len", "128"]
     t = time.perf_counter()
     bf16 = run("bf16", *common, "--precision", "bf16")
     t_bf16, t = time.perf_counter() - t, time.perf_counter()
