@@ -93,9 +93,14 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
                                       eval_problems=0),
                        TrainConfig(steps=cfg.pretrain_steps, lr=2e-3, warmup=20, seed=cfg.seed), out / "student_base")
     t = time.perf_counter()
-    d = distill(DistillConfig(teacher=str(out / "rl"), student_init=str(out / "student_base"), steps=200, batch_size=8,
-                              sample=SampleConfig(task=cfg.task, problems=400, n=8, max_new_tokens=cfg.max_new_tokens,
-                                                  seed=cfg.seed)), out / "student_distill", cfg.seed)
+    try:
+        d = distill(DistillConfig(teacher=str(out / "rl"), student_init=str(out / "student_base"), steps=200,
+                                  batch_size=8, sample=SampleConfig(task=cfg.task, problems=400, n=8,
+                                                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)),
+                    out / "student_distill", cfg.seed)
+    except ValueError as e:  # e.g. a teacher with no verified-correct sample: report it, keep the rest
+        print(f"distillation skipped: {e}")
+        return {"distill_error": str(e)}
     budget = time.perf_counter() - t
     print(f"[4c] GRPO directly on the student base for the same {budget:.0f}s")
     g = GRPOTrainer(out / "student_base", grpo_cfg, TrainConfig(steps=10**6, lr=5e-4, warmup=5, min_lr_ratio=1.0,
@@ -127,6 +132,8 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
     for name, key in rows:
         r = s[key]
         lines.append(f"| {name} | {r['greedy']:.1%} | {r['pass@1']:.1%} | {r['cons@k']:.1%} | {r['mean_len']:.1f} |")
+    if "distill_error" in s:
+        lines += ["", f"Distillation could not run: {s['distill_error']}."]
     if "student_distill" in s:
         t = s["teacher"]
         lines += ["", f"Teacher: small MoE, {t['active_params'] / 1e6:.2f}M activated parameters, pretraining + GRPO "
