@@ -214,6 +214,12 @@ def test_malformed_bodies_never_500(served):
     assert [r.status_code for r in bad] == [400] * 5 + [413]
     assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in bad)
     assert httpx.get(url + "/v1/nothing-here").json()["error"]["code"] == "not_found"
+    chunked = post(content=(b"x" * 2**20 for _ in range(3)), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    for body, param in [({"prompt": [10**9]}, "prompt"), ({"prompt": [-5]}, "prompt"),
+                        ({"prompt": "hi", "seed": 2**64}, "seed")]:
+        r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     unknown_fields = post(json={"messages": [{"role": "user", "content": "hi", "x": 1}], "max_tokens": 2,
                                 "frobnicate": True})
     assert unknown_fields.status_code == 200

@@ -44,7 +44,8 @@ class SamplingParams:
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) for t in self.stop_token_ids), "must be integers"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed <= 2**64 - self.n),
+             "must be an integer in [-2**63, 2**64 - n]"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -288,19 +288,30 @@ class Server:
 
 
 class BodyLimit:
-    """413 for a declared body over the limit; a plain ASGI middleware, so streamed responses pass through
-    untouched (Starlette's `BaseHTTPMiddleware` would copy every chunk through a queue)."""
+    """413 for a body over the limit, declared or (chunked) counted as it arrives; a plain ASGI middleware,
+    so streamed responses pass through untouched (`BaseHTTPMiddleware` would copy every chunk)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length", b"0")
-            if not size.isdigit() or int(size) > self.max_bytes:
-                error = APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
-                return await error.response()(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body exceeds {self.max_bytes} bytes"
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+            return await APIError(413, too_large, code="request_too_large").response()(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, too_large)
+            return message
+
+        return await self.app(scope, receive if size is not None else counted, send)
 
 
 def _sse(payload: dict | str) -> str:

@@ -65,6 +65,7 @@ class AsyncEngine:
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
         """Queue a request (call from the event loop); its deltas arrive on the returned queue, then None."""
+        prompt_ids = self.llm.encode(prompt_ids)
         self.llm.check_request(prompt_ids, params)
         request_id = f"srv-{next(self._ids)}"
         with self._lock:
@@ -96,6 +97,9 @@ class AsyncEngine:
                 if isinstance(item, str):
                     self.llm.abort(item)
                     continue
+                with self._lock:
+                    if item[0] not in self._streams:  # failed or cancelled before it started
+                        continue
                 try:
                     self.llm.add_request(item[1], item[2], request_id=item[0])
                 except ValueError as e:  # checked in `add`; only a changed engine could get here

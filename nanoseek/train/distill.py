@@ -86,8 +86,8 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
         verified: dict[str, tuple[float, int]] = {}
         for o in out.outputs:
             t["tokens"] += len(o.token_ids)
-            if o.finish_reason != "stop" or task.score(p, o.text) < 1.0:
-                continue
+            if o.finish_reason != "stop" or END_THINK not in o.text or task.score(p, o.text) < 1.0:
+                continue  # truncated, no reasoning/answer split, or wrong
             t["correct"] += 1
             verified.setdefault(o.text, (rewards(p, o.text)[0], len(o.token_ids)))
         if verified:

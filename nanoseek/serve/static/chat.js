@@ -43,11 +43,12 @@ function setBusy(busy) {
 }
 
 async function send(text) {
-  history.push({ role: "user", content: text });
+  const turns = history;  // "New chat" replaces `history`; this answer belongs to the old one
+  turns.push({ role: "user", content: text });
   addMessage("user", text);
   const ui = assistantBubble();
   const body = {
-    messages: history, stream: true, stream_options: { include_usage: true },
+    messages: turns, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
   };
   controller = new AbortController();
@@ -120,7 +121,7 @@ async function send(text) {
     }
   } finally {
     endThinking();
-    history.push({ role: "assistant", content: answer });
+    turns.push({ role: "assistant", content: answer });
     controller = null;
     setBusy(false);
   }
