@@ -78,3 +78,23 @@ def test_language_consistency_reward_is_the_share_of_words_in_the_script():
     assert language_consistency(p, "x </think> words after the reasoning всё") == 1.0  # only the reasoning counts
     total, parts = RewardSet(get_task("arithmetic"), {"accuracy": 1.0, "consistency": 0.5})(p, "сумма </think>")
     assert parts["consistency"] == 0.0 and total == 0.0
+
+
+def test_user_jsonl_task(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "Half of one?", "answer": "1/2"}\n{"prompt": "Expand (x+1)^2", "answer": "x^2 + 2*x + 1", '
+                 '"difficulty": 2}\n{"prompt": "Capital of France?", "answer": "Paris"}\n')
+    task = get_task(f"jsonl:{f}")
+    assert task.difficulties == (1, 2)
+    rng = random.Random(0)
+    problems = {p.question: p for p in (task.sample(rng) for _ in range(40))}
+    half, expand, paris = problems["Half of one?"], problems["Expand (x+1)^2"], problems["Capital of France?"]
+    assert task.score(half, "<answer> 0.5 </answer>") == 1.0 and task.score(half, "<answer>0.4</answer>") == 0.0
+    assert task.score(paris, "<answer> paris. </answer>") == 1.0
+    pytest.importorskip("sympy")
+    assert task.score(expand, "<answer>(x+1)*(x+1)</answer>") == 1.0
+    assert task.score(expand, "<answer>__import__('os')</answer>") == 0.0  # never reaches sympy's parser
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": 1}\n{"answer": 2}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: a record needs"):
+        get_task(f"jsonl:{bad}")

@@ -52,13 +52,15 @@ class SampleConfig:
 
 def training_problems(task: Task, name: str, n: int, seed: int) -> list[Problem]:
     """Fresh problems from the task's generator, none of them among the held-out evaluation problems."""
-    held_out = {p.prompt for p in held_out_problems(name, 1000, seed)}
+    held_out = {p.prompt for p in held_out_problems(name, 200, seed)}
     rng, out = random.Random(seed * 7 + 13), []
-    while len(out) < n:
+    for _ in range(100 * n):
         p = task.sample(rng)
         if p.prompt not in held_out:
             out.append(p)
-    return out
+            if len(out) == n:
+                return out
+    raise ValueError(f"task: {name} yields too few problems outside the 200 held out for evaluation")
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
