@@ -61,12 +61,13 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF = _byte_level_alphabet()
 
 
-def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
-    """The raw bytes of one token (a token may hold part of a UTF-8 character, so text alone is lossy)."""
+def token_bytes(tok: Tokenizer, token_id: int, added: set[int] | None = None) -> bytes:
+    """The raw bytes of one token (a token may hold part of a UTF-8 character, so text alone is lossy).
+    `added`: the ids of added (special) tokens, when the caller has them at hand."""
     piece = tok.id_to_token(token_id)
     if piece is None:
         return b""
-    if token_id in tok.get_added_tokens_decoder():
+    if token_id in (added if added is not None else tok.get_added_tokens_decoder()):
         return piece.encode()
     return bytes(_BYTE_OF[c] for c in piece)
 

@@ -9,6 +9,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny base checkpoint with its tokenizer, pretrained for a few steps on built-in arithmetic."""
+    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+    out = tmp_path_factory.mktemp("base") / "base"
+    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0,
+                            eval_every=0, tasks=("arithmetic",)), TrainConfig(steps=3, warmup=1), out, progress=False)
+    return out
+
+
 def random_model(config: ModelConfig, bias_scale: float = 0.05) -> DeepSeekV3:
     """A random model whose gate biases are non-zero, so routing tests exercise the bias."""
     model = DeepSeekV3(config).eval()

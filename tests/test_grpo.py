@@ -88,16 +88,6 @@ def test_config_errors_before_training(changes, msg):
         GRPOConfig(prompts_per_step=3).validate(world=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import PretrainConfig, pretrain
-    out = tmp_path_factory.mktemp("base") / "base"
-    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0,
-                            eval_every=0, tasks=("arithmetic",)), TrainConfig(steps=3, warmup=1), out, progress=False)
-    return out
-
-
 def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     import json
     from nanoseek import load_model

@@ -15,14 +15,6 @@ from nanoseek.train.pretrain import PretrainConfig, pretrain
 from nanoseek.train.sft import SFTConfig, chat_examples, pack_examples, read_conversations, sft
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("base") / "base"
-    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0,
-                            eval_every=0, tasks=("arithmetic",)), TrainConfig(steps=2, warmup=1), out, progress=False)
-    return out
-
-
 def conversation(a: int, b: int) -> dict:
     return {"messages": [{"role": "user", "content": f"What is {a} + {b}"},
                          {"role": "assistant", "content": f" <answer> {a + b} </answer>",

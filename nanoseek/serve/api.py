@@ -171,6 +171,14 @@ class Generation:
             self.num_cached = item.num_cached_tokens
             yield item
 
+    async def finish(self, request: Request) -> None:
+        """Consume every delta (non-streaming responses), aborting if the client goes away."""
+        try:
+            async for _ in self.deltas(request):
+                pass
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Abort if unfinished (client gone or error) and record the request's metrics, once."""
         if self.closed:
@@ -212,6 +220,7 @@ class Server:
         self.engine = AsyncEngine(llm)
         self.end_think = self.tokenizer.token_to_id(END_THINK)
         self.think = self.tokenizer.token_to_id(THINK)
+        self.added_ids = set(self.tokenizer.get_added_tokens_decoder())  # token_bytes per logprob token
         self.created = int(time.time())
         stats = self.engine.stats
         self.metrics = Metrics({
@@ -261,7 +270,7 @@ class Server:
         return ids.index(self.end_think) + 1 if self.end_think in ids else len(ids)
 
     def token_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = token_bytes(self.tokenizer, token_id)
+        raw = token_bytes(self.tokenizer, token_id, self.added_ids)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> dict | None:
@@ -393,11 +402,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
             return StreamingResponse(_chat_stream(server, gen, head, req), media_type="text/event-stream")
-        try:
-            async for _ in gen.deltas(request):
-                pass
-        finally:
-            gen.close()
+        await gen.finish(request)
         choices = []
         for i, c in enumerate(gen.choices):
             reasoning, content = c.parser.feed(c.text, final=True)
@@ -423,11 +428,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
             return StreamingResponse(_completion_stream(server, gen, head, req), media_type="text/event-stream")
-        try:
-            async for _ in gen.deltas(request):
-                pass
-        finally:
-            gen.close()
+        await gen.finish(request)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)}
                    for i, c in enumerate(gen.choices)]
