@@ -26,10 +26,9 @@ Document = str | tuple[str, ...]  # a text, or pieces tokenised separately (prom
 
 
 def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic", "countdown"),
-                      scratchpad: float = 0.25, exclude: set[str] | None = None,
-                      difficulties: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
-    """n worked examples (prompt, completion), cycling over tasks; prompts in `exclude` are skipped;
-    `difficulties` limits the levels drawn (default: all of each task's).
+                      scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+    """n worked examples (prompt, completion), cycling over tasks (`name@levels` limits the levels drawn);
+    prompts in `exclude` are skipped.
 
     Prompt and completion are tokenised separately, as at generation time, so no BPE merge spans the
     boundary the model will see when it is asked to complete the prompt."""
@@ -38,8 +37,7 @@ def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic",
     docs: list[str] = []
     while len(docs) < n:
         task = objs[len(docs) % len(objs)]
-        allowed = [d for d in task.difficulties if difficulties is None or d in difficulties] or task.difficulties
-        p = task.sample(rng, rng.choice(allowed))
+        p = task.sample(rng)
         if exclude and p.prompt in exclude:
             continue
         docs.append((p.prompt, task.solution(p, scratchpad=rng.random() < scratchpad) + EOS))

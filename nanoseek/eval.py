@@ -31,7 +31,8 @@ def evaluate(llm: LLM, task: Task, problems: list[Problem], max_new_tokens: int 
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new_tokens))
     solved = [task.score(p, o.text) >= 1.0 for p, o in zip(problems, greedy)]
     res = EvalResult(sum(solved) / len(problems), sum(len(o.token_ids) for o in greedy) / len(problems))
-    res.samples = [{"prompt": p.question, "completion": o.text, "correct": s, "mode": "greedy"}
+    res.samples = [{"prompt": p.question, "difficulty": p.difficulty, "completion": o.text, "correct": s,
+                    "mode": "greedy"}
                    for p, o, s in zip(problems, greedy, solved)]
     if k:
         sampled = llm.generate(prompts, SamplingParams(n=k, temperature=temperature, top_p=top_p,
@@ -44,7 +45,8 @@ def evaluate(llm: LLM, task: Task, problems: list[Problem], max_new_tokens: int 
             if answers:
                 top = Counter(answers).most_common(1)[0][0]
                 cons += task.check(p, top) >= 1.0
-            res.samples += [{"prompt": p.question, "completion": o.text, "correct": s, "mode": "sample"}
+            res.samples += [{"prompt": p.question, "difficulty": p.difficulty, "completion": o.text, "correct": s,
+                             "mode": "sample"}
                             for o, s in zip(out.outputs, scores)]
         res.pass1, res.cons = pass1 / len(problems), cons / len(problems)
     return res

@@ -98,3 +98,18 @@ def test_user_jsonl_task(tmp_path):
     bad.write_text('{"prompt": "a", "answer": 1}\n{"answer": 2}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: a record needs"):
         get_task(f"jsonl:{bad}")
+
+
+def test_task_levels_suffix(tmp_path):
+    rng = random.Random(0)
+    task = get_task("arithmetic@1-2")
+    assert task.difficulties == (1, 2)
+    assert {task.sample(rng).difficulty for _ in range(50)} == {1, 2}
+    assert get_task("countdown@3,4").difficulties == (3, 4)
+    with pytest.raises(ValueError, match="no difficulty level 9"):
+        get_task("arithmetic@2,9")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope@1")
+    f = tmp_path / "a@b.jsonl"  # an @ inside a path is not a level suffix
+    f.write_text('{"prompt": "p", "answer": "1", "difficulty": 2}\n')
+    assert get_task(f"jsonl:{f}").difficulties == (2,)

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
-from .arithmetic import Arithmetic
+import re
+
+from .arithmetic import Addition, Arithmetic
 from .base import R1_ZERO_TEMPLATE, Problem, Task, extract_answer, format_ok
 from .countdown import Countdown
 from .jsonl import JsonlTask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "countdown": Countdown}
+TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "addition": Addition, "countdown": Countdown}
+
+
+_LEVELS = re.compile(r"@(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
 
 
 def get_task(name: str, template: str = "chat") -> Task:
-    """A built-in task by name, or `jsonl:PATH` for a user task from a JSONL of {prompt, answer}."""
-    if name.startswith("jsonl:"):
-        return JsonlTask(name.removeprefix("jsonl:"), template)
-    try:
-        return TASKS[name](template)
-    except KeyError:
-        raise ValueError(f"task: unknown task {name!r}; choose from {sorted(TASKS)}") from None
+    """A built-in task by name, or `jsonl:PATH` for a user task from a JSONL of {prompt, answer}.
+
+    A suffix `@LEVELS` keeps only those difficulty levels, e.g. `arithmetic@1-2` or `countdown@3,4`:
+    the same spelling then fixes what pretraining, GRPO, sampling and evaluation draw."""
+    spec, levels = name, None
+    if m := _LEVELS.search(name):
+        spec, levels = name[: m.start()], _parse_levels(m.group(1))
+    if spec.startswith("jsonl:"):
+        task = JsonlTask(spec.removeprefix("jsonl:"), template)
+    elif spec in TASKS:
+        task = TASKS[spec](template)
+    else:
+        raise ValueError(f"task: unknown task {spec!r}; choose from {sorted(TASKS)} or jsonl:PATH")
+    if levels is not None:
+        unknown = sorted(set(levels) - set(task.difficulties))
+        if unknown:
+            raise ValueError(f"task: {spec} has no difficulty level {unknown[0]}; its levels are {task.difficulties}")
+        task.difficulties = levels
+    return task
+
+
+def _parse_levels(text: str) -> tuple[int, ...]:
+    levels: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        levels.update(range(int(lo), int(hi or lo) + 1))
+    return tuple(sorted(levels))
 
 
 __all__ = ["Task", "Problem", "get_task", "TASKS", "JsonlTask", "R1_ZERO_TEMPLATE", "extract_answer", "format_ok"]

@@ -54,3 +54,11 @@ def _steps(a: int, b: int, op: str) -> str:
     if tens:
         return f"{a}*{ones}={a * ones}, {a}*{tens}0={a * tens * 10}, {a * ones}+{a * tens * 10}={a * b}"
     return f"{a}*{b}={a * b}"
+
+
+class Addition(Arithmetic):
+    """Column addition only: the scratchpad (digit by digit, with carries) is what makes long sums
+    reliable, so this is the task where RL can discover that thinking pays (the demo's default)."""
+
+    name = "addition"
+    ops = "+"

@@ -38,7 +38,6 @@ class PretrainConfig:
     num_docs: int = 40000  # built-in worked examples
     tasks: tuple[str, ...] = ("arithmetic", "countdown")
     scratchpad: float = 0.25
-    difficulties: tuple[int, ...] | None = None  # built-in data: only these levels (a curriculum's first stage)
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     bias_gamma: float = 0.01  # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
@@ -77,7 +76,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
                 if pc.data == "builtin" and pc.eval_problems else {})
     if pc.data == "builtin":
         exclude = {p.prompt for ps in held_out.values() for p in ps}
-        docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude, pc.difficulties)
+        docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
     else:
         docs = read_documents(pc.data)
     given = pc.tokenizer or pc.init
