@@ -49,7 +49,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                         seq_len=args.seq_len, batch_size=args.batch_size, num_docs=args.num_docs,
                         mtp_lambda=args.mtp_lambda, balance_alpha=args.alpha, bias_gamma=args.gamma,
                         dense=args.dense, doc_mask=not args.no_doc_mask, eval_every=args.eval_every,
-                        eval_problems=args.eval_problems)
+                        eval_problems=args.eval_problems, val_batches=args.val_batches,
+                        tasks=tuple(args.task or PretrainConfig.tasks), scratchpad=args.scratchpad)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                      grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
                      seed=args.seed, fsdp=args.fsdp)
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--num-docs", type=int, default=40000)
+    p.add_argument("--task", action="append", help="built-in data: a task (repeatable; NAME@LEVELS keeps those "
+                   "difficulty levels); default: arithmetic and countdown")
+    p.add_argument("--scratchpad", type=float, default=0.25, help="built-in data: share of worked examples "
+                   "with step-by-step reasoning")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
@@ -209,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense", action="store_true", help="dense FFN with the same activated parameters")
     p.add_argument("--no-doc-mask", action="store_true", help="let attention cross packed document boundaries")
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--val-batches", type=int, default=4, help="batches of held-out rows per validation")
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

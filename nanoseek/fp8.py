@@ -87,22 +87,32 @@ def dequantize_activation(q: Tensor, scale: Tensor, tile: int = BLOCK) -> Tensor
 
 
 # ---- the GEMM ----------------------------------------------------------------------------------------
-_SCALED_MM = {"ok": None}  # None: not tried yet on this process's GPU
+_SCALED_MM: dict[str, bool] = {}  # per scaling of b ("block" / "tile"): does torch._scaled_mm take it here?
 
 
-def _scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor) -> Tensor | None:
-    """a [M,K] 1x128-tile scales, b [N,K] 128x128-block scales -> a @ b.T in fp32 on the tensor cores,
-    or None where this torch/GPU has no block-scaled FP8 GEMM."""
-    if not a.is_cuda or _SCALED_MM["ok"] is False or not hasattr(torch, "_scaled_mm"):
+def fp8_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, b_blocks: bool) -> Tensor:
+    """a @ b.T in fp32 for FP8 a [M,K] in 1x128 tiles along K and FP8 b [N,K] in 128x128 blocks
+    (`b_blocks`) or in 1x128 tiles along K. On CUDA the tensor cores via `torch._scaled_mm` where this
+    torch/GPU has block scaling; elsewhere the dequantised fp32 product."""
+    out = _scaled_mm(a, a_scale, b, b_scale, "block" if b_blocks else "tile") if a.is_cuda else None
+    if out is None:
+        deq_b = dequantize_weight(b, b_scale) if b_blocks else dequantize_activation(b, b_scale)
+        out = dequantize_activation(a, a_scale) @ deq_b.t()
+    return out
+
+
+def _scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, kind: str) -> Tensor | None:
+    if _SCALED_MM.get(kind) is False or not hasattr(torch, "_scaled_mm"):
         return None
-    try:
-        out = torch._scaled_mm(a, b.t(), scale_a=a_scale.t().contiguous().t(), scale_b=b_scale.t(),
-                               out_dtype=torch.float32)
-        _SCALED_MM["ok"] = True
+    try:  # cuBLAS wants a row-major, b column-major, and both scale tensors outer-dimension-major
+        out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=a_scale.t().contiguous().t(),
+                               scale_b=b_scale.contiguous().t(), out_dtype=torch.float32)
+        _SCALED_MM[kind] = True
         return out
     except (RuntimeError, TypeError, ValueError) as e:
-        log.warning("torch._scaled_mm has no 1x128/128x128 block scaling here (%s); emulating the FP8 GEMM", e)
-        _SCALED_MM["ok"] = False
+        log.warning("torch._scaled_mm takes no 1x128 x %s scaling here (%s); emulating that FP8 GEMM",
+                    "128x128" if kind == "block" else "1x128", str(e).splitlines()[0])
+        _SCALED_MM[kind] = False
         return None
 
 
@@ -112,9 +122,7 @@ def fp8_linear_forward(x: Tensor, w: Tensor, pow2: bool = False) -> tuple[Tensor
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_activation(x2, pow2=pow2)
     wq, ws = quantize_weight(w, pow2=pow2)
-    y = _scaled_mm(xq, xs, wq, ws) if x.is_cuda else None
-    if y is None:
-        y = dequantize_activation(xq, xs) @ dequantize_weight(wq, ws).t()
+    y = fp8_mm(xq, xs, wq, ws, b_blocks=True)
     return y.view(*x.shape[:-1], w.shape[0]), (x2, wq, ws)
 
 
@@ -130,13 +138,13 @@ class _FP8LinearFn(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x2, wq, ws = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1])
-        # Dgrad: dx = gy @ w, contraction over the output dim: gy in 1x128 tiles along it, w's blocks as is
+        # Dgrad: dx = gy @ w, contraction over the output dim: gy in 1x128 tiles along it, w's blocks transposed
         gq, gs = quantize_activation(gy2, pow2=ctx.pow2)
-        dx = dequantize_activation(gq, gs) @ dequantize_weight(wq, ws)
+        dx = fp8_mm(gq, gs, wq.t(), ws.t(), b_blocks=True)
         # Wgrad: dw = gy.T @ x, contraction over tokens: both operands in 1x128 tiles along the tokens
         gtq, gts = quantize_activation(gy2.t(), pow2=ctx.pow2)
         xtq, xts = quantize_activation(x2.t(), pow2=ctx.pow2)
-        dw = dequantize_activation(gtq, gts) @ dequantize_activation(xtq, xts).t()
+        dw = fp8_mm(gtq, gts, xtq, xts, b_blocks=False)
         return dx.view(ctx.x_shape).to(ctx.x_dtype), dw, None
 
 
