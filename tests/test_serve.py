@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from nanoseek import LLM, DeepSeekV3, ModelConfig, SamplingParams, save_model
+from nanoseek import LLM, DeepSeekV3, ModelConfig, save_model
 from nanoseek.serve.api import background_server, create_app
 from nanoseek.serve.reasoning import ThinkParser, split_reasoning
 from nanoseek.tokenizer import EOS, render_chat, save_tokenizer, train_tokenizer

@@ -48,9 +48,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 def _from_value_error(e: ValueError) -> APIError:
@@ -401,7 +403,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
-            return StreamingResponse(_chat_stream(server, gen, head, req), media_type="text/event-stream")
+            return _streaming(gen, _chat_stream(server, gen, head), {**head, "object": "chat.completion.chunk"}, req)
         await gen.finish(request)
         choices = []
         for i, c in enumerate(gen.choices):
@@ -427,7 +429,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         gen = Generation(server, ids, params, in_reasoning=False)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
-            return StreamingResponse(_completion_stream(server, gen, head, req), media_type="text/event-stream")
+            return _streaming(gen, _completion_stream(server, gen, head), {**head, "object": "text_completion"}, req)
         await gen.finish(request)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)}
@@ -442,50 +444,52 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     return app
 
 
-async def _chat_stream(server: Server, gen: Generation, head: dict, req: ChatCompletionRequest) -> AsyncIterator[str]:
-    """SSE chunks: the role, then `reasoning_content` deltas, then `content` deltas, finish, usage, [DONE]."""
+async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIterator[str]:
+    """SSE chunks: the role, then `reasoning_content` deltas, then `content` deltas, finish."""
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
         return _sse({**head, "object": "chat.completion.chunk", "choices": [
             {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
-    try:
-        for i in range(len(gen.choices)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        try:
-            async for d in gen.deltas():
-                c = gen.choices[d.index]
-                reasoning, content = c.parser.feed(d.text, final=d.finish_reason is not None)
-                logprobs = server.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs)
-                if reasoning:
-                    yield chunk(d.index, {"reasoning_content": reasoning}, logprobs=None if content else logprobs)
-                if content or (logprobs and not reasoning):
-                    yield chunk(d.index, {"content": content}, logprobs=logprobs)
-                if d.finish_reason is not None:
-                    yield chunk(d.index, {}, d.finish_reason)
-        except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
-            return
-        if req.stream_options and req.stream_options.include_usage:
-            yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": gen.usage()})
-        yield _sse("[DONE]")
-    finally:
-        gen.close()
+    for i in range(len(gen.choices)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for d in gen.deltas():
+        c = gen.choices[d.index]
+        reasoning, content = c.parser.feed(d.text, final=d.finish_reason is not None)
+        logprobs = server.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs)
+        if reasoning:
+            yield chunk(d.index, {"reasoning_content": reasoning}, logprobs=None if content else logprobs)
+        if content or (logprobs and not reasoning):
+            yield chunk(d.index, {"content": content}, logprobs=logprobs)
+        if d.finish_reason is not None:
+            yield chunk(d.index, {}, d.finish_reason)
 
 
-async def _completion_stream(server: Server, gen: Generation, head: dict, req: CompletionRequest) -> AsyncIterator[str]:
+async def _completion_stream(server: Server, gen: Generation, head: dict) -> AsyncIterator[str]:
     offsets = [0] * len(gen.choices)
+    async for d in gen.deltas():
+        logprobs = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
+        offsets[d.index] += len(d.text)
+        yield _sse({**head, "object": "text_completion", "choices": [
+            {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]})
+
+
+def _streaming(gen: Generation, chunks: AsyncIterator[str], head: dict, req: _Sampling) -> StreamingResponse:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(_event_stream(gen, chunks, head, include_usage), media_type="text/event-stream")
+
+
+async def _event_stream(gen: Generation, chunks: AsyncIterator[str], head: dict, include_usage: bool) -> AsyncIterator[str]:
+    """The envelope both streaming endpoints share: their chunks, an error event if the engine fails,
+    the usage chunk when asked for, then [DONE]; the request is closed (aborted if unfinished) in any case."""
     try:
         try:
-            async for d in gen.deltas():
-                logprobs = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
-                offsets[d.index] += len(d.text)
-                yield _sse({**head, "object": "text_completion", "choices": [
-                    {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]})
+            async for c in chunks:
+                yield c
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+            yield _sse(e.body())
             return
-        if req.stream_options and req.stream_options.include_usage:
-            yield _sse({**head, "object": "text_completion", "choices": [], "usage": gen.usage()})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": gen.usage()})
         yield _sse("[DONE]")
     finally:
         gen.close()
