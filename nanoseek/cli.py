@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--task", default="arithmetic")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--task", default="addition@2", help="a built-in task, NAME@LEVELS keeps those difficulty levels")
+    p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--grpo-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--with-distill", action="store_true",
                    help="also distil the RL model into a dense student, against GRPO on that student")

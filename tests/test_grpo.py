@@ -115,3 +115,20 @@ def test_grpo_cli_rejects_bad_flags_before_training(tiny_base, tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "grpo", "--init", str(tiny_base), "--task", "nope",
                         "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown task" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_demo_writes_report_and_summary(tmp_path):
+    """`nanoseek demo` end to end with a few steps of each stage: the files and fields users rely on."""
+    import json
+
+    from nanoseek.demo import DemoConfig, run_demo
+    summary = run_demo(DemoConfig(out=str(tmp_path), pretrain_steps=3, grpo_steps=2, eval_problems=4, eval_k=2,
+                                  max_new_tokens=8, num_docs=2000))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary)) and on_disk["task"] == "addition@2"
+    for row in ("base", "rl", "sft_control"):
+        assert {"greedy", "pass@1", "mean_len"} <= set(on_disk[row]) and 0 <= on_disk[row]["greedy"] <= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "| base (pretrained) |" in report and "nanoseek serve" in report
+    for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
+        assert (tmp_path / f).exists(), f
