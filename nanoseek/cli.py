@@ -155,9 +155,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
     import uvicorn
+
     from .engine import LLM
     from .serve.api import create_app
+    # the engine thread's torch ops and the HTTP event loop share the CPU: leave the loop a core of its
+    # own, or every stall of the loop also stalls all of torch's worker threads at their next barrier
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, cache_memory_mb=args.cache_memory_mb,
               speculative=args.speculative)
     app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
@@ -336,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
     p.add_argument("--cache-memory-mb", type=float, default=256)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
