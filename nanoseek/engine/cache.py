@@ -133,23 +133,31 @@ class PagedBatch:
     def __init__(self, store: LatentStore, tables: list[list[int]], starts: list[int], lens: list[int],
                  device: torch.device | str = "cpu"):
         self.store = store
-        b, s, t = len(tables), max(lens), max(st + n for st, n in zip(starts, lens))
-        new_slots, ctx_slots = [], torch.zeros(b, t, dtype=torch.long)
-        valid = torch.zeros(b, s, dtype=torch.bool)
-        for i, (table, st, n) in enumerate(zip(tables, starts, lens)):
-            new_slots += store.slots(table, st, st + n)
-            ctx_slots[i, : st + n] = torch.tensor(store.slots(table, 0, st + n))
-            valid[i, :n] = True
-        self.valid = valid.to(device)
-        self.new_slots = torch.tensor(new_slots, dtype=torch.long, device=device)
-        self.ctx_slots = ctx_slots.to(device)
+        bs, b, s = store.block_size, len(tables), max(lens)
+        t = max(st + n for st, n in zip(starts, lens))
+        nblk = -(-t // bs)
+        # a handful of tensor ops whatever the batch size: the block tables padded into one tensor, then
+        # the slot of every context position and of every new token read off it
+        table = torch.tensor([tb[:nblk] + [0] * (nblk - len(tb[:nblk])) for tb in tables], dtype=torch.long)
+        ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
         q_pos = torch.tensor(starts)[:, None] + torch.arange(s)[None, :]
+        valid = torch.arange(s)[None, :] < torch.tensor(lens)[:, None]
+        self.all_valid = bool(valid.all())
+        self.valid_rows = torch.arange(b * s).view(b, s)[valid].to(device)
+        self.new_slots = ctx_slots.gather(1, q_pos.clamp(max=t - 1))[valid].to(device)
+        self.ctx_slots = ctx_slots.reshape(-1).to(device)
         self.positions = q_pos.clamp(max=t - 1).to(device)
         k_pos = torch.arange(t)
-        self.mask = ((k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, :, None]).to(device)
-        self.mask[:, :, 0] |= ~valid.to(device)  # padded queries attend to one slot: no NaN rows
+        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, :, None]
+        mask[:, :, 0] |= ~valid  # padded queries attend to one slot: no NaN rows
+        self.mask = mask.to(device)
+        self.shape = (b, t)
 
     def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
         data = self.store.data[layer]
-        data.index_copy_(0, self.new_slots, latent[self.valid].to(data.dtype))
-        return data[self.ctx_slots].to(latent.dtype), self.mask
+        new = latent.reshape(-1, latent.shape[-1])
+        if not self.all_valid:
+            new = new.index_select(0, self.valid_rows)
+        data.index_copy_(0, self.new_slots, new.to(data.dtype))
+        context = data.index_select(0, self.ctx_slots).view(*self.shape, -1)
+        return context.to(latent.dtype), self.mask
