@@ -1,0 +1,139 @@
+"""GRPO step time: nanoseek's GRPOTrainer against TRL's GRPOTrainer, side by side in one run.
+
+    python benchmarks/grpo.py [--checkpoint runs/demo/base] [--steps 6] [--prompts 32] [--group 8] \
+                              [--max-new-tokens 32]
+
+Same exported checkpoint (TRL loads it with `transformers`), task, reward functions, group size G,
+prompts per step, sampling temperature, completion length, learning rate and loss (DAPO token-level,
+group-scaled advantages, beta = 0, one update per rollout batch). Prints median step seconds of each and
+their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
+parameters x trained tokens + 2 x parameters x rollout tokens at this CPU's measured matmul rate.
+Needs the bench extra: `pip install -e .[bench]` (transformers, trl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek import ModelConfig
+from nanoseek.tasks import get_task
+from nanoseek.tasks.rewards import RewardSet
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.loop import TrainConfig
+
+
+def matmul_rate(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def run_nanoseek(args, out: Path) -> list[dict]:
+    cfg = GRPOConfig(task=args.task, group_size=args.group, prompts_per_step=args.prompts,
+                     max_new_tokens=args.max_new_tokens, temperature=1.0, beta=0.0, loss_type="dapo")
+    GRPOTrainer(args.checkpoint, cfg, TrainConfig(steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0,
+                                                  weight_decay=0.0, seed=0), out).train(progress=False)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
+    """Step seconds and mean completion lengths of TRL's trainer (timed by a callback around each step)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer as TRLTrainer
+
+    task = get_task(args.task)
+    rewards = RewardSet(task, {"accuracy": 1.0, "format": 0.1})
+    rng = random.Random(0)
+    problems = [task.sample(rng) for _ in range(args.prompts * (args.steps + 1))]
+
+    def reward(prompts, completions, index, **_) -> list[float]:
+        return [rewards(problems[i], c)[0] for i, c in zip(index, completions)]
+
+    hf_logging.set_verbosity_error()  # the MTP layer's weights are "unexpected" to transformers: by design
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "index": list(range(len(problems)))})
+    config = TRLConfig(output_dir=str(out), per_device_train_batch_size=args.prompts * args.group,
+                       num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0,
+                       learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                       beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                       steps_per_generation=1, max_steps=args.steps, logging_steps=1, save_strategy="no",
+                       report_to="none", use_cpu=True, seed=0)
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    trainer = TRLTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
+                         callbacks=[Timer()])
+    trainer.train()
+    return times, lengths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="runs/demo/base")
+    ap.add_argument("--task", default="addition@2")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    args = ap.parse_args()
+    if not (Path(args.checkpoint) / "config.json").exists():
+        raise SystemExit(f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = run_nanoseek(args, Path(tmp) / "nanoseek")
+        trl_times, trl_lens = run_trl(args, Path(tmp) / "trl")
+    skip = 1  # the first step of each warms up allocators and caches
+    step = statistics.median(r["step_seconds"] for r in ours[skip:])
+    rollout = statistics.median(r["rollout_seconds"] for r in ours[skip:])
+    trl = statistics.median(trl_times[skip:])
+    n = args.prompts * args.group
+    ours_len = statistics.mean(r["mean_len"] for r in ours[skip:])
+    # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul
+    c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
+    tok, task, rng = load_tokenizer(args.checkpoint), get_task(args.task), random.Random(0)
+    prompt_len = statistics.mean(len(tok.encode(task.sample(rng).prompt, add_special_tokens=False).ids)
+                                 for _ in range(100))
+    active = c.num_active_params(embedding=False)
+    trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
+    rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
+    floor = (6 * active * trained + 2 * active * rolled) / matmul_rate()
+    print(f"checkpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {args.task}, "
+          f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")
+    print(f"{'nanoseek GRPOTrainer':<34}{step:>16.3f}{ours_len:>17.1f}")
+    print(f"{'TRL GRPOTrainer':<34}{trl:>16.3f}{statistics.mean(trl_lens[skip:] or trl_lens):>17.1f}")
+    print(f"\nnanoseek is {trl / step:.2f}x faster per step; rollouts are {rollout / step:.0%} of its step "
+          f"({rollout:.3f} s); FLOP floor {floor:.3f} s -> nanoseek at {step / floor:.2f}x the floor")
+
+
+if __name__ == "__main__":
+    main()
