@@ -252,8 +252,9 @@ class Trainer:
 
         records: list[dict] = []
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.main else None
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (progress and self.dist.main),
-                   dynamic_ncols=True)
+        # a wall-time budget ends the run before the step count does: no misleading ETA
+        bar = tqdm(total=None if self.cfg.max_seconds else self.cfg.steps, initial=self.step,
+                   disable=not (progress and self.dist.main), dynamic_ncols=True)
         started = time.perf_counter()
         try:
             while self.step < self.cfg.steps and not self._stop:
