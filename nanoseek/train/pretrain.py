@@ -70,8 +70,9 @@ def update_gate_biases(model: DeepSeekV3, load: torch.Tensor, gamma: float) -> N
         gate.e_score_correction_bias += gamma * torch.sign(layer_load.float().mean() - layer_load.float())
 
 
-def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
-    """Tokenizer (trained on rank 0 if not given), packed train/val rows, and held-out problems."""
+def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, resume: bool = False):
+    """Tokenizer (trained on rank 0 if not given; a resumed run keeps the one it started with), packed
+    train/val rows, and held-out problems."""
     held_out = ({t: held_out_problems(t, pc.eval_problems, seed) for t in pc.tasks}
                 if pc.data == "builtin" and pc.eval_problems else {})
     if pc.data == "builtin":
@@ -81,7 +82,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int):
         docs = read_documents(pc.data)
     given = pc.tokenizer or pc.init
     tok_dir = Path(given) if given else out / "tokenizer"
-    if given is None and rank == 0 and load_tokenizer(tok_dir) is None:
+    if given is None and rank == 0 and not (resume and load_tokenizer(tok_dir) is not None):
         texts = ["".join(d) if isinstance(d, tuple) else d for d in docs]
         save_tokenizer(train_tokenizer(texts, pc.vocab_size), tok_dir, model_max_length=pc.seq_len * 4)
     if world > 1:
@@ -105,7 +106,7 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
     if pc.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    return train_lm(pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world), resume, progress)
+    return train_lm(pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world, resume), resume, progress)
 
 
 def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: tuple, resume: bool = False,
