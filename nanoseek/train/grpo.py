@@ -150,7 +150,8 @@ class GRPOTrainer:
         self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
                                                                "consistency": cfg.consistency_weight})
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
-        self.llm = LLM(self.model, self.tokenizer)
+        # every rollout of a step decodes in one batch
+        self.llm = LLM(self.model, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size))
         tc.grad_accum = cfg.minibatches
         run_config = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "eval_problems", "eval_k")}
         self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config)
