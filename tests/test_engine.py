@@ -224,3 +224,28 @@ def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
     assert [o.token_ids for o in tight.generate(ps, greedy)] == \
         [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
     assert tight.scheduler.num_preemptions > 0
+
+
+def test_batch_sample_draws_what_sample_draws():
+    """The batched sampler (many rows in a few tensor ops) picks the token the one-row sampler picks
+    for the same logits and generator state, for greedy, temperature and top-p rows mixed in one batch."""
+    from types import SimpleNamespace
+
+    from nanoseek.engine.sampling import batch_sample, sample
+    torch.manual_seed(0)
+    logits = torch.randn(12, 300) * 3
+    params = [SamplingParams(temperature=t, top_p=p) for t, p in
+              [(0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 1.0), (1.0, 0.95)] * 2]
+    for trial in range(5):
+        rows = [SimpleNamespace(params=p, draft=[], generator=torch.Generator().manual_seed(100 * trial + i))
+                for i, p in enumerate(params)]
+        batched = batch_sample(list(zip(rows, logits)))
+        for i, (row, p) in enumerate(zip(rows, params)):
+            alone = sample(logits[i], p, [], torch.Generator().manual_seed(100 * trial + i))
+            assert batched[id(row)].token == alone.token, (trial, i)
+    # rows the batch path leaves to `sample`: penalties, top-k, logprobs, drafts to verify
+    special = [SimpleNamespace(params=SamplingParams(temperature=1.0, presence_penalty=0.5), draft=[]),
+               SimpleNamespace(params=SamplingParams(temperature=1.0, top_k=5), draft=[]),
+               SimpleNamespace(params=SamplingParams(temperature=0, logprobs=True), draft=[]),
+               SimpleNamespace(params=SamplingParams(temperature=0), draft=[3])]
+    assert batch_sample([(r, logits[0]) for r in special]) == {}

@@ -21,7 +21,8 @@ from ..checkpoint import load_model
 from ..model import DeepSeekV3
 from ..tokenizer import load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
-from .sampling import Sample, SamplingParams, apply_penalties, draw, processed_probs, sample, verify_draft
+from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, processed_probs, sample,
+                       verify_draft)
 from .scheduler import Scheduler, Sequence
 
 
@@ -170,11 +171,20 @@ class LLM:
             starts = [seq.num_computed for seq, _ in rows]
             hidden = self._hidden([seq for seq, _ in rows], starts,  # decodes feed their drafts too
                                   [(seq.tokens + seq.draft)[st:st + n] for (seq, n), st in zip(rows, starts)])
+            emitting = []  # (row, seq, tokens fed): sequences that reached their end this step
             for i, (seq, n) in enumerate(rows):
                 if seq.num_computed + n < len(seq.tokens):  # a prefill chunk short of the end
                     seq.num_computed += n
                 else:
-                    deltas += self._emit(seq, self.model.lm_head(hidden[i, :n]).float().cpu())
+                    emitting.append((i, seq, n))
+            if emitting:  # one head matmul for every position that is sampled (the drafts' and the last)
+                k = [1 + len(seq.draft) for _, seq, _ in emitting]
+                h = torch.cat([hidden[i, n - kk:n] for (i, _, n), kk in zip(emitting, k)])
+                logits = self.model.lm_head(h).float().cpu().split(k)
+                fast = batch_sample([(seq, lg[-1]) for (_, seq, _), lg in zip(emitting, logits)])
+                for (_, seq, n), lg in zip(emitting, logits):
+                    deltas += self._emit(seq, lg, n, fast.get(id(seq)))
+            for seq, _ in rows:
                 if not seq.finished:
                     self.scheduler.seal(seq)
             if self.speculative:
@@ -220,8 +230,9 @@ class LLM:
                 seq.draft_probs = processed_probs(logits, seq.params)
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
 
-    def _emit(self, seq: Sequence, logits: Tensor) -> list[StreamDelta]:
-        """Turn a forward's logits [n, V] for seq into tokens: verify MTP drafts, then sample one more."""
+    def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None = None) -> list[StreamDelta]:
+        """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify
+        MTP drafts, then sample one more (`sampled`: already drawn by `batch_sample`)."""
         emitted: list[Sample] = []
         for j, d in enumerate(seq.draft):
             s, ok = verify_draft(logits[j], d, seq.draft_probs, seq.params,
@@ -232,10 +243,10 @@ class LLM:
             if not ok:
                 break
         else:
-            emitted.append(sample(logits[-1], seq.params, seq.output_ids + [x.token for x in emitted],
-                                  seq.generator))
-        # positions computed: the n fed in, less the rejected drafts (the tail of the cache is rewritten)
-        seq.num_computed += logits.shape[0] - len(seq.draft) + len(emitted) - 1
+            emitted.append(sampled or sample(logits[-1], seq.params, seq.output_ids + [x.token for x in emitted],
+                                             seq.generator))
+        # positions computed: the tokens fed in, less the rejected drafts (the tail of the cache is rewritten)
+        seq.num_computed += fed - len(seq.draft) + len(emitted) - 1
         seq.draft = []
         out = []
         if not seq.output_ids:  # the prompt is in the cache: the other samples fork from it now

@@ -121,6 +121,45 @@ def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], genera
     return _annotate(token, logits, params)
 
 
+def _plain(params: SamplingParams, vocab: int) -> bool:
+    """Sampling that `batch_sample` does for many rows at once: no penalties, top-k, min-p or logprobs."""
+    return (not params.presence_penalty and not params.frequency_penalty and not params.min_p
+            and not 0 < params.top_k < vocab and not params.logprobs and not params.top_logprobs)
+
+
+def batch_sample(rows: list[tuple[object, Tensor]]) -> dict[int, Sample]:
+    """The next token of many sequences (each with `.params`, `.generator`, `.draft`) in a few tensor
+    ops instead of a dozen per row; keyed by id(seq). Rows with drafts to verify or with penalties,
+    top-k, min-p or logprobs are left to `sample`. Each row stays a function of its own logits and its
+    own generator only (row-wise ops, one uniform per row), so seeded requests keep their outputs."""
+    vocab = rows[0][1].shape[-1] if rows else 0
+    plain = [(seq, lg) for seq, lg in rows if not seq.draft and _plain(seq.params, vocab)]
+    out: dict[int, Sample] = {}
+    greedy = [(seq, lg) for seq, lg in plain if seq.params.greedy]
+    if greedy:
+        for (seq, _), t in zip(greedy, torch.stack([lg for _, lg in greedy]).argmax(-1).tolist()):
+            out[id(seq)] = Sample(t)
+    drawn = [(seq, lg) for seq, lg in plain if not seq.params.greedy]
+    if drawn:
+        logits = torch.stack([lg for _, lg in drawn])
+        temps = torch.tensor([seq.params.temperature for seq, _ in drawn], dtype=torch.float32)[:, None]
+        probs = torch.softmax(logits / temps, dim=-1)
+        top_p = torch.tensor([seq.params.top_p for seq, _ in drawn], dtype=torch.float32)[:, None]
+        if bool((top_p < 1).any()):
+            sorted_p, order = probs.sort(descending=True)
+            drop = ((sorted_p.cumsum(-1) - sorted_p) > top_p) & (top_p < 1)
+            probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+        cdf = probs.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=seq.generator) for seq, _ in drawn])[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1).squeeze(1).tolist()
+        for r, ((seq, _), t) in enumerate(zip(drawn, tokens)):
+            while probs[r, t] == 0:  # the float edge of the cdf
+                t -= 1
+            out[id(seq)] = Sample(t)
+    return out
+
+
 def verify_draft(logits: Tensor, draft: int, draft_probs: Tensor | None, params: SamplingParams,
                  output_ids: list[int], generator: torch.Generator) -> tuple[Sample, bool]:
     """Speculative sampling (Leviathan et al. 2023): accept the draft with probability min(1, p/q), else draw
