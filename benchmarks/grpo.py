@@ -7,7 +7,8 @@ Same exported checkpoint (TRL loads it with `transformers`), task, reward functi
 prompts per step, sampling temperature, completion length, learning rate and loss (DAPO token-level,
 group-scaled advantages, beta = 0, one update per rollout batch). Prints median step seconds of each and
 their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
-parameters x trained tokens + 2 x parameters x rollout tokens at this CPU's measured matmul rate.
+parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32 matmul rate
+(`train_step.matmul_flops`, the reference of the MFU figures too).
 Needs the bench extra: `pip install -e .[bench]` (transformers, trl).
 """
 
@@ -29,19 +30,7 @@ from nanoseek.tasks.rewards import RewardSet
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.loop import TrainConfig
-
-
-def matmul_rate(n: int = 1024, reps: int = 20) -> float:
-    """FLOP/s of a 1024x1024 fp32 matmul, the best of five tries (the CPU is shared and noisy)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * reps / best
+from train_step import matmul_flops  # benchmarks/: the MFU reference all benchmarks share
 
 
 def run_nanoseek(args, out: Path) -> list[dict]:
@@ -134,7 +123,7 @@ def main() -> None:
     active = c.num_active_params(embedding=False)
     trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
     rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
-    floor = (6 * active * trained + 2 * active * rolled) / matmul_rate()
+    floor = (6 * active * trained + 2 * active * rolled) / matmul_flops()
     print(f"checkpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {args.task}, "
           f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")

@@ -115,10 +115,6 @@ class LatentStore:
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
         return n_layers * config.latent_dim * torch.empty((), dtype=dtype).element_size()
 
-    def slots(self, table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
         self.data[:, dst * bs:(dst + 1) * bs] = self.data[:, src * bs:(src + 1) * bs]
@@ -142,8 +138,8 @@ class PagedBatch:
         ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
         q_pos = torch.tensor(starts)[:, None] + torch.arange(s)[None, :]
         valid = torch.arange(s)[None, :] < torch.tensor(lens)[:, None]
-        self.all_valid = bool(valid.all())
-        self.valid_rows = torch.arange(b * s).view(b, s)[valid].to(device)
+        # rows of the flattened [b * s] new latents that are real tokens, not padding (None: all are)
+        self.valid_rows = None if bool(valid.all()) else torch.arange(b * s).view(b, s)[valid].to(device)
         self.new_slots = ctx_slots.gather(1, q_pos.clamp(max=t - 1))[valid].to(device)
         self.ctx_slots = ctx_slots.reshape(-1).to(device)
         self.positions = q_pos.clamp(max=t - 1).to(device)
@@ -156,7 +152,7 @@ class PagedBatch:
     def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
         data = self.store.data[layer]
         new = latent.reshape(-1, latent.shape[-1])
-        if not self.all_valid:
+        if self.valid_rows is not None:
             new = new.index_select(0, self.valid_rows)
         data.index_copy_(0, self.new_slots, new.to(data.dtype))
         context = data.index_select(0, self.ctx_slots).view(*self.shape, -1)

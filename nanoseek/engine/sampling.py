@@ -75,13 +75,18 @@ def processed_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         kth = probs.topk(params.top_k).values[..., -1:]
         probs = probs.masked_fill(probs < kth, 0.0)
     if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cum = sorted_p.cumsum(-1)
-        drop_sorted = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
-        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+        probs = _top_p(probs, params.top_p)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0.0)
     return probs / probs.sum(-1, keepdim=True)
+
+
+def _top_p(probs: Tensor, top_p: float | Tensor) -> Tensor:
+    """Zero all but the smallest most-likely prefix whose mass reaches top_p, per row of [..., V]
+    (`top_p` a number, or one per row as [R, 1])."""
+    sorted_p, order = probs.sort(descending=True)
+    drop_sorted = sorted_p.cumsum(-1) - sorted_p > top_p
+    return probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
 
 
 @dataclass
@@ -93,12 +98,19 @@ class Sample:
 
 def draw(probs: Tensor, generator: torch.Generator) -> int:
     """Inverse-CDF draw from probs [V] with one uniform from the request's own generator."""
+    return _inverse_cdf(probs[None], [generator])[0]
+
+
+def _inverse_cdf(probs: Tensor, generators: list[torch.Generator]) -> list[int]:
+    """One token per row of probs [R, V], each row drawn with one uniform from its own generator."""
     cdf = probs.cumsum(-1)
-    u = torch.rand((), generator=generator) * cdf[-1]
-    token = int(torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1))
-    while probs[token] == 0:  # the float edge of the cdf
-        token -= 1
-    return token
+    u = torch.stack([torch.rand((), generator=g) for g in generators])[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(1).tolist()
+    for r, t in enumerate(tokens):
+        while probs[r, t] == 0:  # the float edge of the cdf
+            t -= 1
+        tokens[r] = t
+    return tokens
 
 
 def _annotate(token: int, logits: Tensor, params: SamplingParams) -> Sample:
@@ -141,21 +153,13 @@ def batch_sample(rows: list[tuple[object, Tensor]]) -> dict[int, Sample]:
             out[id(seq)] = Sample(t)
     drawn = [(seq, lg) for seq, lg in plain if not seq.params.greedy]
     if drawn:
-        logits = torch.stack([lg for _, lg in drawn])
         temps = torch.tensor([seq.params.temperature for seq, _ in drawn], dtype=torch.float32)[:, None]
-        probs = torch.softmax(logits / temps, dim=-1)
+        probs = torch.softmax(torch.stack([lg for _, lg in drawn]) / temps, dim=-1)
         top_p = torch.tensor([seq.params.top_p for seq, _ in drawn], dtype=torch.float32)[:, None]
-        if bool((top_p < 1).any()):
-            sorted_p, order = probs.sort(descending=True)
-            drop = ((sorted_p.cumsum(-1) - sorted_p) > top_p) & (top_p < 1)
-            probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+        if bool((top_p < 1).any()):  # rows at 1.0 keep everything, as in `processed_probs`
+            probs = _top_p(probs, top_p.masked_fill(top_p >= 1, float("inf")))
         probs = probs / probs.sum(-1, keepdim=True)
-        cdf = probs.cumsum(-1)
-        u = torch.stack([torch.rand((), generator=seq.generator) for seq, _ in drawn])[:, None] * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1).squeeze(1).tolist()
-        for r, ((seq, _), t) in enumerate(zip(drawn, tokens)):
-            while probs[r, t] == 0:  # the float edge of the cdf
-                t -= 1
+        for (seq, _), t in zip(drawn, _inverse_cdf(probs, [seq.generator for seq, _ in drawn])):
             out[id(seq)] = Sample(t)
     return out
 

@@ -403,7 +403,8 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
-            return _streaming(gen, _chat_stream(server, gen, head), {**head, "object": "chat.completion.chunk"}, req)
+            head["object"] = "chat.completion.chunk"
+            return _streaming(gen, _chat_stream(server, gen, head), head, req)
         await gen.finish(request)
         choices = []
         for i, c in enumerate(gen.choices):
@@ -429,7 +430,8 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         gen = Generation(server, ids, params, in_reasoning=False)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
-            return _streaming(gen, _completion_stream(server, gen, head), {**head, "object": "text_completion"}, req)
+            head["object"] = "text_completion"
+            return _streaming(gen, _completion_stream(server, gen, head), head, req)
         await gen.finish(request)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)}
@@ -447,7 +449,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIterator[str]:
     """SSE chunks: the role, then `reasoning_content` deltas, then `content` deltas, finish."""
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
-        return _sse({**head, "object": "chat.completion.chunk", "choices": [
+        return _sse({**head, "choices": [
             {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
     for i in range(len(gen.choices)):
@@ -469,7 +471,7 @@ async def _completion_stream(server: Server, gen: Generation, head: dict) -> Asy
     async for d in gen.deltas():
         logprobs = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
         offsets[d.index] += len(d.text)
-        yield _sse({**head, "object": "text_completion", "choices": [
+        yield _sse({**head, "choices": [
             {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]})
 
 
