@@ -55,7 +55,7 @@ def yarn_correction_range(config: ModelConfig) -> tuple[float, float]:
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
-    """Inverse frequencies of the rope dims and the factor applied to cos/sin (1.0 for V3).
+    """Inverse frequencies of the rope dims and the factor applied to the rotations (1.0 for V3).
 
     YaRN blends interpolated (freq / factor) and original frequencies with a linear ramp over the
     correction range; the attention temperature goes into `softmax_scale`, not here.
@@ -90,14 +90,14 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]); the result is laid out as [evens | odds].
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by multiplying them, as complex numbers, with `freqs`.
 
-    The output layout is a fixed permutation of the interleaved one, applied to q and k alike, so dot
-    products (and therefore attention) are unchanged. x: [..., S, H, rope]; cos/sin: [..., S, 1, rope/2].
+    One complex multiply instead of a dozen real ops (as DeepSeek's reference does); computed in fp32.
+    x: [..., S, H, rope]; freqs: complex [..., S, 1, rope/2] from `DeepSeekV3.rope`.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
 # ---- the latent KV cache protocol ------------------------------------------------------------------
@@ -166,7 +166,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
 
-    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(q_nope [B,S,H,nope], rotated q_pe [B,S,H,rope], latent [B,S,rank+rope]).
 
         The latent [c_kv (normed) | rotated k_pe] is what the cache stores.
@@ -178,15 +178,15 @@ class MLA(nn.Module):
             q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope).split([self.nope, self.rope], -1)
         c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin), latent
+        return q_nope, apply_rope(q_pe, freqs), latent
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None,
+    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """`mask` [B, 1, S, S] (True = attend) replaces the causal mask, e.g. to keep packed documents apart."""
         b, s, _ = x.shape
-        q_nope, q_pe, latent = self._project(x, cos, sin)
+        q_nope, q_pe, latent = self._project(x, freqs)
         if cache is not None:
             context, mask = cache.update(self.layer_idx, latent)
             return self.o_proj(self._absorbed(q_nope, q_pe, context, mask).reshape(b, s, -1))
@@ -275,10 +275,28 @@ class Gate(nn.Module):
         return weights * self.scaling, idx, scores
 
 
+def _probe_grouped_mm() -> bool:
+    """torch._grouped_mm runs every expert's matmul in one call; it has a CPU kernel from torch 2.9 on."""
+    try:
+        torch._grouped_mm(torch.ones(2, 8), torch.ones(2, 8, 8), offs=torch.tensor([1, 2], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+GROUPED_MM_CPU = _probe_grouped_mm()
+
+
+def grouped_linear(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """x [N, in] with rows grouped by expert, w [E, out, in], offs [E] int32 end row of each group -> [N, out]."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not know this op: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
-
-    PADDED_MAX_SLOTS = 256  # inference with at most this many (token, expert) pairs: `_padded_experts`
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -297,24 +315,10 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat)
         flat_idx = idx.reshape(-1)
         counts = torch.bincount(flat_idx, minlength=self.n_experts)
-        # group the (token, slot) pairs by expert so each active expert runs one matmul
-        order = flat_idx.argsort(stable=True)
+        order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         token = order // self.top_k
         xs = flat[token]
-        if flat_idx.numel() <= self.PADDED_MAX_SLOTS and not torch.is_grad_enabled() \
-                and self.expert_linear is F.linear:
-            ys = self._padded_experts(xs, flat_idx[order], counts)
-        else:
-            # split/unbind, not slicing: their backward is one concatenation instead of a full-size
-            # zero gradient per expert
-            gate_up, down = self.experts.gate_up.unbind(0), self.experts.down.unbind(0)
-            outs = []
-            for e, chunk in enumerate(xs.split(counts.tolist())):
-                if chunk.shape[0]:
-                    g, u = self.expert_linear(chunk, gate_up[e]).chunk(2, dim=-1)
-                    outs.append(self.expert_linear(F.silu(g) * u, down[e]))
-            ys = torch.cat(outs)
-        ys = ys * weights.reshape(-1)[order, None].to(xs.dtype)
+        ys = self._experts(xs, counts) * weights.reshape(-1)[order, None].to(xs.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, ys)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -323,14 +327,21 @@ class MoE(nn.Module):
             stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))
         return out.view(b, s, d)
 
-    def _padded_experts(self, xs: Tensor, expert: Tensor, counts: Tensor) -> Tensor:
-        """All experts in two batched matmuls over a zero-padded [experts, busiest load, d] buffer.
-        For decoding, where a step routes a few dozen tokens: one bmm beats a dozen tiny matmuls."""
-        rank = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]
-        buf = xs.new_zeros(self.n_experts, int(counts.max()), xs.shape[-1])
-        buf[expert, rank] = xs
-        g, u = torch.bmm(buf, self.experts.gate_up.transpose(1, 2)).chunk(2, dim=-1)
-        return torch.bmm(F.silu(g) * u, self.experts.down.transpose(1, 2))[expert, rank]
+    def _experts(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """Every routed expert's SwiGLU over its rows of xs (grouped by expert, counts [E] rows each)."""
+        gate_up, down = self.experts.gate_up, self.experts.down
+        if GROUPED_MM_CPU and xs.device.type == "cpu" and self.expert_linear is F.linear:
+            offs = counts.cumsum(0).to(torch.int32)
+            g, u = grouped_linear(xs, gate_up, offs).chunk(2, dim=-1)
+            return grouped_linear(F.silu(g) * u, down, offs)
+        # one matmul per active expert; split/unbind, not slicing: their backward is one concatenation
+        # instead of a full-size zero gradient per expert
+        outs = []
+        for chunk, gu, dn in zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0)):
+            if chunk.shape[0]:
+                g, u = self.expert_linear(chunk, gu).chunk(2, dim=-1)
+                outs.append(self.expert_linear(F.silu(g) * u, dn))
+        return torch.cat(outs)
 
     def _balance_loss(self, scores: Tensor, idx: Tensor) -> Tensor:
         """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (alpha applied by the trainer)."""
@@ -351,9 +362,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LatentCacheLike | None = None,
+    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
                 stats: RouterStats | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        x = x + self.self_attn(self.input_layernorm(x), freqs, cache, mask)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -376,11 +387,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h: Tensor, next_emb: Tensor, cos: Tensor, sin: Tensor,  # type: ignore[override]
+    def forward(self, h: Tensor, next_emb: Tensor, freqs: Tensor,  # type: ignore[override]
                 cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
                 mask: Tensor | None = None) -> Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, cache, stats, mask)
+        return super().forward(x, freqs, cache, stats, mask)
 
 
 class Backbone(nn.Module):
@@ -445,11 +456,11 @@ class DeepSeekV3(nn.Module):
             if isinstance(m, Gate):
                 m.e_score_correction_bias.zero_()
 
-    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin [.., S, 1, rope/2] for integer positions [S] or [B, S]."""
-        freqs = positions.float()[..., None] * self.inv_freq
-        cos, sin = freqs.cos() * self.rope_attn_factor, freqs.sin() * self.rope_attn_factor
-        return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
+    def rope(self, positions: Tensor) -> Tensor:
+        """Complex rotations [.., S, 1, rope/2] (magnitude: the YaRN attention factor) for integer
+        positions [S] or [B, S]."""
+        angles = positions.float()[..., None, None] * self.inv_freq
+        return torch.polar(torch.full_like(angles, self.rope_attn_factor), angles)
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
                       cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
@@ -469,9 +480,9 @@ class DeepSeekV3(nn.Module):
             start = cache.length if isinstance(cache, LatentCache) else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        freqs = self.rope(positions)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, stats, mask)
+            x = layer(x, freqs, cache, stats, mask)
         if isinstance(cache, LatentCache):
             cache.advance(input_ids.shape[1])
         return self.model.norm(x)
@@ -498,8 +509,7 @@ class DeepSeekV3(nn.Module):
                 if s - k <= 0:
                     break
                 emb = self.model.embed_tokens(input_ids[:, k:])
-                cos, sin = self.rope(pos[..., : s - k], hidden.dtype)
-                h = module(h[:, : s - k], emb, cos, sin, None, stats,
+                h = module(h[:, : s - k], emb, self.rope(pos[..., : s - k]), None, stats,
                            None if mask is None else mask[..., : s - k, : s - k])
                 out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
         if stats is not None and stats.load:

@@ -172,13 +172,33 @@ def test_mtp_speculation_greedy_identical(model):
     assert spec_llm.blocks.num_free == len(spec_llm.blocks.ref)
 
 
+def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model):
+    """Every draft is the argmax of `model(ids, mtp=True)`'s MTP logits at the last position, through
+    rejections (the MTP cache slots past a rejected draft are rewritten) and batches of mixed lengths."""
+    llm = LLM(model, block_size=4, speculative=True)
+    draft, checked = llm._draft, []
+
+    def spy(seqs, *rest):
+        draft(seqs, *rest)
+        for seq in seqs:
+            if seq.draft:
+                with torch.no_grad():
+                    logits = model(torch.tensor([seq.tokens]), mtp=True).mtp_logits[0][0, -1]
+                assert logits[seq.draft[0]] >= logits.max() - 1e-4
+                checked.append(seq.draft[0])
+
+    llm._draft = spy
+    llm.generate(prompts(5, seed=3), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert len(checked) >= 5 * 10 and llm.spec_stats["accepted"] < llm.spec_stats["drafted"]  # rejections seen
+
+
 def test_mtp_speculation_with_perfect_drafts_emits_two_tokens_per_step(model):
     """Oracle drafts (the true next tokens) are all accepted: half the steps, same output, exact cache."""
     p = [3, 1, 4, 1, 5]
     ref = naive_greedy(model, p, 20)
     llm = LLM(model, block_size=4, speculative=True)
 
-    def oracle(seqs, starts, hidden):
+    def oracle(seqs, starts, hidden, cache):
         for s in seqs:
             if not s.finished and s.num_computed == len(s.tokens) - 1 and len(s.output_ids) < len(ref):
                 s.draft = [ref[len(s.output_ids)]]

@@ -110,9 +110,9 @@ def test_mtp_logits_follow_the_definition():
     assert len(out.mtp_logits) == 1 and out.mtp_logits[0].shape == (2, 9, c.vocab_size)
     mtp = m.mtp[0]
     pos = torch.arange(9)
-    cos, sin = m.rope(pos, torch.float32)
+    freqs = m.rope(pos)
     x = mtp.eh_proj(torch.cat([mtp.enorm(m.model.embed_tokens(ids[:, 1:])), mtp.hnorm(out.hidden[:, :9])], -1))
-    h = x + mtp.self_attn(mtp.input_layernorm(x), cos, sin)
+    h = x + mtp.self_attn(mtp.input_layernorm(x), freqs)
     h = h + mtp.mlp(mtp.post_attention_layernorm(h))
     torch.testing.assert_close(out.mtp_logits[0], m.lm_head(mtp.shared_head.norm(h)))
 

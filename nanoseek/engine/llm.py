@@ -160,7 +160,7 @@ class LLM:
         return self.scheduler.has_work()
 
     # ---- one engine step -----------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper per op than no_grad; nothing a step makes is ever differentiated
     def step(self) -> list[StreamDelta]:
         """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
         batch = self.scheduler.schedule()
@@ -168,9 +168,11 @@ class LLM:
         for rows in ([(s, 1 + len(s.draft)) for s in batch.decodes], batch.prefills):
             if not rows:
                 continue
-            starts = [seq.num_computed for seq, _ in rows]
-            hidden = self._hidden([seq for seq, _ in rows], starts,  # decodes feed their drafts too
-                                  [(seq.tokens + seq.draft)[st:st + n] for (seq, n), st in zip(rows, starts)])
+            seqs = [seq for seq, _ in rows]
+            starts = [seq.num_computed for seq in seqs]
+            tokens = [(seq.tokens + seq.draft)[st:st + n] for (seq, n), st in zip(rows, starts)]  # decodes feed drafts
+            cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, [n for _, n in rows], self.model.device)
+            hidden = self.model.hidden_states(self._ids(tokens), cache.positions, cache)
             emitting = []  # (row, seq, tokens fed): sequences that reached their end this step
             for i, (seq, n) in enumerate(rows):
                 if seq.num_computed + n < len(seq.tokens):  # a prefill chunk short of the end
@@ -184,50 +186,42 @@ class LLM:
                 fast = batch_sample([(seq, lg[-1]) for (_, seq, _), lg in zip(emitting, logits)])
                 for (_, seq, n), lg in zip(emitting, logits):
                     deltas += self._emit(seq, lg, n, fast.get(id(seq)))
-            for seq, _ in rows:
+            for seq in seqs:
                 if not seq.finished:
                     self.scheduler.seal(seq)
             if self.speculative:
-                self._draft([seq for seq, _ in rows], starts, hidden)
+                self._draft(seqs, starts, hidden, cache)
         return deltas
 
-    def _hidden(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]],
-                mtp_inputs: Tensor | None = None) -> Tensor:
-        """Hidden states [B, S, d] of each sequence's `tokens` at positions from `starts`, through the
-        main model, or (given mtp_inputs [B, S, d]) through the first MTP module."""
-        lens = [len(t) for t in tokens]
-        ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+    def _ids(self, tokens: list[list[int]]) -> Tensor:
+        """Token lists as one zero-padded [B, S] tensor on the model's device."""
+        ids = torch.zeros(len(tokens), max(len(t) for t in tokens), dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, :len(t)] = torch.tensor(t)
-        device = self.model.device
-        ids = ids.to(device)
-        cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, lens, device)
-        if mtp_inputs is None:
-            return self.model.hidden_states(ids, cache.positions, cache)
-        cos, sin = self.model.rope(cache.positions, mtp_inputs.dtype)
-        return self.model.mtp[0](mtp_inputs, self.model.model.embed_tokens(ids), cos, sin, cache)
+        return ids.to(self.model.device)
 
-    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor) -> None:
-        """MTP (V3 report §2.2): fill the MTP layer's cache at the positions just computed, from
-        (h_i, token_{i+1}), and draft the next-next token of every decoding sequence."""
-        live = [(i, seq) for i, seq in enumerate(seqs) if not seq.finished and seq.num_computed > starts[i]]
-        if not live:
-            return
-        counts = [seq.num_computed - starts[i] for i, seq in live]
-        inputs = torch.stack([torch.nn.functional.pad(hidden[i, :c], (0, 0, 0, max(counts) - c))
-                              for (i, _), c in zip(live, counts)])
-        h = self._hidden([seq for _, seq in live], [starts[i] for i, _ in live],
-                         [seq.tokens[starts[i] + 1:seq.num_computed + 1] for i, seq in live], inputs)
+    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor, cache: PagedBatch) -> None:
+        """MTP (V3 report §2.2): fill the MTP layer's cache at the positions the main forward just
+        computed, from (h_i, token_{i+1}), and draft the next-next token of every decoding sequence.
+
+        It reuses the main forward's batch view: a position past a rejected draft (or past the end) gets
+        a placeholder next token, and its slot is rewritten next step, as the main layers' slots are."""
+        s = hidden.shape[1]
+        nexts = [(seq.tokens + [0] * s)[st + 1:st + 1 + s] for seq, st in zip(seqs, starts)]
         mtp = self.model.mtp[0]
-        for row, ((_, seq), c) in enumerate(zip(live, counts)):
-            if seq.num_computed != len(seq.tokens) - 1:
-                continue  # still prefilling: nothing to draft yet
-            logits = apply_penalties(self.model.lm_head(mtp.shared_head.norm(h[row, c - 1])).float().cpu(),
-                                     seq.output_ids, seq.params)
+        h = mtp(hidden, self.model.model.embed_tokens(self._ids(nexts)), self.model.rope(cache.positions), cache)
+        rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
+                if not seq.finished and seq.num_computed == len(seq.tokens) - 1]
+        if not rows:
+            return
+        last = torch.stack([h[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
+        logits = self.model.lm_head(mtp.shared_head.norm(last)).float().cpu()
+        for (_, seq), lg in zip(rows, logits):
+            lg = apply_penalties(lg, seq.output_ids, seq.params)
             if seq.params.greedy:
-                seq.draft, seq.draft_probs = [int(logits.argmax())], None
+                seq.draft, seq.draft_probs = [int(lg.argmax())], None
             else:
-                seq.draft_probs = processed_probs(logits, seq.params)
+                seq.draft_probs = processed_probs(lg, seq.params)
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
 
     def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None = None) -> list[StreamDelta]:
