@@ -44,10 +44,11 @@ def median_tps(records: list[dict], skip: int = 3) -> float:
 def bare_step_tps(steps: int, batch: int, seq: int) -> float:
     """The core issue's bare step (forward + backward + AdamW) on the same model, with MTP and balance loss."""
     from nanoseek import DeepSeekV3, ModelConfig
+    from nanoseek.train.loop import make_optimizer
     torch.manual_seed(0)
     cfg = ModelConfig.preset("small")
     m = DeepSeekV3(cfg).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = make_optimizer(m, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     times = []
     for i in range(steps):

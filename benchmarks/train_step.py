@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import DeepSeekV3, ModelConfig, save_model
+from nanoseek.train.loop import make_optimizer
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
@@ -33,7 +34,7 @@ def matmul_flops(n: int = 1024, reps: int = 20) -> float:
 
 
 def make_step(model, logits_of):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # the trainer's, for both
 
     def step(ids):
         logits = logits_of(model, ids[:, :-1])
@@ -68,24 +69,25 @@ def main() -> None:
     for run in runners.values():
         run(ids)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
+    peaks = []  # the matmul rate is measured in every round too: a shared CPU drifts within seconds
     for _ in range(args.steps):
+        peaks.append(matmul_flops(reps=5))
         for name, run in runners.items():  # interleaved so machine noise hits both alike
             t = time.perf_counter()
             run(ids)
             times[name].append(time.perf_counter() - t)
-    peak = matmul_flops()
     tokens = args.batch * args.seq
-    flops_per_token = cfg.train_flops_per_token(args.seq)
+    step_flops = tokens * cfg.train_flops_per_token(args.seq)
     print(f"preset {args.preset}: {cfg.num_params() / 1e6:.2f}M params, {cfg.num_active_params() / 1e6:.2f}M active, "
           f"batch {args.batch} x {args.seq}, {torch.get_num_threads()} threads")
-    print(f"1024x1024 fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"1024x1024 fp32 matmul: {statistics.median(peaks) / 1e9:.1f} GFLOP/s (median of the rounds)")
     print(f"{'impl':<14}{'step s (median)':>16}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU vs matmul':>15}")
     tps = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med
-        print(f"{name:<14}{med:>16.3f}{tps[name]:>12.0f}{tps[name] * flops_per_token / 1e9:>10.1f}"
-              f"{tps[name] * flops_per_token / peak:>15.1%}")
+        mfu = statistics.median(step_flops / t / p for t, p in zip(ts, peaks))  # each step against its round's rate
+        print(f"{name:<14}{med:>16.3f}{tps[name]:>12.0f}{step_flops / med / 1e9:>10.1f}{mfu:>15.1%}")
     if "transformers" in tps:
         print(f"speed-up nanoseek / transformers: {tps['nanoseek'] / tps['transformers']:.2f}x")
 

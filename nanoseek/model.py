@@ -317,8 +317,8 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_idx, minlength=self.n_experts)
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         token = order // self.top_k
-        xs = flat[token]
-        ys = self._experts(xs, counts) * weights.reshape(-1)[order, None].to(xs.dtype)
+        xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
+        ys = self._experts(xs, counts) * weights.reshape(-1).index_select(0, order)[:, None].to(xs.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, ys)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -135,6 +135,17 @@ def checkpoint_dirs(out: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
 
 
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only. Fused (one kernel over all parameters): 4x cheaper than
+    foreach on CPU for the small preset; FSDP's sharded parameters take the foreach path."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+
 class Trainer:
     """Runs `steps` optimizer steps of `loss_fn(step, micro) -> (loss, metrics)` over `model`.
 
@@ -151,12 +162,8 @@ class Trainer:
             apply_fp8(model)
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, foreach=True)
-        self.wrapped = self._wrap(model)
+        self.wrapped = self._wrap(model)  # first: FSDP2 swaps the parameters for sharded ones
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay, fused=not cfg.fsdp)
         self.step = 0
         self._stop = False
         self.metrics_path = self.out / "metrics.jsonl"
