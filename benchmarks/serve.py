@@ -99,12 +99,13 @@ def build_model(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 @contextmanager
-def server_process(path: str, concurrency: int, max_pending: int, threads: int | None):
+def server_process(path: str, concurrency: int, max_pending: int, threads: int | None, batched_tokens: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", path, "--port", str(port),
                              "--max-concurrency", str(concurrency), "--max-queue", str(max_pending),
+                             "--max-num-batched-tokens", str(batched_tokens),
                              "--log-level", "warning", *(["--threads", str(threads)] if threads else [])],
                             stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -131,10 +132,11 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--system-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3, help="alternating engine / server runs (medians)")
+    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="per engine step, engine and server alike")
     ap.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
     args = ap.parse_args()
     path, _tmp = build_model(args)
-    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=2048)
+    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=args.max_batched_tokens)
     vocab = llm.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
@@ -149,7 +151,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     c = args.concurrency
     engine, served = [], {1: [], c: []}
-    with server_process(path, c, args.requests, args.server_threads) as url:
+    with server_process(path, c, args.requests, args.server_threads, args.max_batched_tokens) as url:
         # a shared CPU drifts by tens of percent within minutes: alternate the runs, compare medians
         for _ in range(args.rounds):
             t = time.perf_counter()

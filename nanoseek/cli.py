@@ -165,8 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # the engine thread's torch ops and the HTTP event loop share the CPU: leave the loop a core of its
     # own, or every stall of the loop also stalls all of torch's worker threads at their next barrier
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, cache_memory_mb=args.cache_memory_mb,
-              speculative=args.speculative)
+    llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
+              cache_memory_mb=args.cache_memory_mb, speculative=args.speculative)
     app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_pending=args.max_concurrency + args.max_queue)
     print(f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/")
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--served-model-name", default="nanoseek")
     p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="tokens one engine step may compute (prefill chunks + decodes)")
     p.add_argument("--cache-memory-mb", type=float, default=256)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
