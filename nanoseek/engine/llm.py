@@ -175,7 +175,7 @@ class LLM:
             hidden = self.model.hidden_states(self._ids(tokens), cache.positions, cache)
             emitting = []  # (row, seq, tokens fed): sequences that reached their end this step
             for i, (seq, n) in enumerate(rows):
-                if seq.num_computed + n < len(seq.tokens):  # a prefill chunk short of the end
+                if seq.num_computed + n < seq.num_tokens:  # a prefill chunk short of the end
                     seq.num_computed += n
                 else:
                     emitting.append((i, seq, n))
@@ -195,10 +195,8 @@ class LLM:
 
     def _ids(self, tokens: list[list[int]]) -> Tensor:
         """Token lists as one zero-padded [B, S] tensor on the model's device."""
-        ids = torch.zeros(len(tokens), max(len(t) for t in tokens), dtype=torch.long)
-        for i, t in enumerate(tokens):
-            ids[i, :len(t)] = torch.tensor(t)
-        return ids.to(self.model.device)
+        width = max(len(t) for t in tokens)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.model.device)
 
     def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor, cache: PagedBatch) -> None:
         """MTP (V3 report §2.2): fill the MTP layer's cache at the positions the main forward just
@@ -211,7 +209,7 @@ class LLM:
         mtp = self.model.mtp[0]
         h = mtp(hidden, self.model.model.embed_tokens(self._ids(nexts)), self.model.rope(cache.positions), cache)
         rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
-                if not seq.finished and seq.num_computed == len(seq.tokens) - 1]
+                if not seq.finished and seq.num_computed == seq.num_tokens - 1]
         if not rows:
             return
         last = torch.stack([h[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
@@ -275,7 +273,7 @@ class LLM:
                 seq.top_logprobs.append(s.top_logprobs)
             if (not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
             if seq.finished:
                 break

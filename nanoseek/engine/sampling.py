@@ -105,11 +105,11 @@ def _inverse_cdf(probs: Tensor, generators: list[torch.Generator]) -> list[int]:
     """One token per row of probs [R, V], each row drawn with one uniform from its own generator."""
     cdf = probs.cumsum(-1)
     u = torch.stack([torch.rand((), generator=g) for g in generators])[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(1).tolist()
-    for r, t in enumerate(tokens):
-        while probs[r, t] == 0:  # the float edge of the cdf
-            t -= 1
-        tokens[r] = t
+    picked = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+    tokens = picked.squeeze(1).tolist()
+    for r in (probs.gather(1, picked)[:, 0] == 0).nonzero()[:, 0].tolist():  # the float edge of the cdf
+        while probs[r, tokens[r]] == 0:
+            tokens[r] -= 1
     return tokens
 
 

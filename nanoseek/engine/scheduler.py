@@ -49,12 +49,16 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.tokens) - 1 or not self.admitted
+        return self.num_computed < self.num_tokens - 1 or not self.admitted
 
 
 @dataclass
@@ -81,15 +85,15 @@ class Scheduler:
         decodes: list[Sequence] = []
         budget = self.max_batched_tokens
         for seq in list(self.running):
-            if seq not in self.running or seq.prefilling:
+            if seq.prefilling:  # (a preempted sequence is no longer admitted: prefilling again)
                 continue
-            need = len(seq.tokens) + self.num_draft  # slots for the last token and the drafts
+            need = seq.num_tokens + self.num_draft  # slots for the last token and the drafts
             while not self.blocks.grow(seq.table, need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq in self.running:
+            if seq.admitted:  # not the victim of its own growth
                 decodes.append(seq)
                 budget -= 1 + self.num_draft
         prefills: list[tuple[Sequence, int]] = []
@@ -120,7 +124,7 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq's prompt(+output) to compute now, with cache room for them; 0 if none fit."""
-        n = min(len(seq.tokens) - seq.num_computed, budget)
+        n = min(seq.num_tokens - seq.num_computed, budget)
         while n > 0 and not self.blocks.grow(seq.table, seq.num_computed + n):
             n -= self.blocks.block_size
         return max(n, 0)
