@@ -64,7 +64,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, beta=args.beta,
                      ref_reset_every=args.ref_reset_every, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
-                     mu=args.mu, minibatches=args.minibatches, dynamic_sampling=args.dynamic_sampling,
+                     mu=args.mu, micro_batch_size=args.micro_batch_size, dynamic_sampling=args.dynamic_sampling,
                      mask_truncated=args.mask_truncated, format_weight=args.format_weight,
                      consistency_weight=args.consistency_weight,
                      overlong_cache=args.overlong_cache, eval_every=args.eval_every, eval_problems=args.eval_problems,
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
     p.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="dapo")
     p.add_argument("--mu", type=int, default=1, help="updates per rollout batch")
-    p.add_argument("--minibatches", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
     p.add_argument("--dynamic-sampling", action="store_true")
     p.add_argument("--mask-truncated", action="store_true")
     p.add_argument("--format-weight", type=float, default=0.1)

@@ -42,6 +42,10 @@ def test_policy_loss_against_float64(loss_type):
     want = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), cfg)
     assert got.item() == pytest.approx(want, rel=1e-10)
     assert stats["kl"] >= 0 and 0 < stats["clip_low_frac"] + stats["clip_high_frac"] < 1
+    # in unequal micro-batches (4 + 2 rows), each divided by 2 as gradient accumulation does: the same loss
+    batch = (n, int(mask.sum()), 2)
+    parts = [policy_loss(logp[r], old[r], ref[r], adv[r], mask[r], cfg, batch)[0] / 2 for r in (slice(0, 4), slice(4, 6))]
+    assert sum(parts).item() == pytest.approx(want, rel=1e-10)
 
 
 def test_gradient_is_zero_when_all_rewards_equal():
@@ -94,7 +98,7 @@ def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     from nanoseek.train.grpo import GRPOTrainer
     from nanoseek.train.loop import TrainConfig
     cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, eval_every=2,
-                     eval_problems=4, eval_k=2, beta=0.01, mu=2, minibatches=2)
+                     eval_problems=4, eval_k=2, beta=0.01, mu=2, micro_batch_size=10)
     trainer = GRPOTrainer(tiny_base, cfg, TrainConfig(steps=4, lr=1e-3, warmup=1), tmp_path / "rl")
     assert trainer.llm.model is trainer.model  # the engine holds the policy itself, not a copy
     trainer.train(progress=False)

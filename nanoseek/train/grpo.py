@@ -45,7 +45,7 @@ class GRPOConfig:
     scale_rewards: str = "group"  # group | batch | none
     loss_type: str = "dapo"  # grpo | dapo | dr_grpo
     mu: int = 1  # optimizer updates per rollout batch
-    minibatches: int = 1  # gradient-accumulation chunks per update
+    micro_batch_size: int = 64  # sequences per forward/backward; an update accumulates over the rollout
     dynamic_sampling: bool = False
     mask_truncated: bool = False
     format_weight: float = 0.1
@@ -65,8 +65,8 @@ class GRPOConfig:
             raise ValueError(f"scale_rewards: must be group, batch or none, got {self.scale_rewards!r}")
         if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
             raise ValueError(f"loss_type: must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
-        if self.mu < 1 or self.minibatches < 1:
-            raise ValueError("mu and minibatches must be >= 1")
+        if self.mu < 1 or self.micro_batch_size < 1:
+            raise ValueError("mu and micro_batch_size must be >= 1")
         get_task(self.task)  # unknown task: error before any training
 
 
@@ -82,8 +82,13 @@ def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4) 
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
-                cfg: GRPOConfig) -> tuple[Tensor, dict]:
-    """Clipped surrogate minus beta x k3 KL, aggregated per `loss_type`; tensors are [N, T] (adv [N])."""
+                cfg: GRPOConfig, batch: tuple[int, int, int] | None = None) -> tuple[Tensor, dict]:
+    """Clipped surrogate minus beta x k3 KL, aggregated per `loss_type`; tensors are [N, T] (adv [N]).
+
+    `batch` = (rows, completion tokens, parts) of the whole rollout batch when these tensors are one of
+    its `parts` micro-batches: the loss is then normalised by the whole batch, so that the micro-batches'
+    losses, each divided by `parts` (as gradient accumulation does), add up to the whole batch's exactly.
+    """
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
@@ -94,12 +99,13 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
         kl = torch.exp(d) - d - 1
         per_token = per_token + cfg.beta * kl
     mask = mask.to(logp.dtype)
+    rows, tokens, parts = batch or (mask.shape[0], int(mask.sum()), 1)
     if cfg.loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() * parts / rows
     elif cfg.loss_type == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = (per_token * mask).sum() * parts / max(tokens, 1)
     else:
-        loss = (per_token * mask).sum() / (mask.shape[0] * cfg.max_new_tokens)
+        loss = (per_token * mask).sum() * parts / (rows * cfg.max_new_tokens)
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
         stats = {"kl": float((kl * mask).sum() / n),
@@ -152,7 +158,8 @@ class GRPOTrainer:
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
         # every rollout of a step decodes in one batch
         self.llm = LLM(self.model, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size))
-        tc.grad_accum = cfg.minibatches
+        rows = cfg.prompts_per_step // self.d.world * cfg.group_size  # rollout sequences on this rank
+        tc.grad_accum = -(-rows // cfg.micro_batch_size)  # micro-batches per update
         run_config = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "eval_problems", "eval_k")}
         self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config)
         self.rollout: Rollout | None = None
@@ -242,14 +249,18 @@ class GRPOTrainer:
                     self.rollout.ref_logp = token_logprobs(self.ref, self.rollout, slice(None), cfg.temperature)[0]
         r = self.rollout
         t0 = time.perf_counter()
-        n = r.ids.shape[0]
-        chunk = -(-n // cfg.minibatches)
-        rows = slice(micro * chunk, min((micro + 1) * chunk, n))
+        n, size = r.ids.shape[0], cfg.micro_batch_size
+        rows = slice(micro * size, min((micro + 1) * size, n))
+        if rows.start >= n:  # dynamic sampling kept fewer groups: this micro-batch counts for nothing
+            rows = slice(n - 1, n)
         logp, entropy = token_logprobs(self.trainer.wrapped, r, rows, cfg.temperature, with_entropy=True)
         entropy = entropy.detach()
         old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
         ref = r.ref_logp[rows] if r.ref_logp is not None else None
-        loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg)
+        batch = (n, int(r.mask.sum()), self.tc.grad_accum)
+        loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg, batch)
+        if micro * size >= n:
+            loss = loss * 0
         m = r.mask[rows].float()
         stats["entropy"] = float((entropy * m).sum() / m.sum().clamp(min=1))
         stats["update_seconds"] = time.perf_counter() - t0
