@@ -276,7 +276,8 @@ class Gate(nn.Module):
 
 
 def _probe_grouped_mm() -> bool:
-    """torch._grouped_mm runs every expert's matmul in one call; it has a CPU kernel from torch 2.9 on."""
+    """torch._grouped_mm runs every expert's matmul in one call; older torch builds lack it (or its CPU
+    kernel), and then the experts run one matmul each."""
     try:
         torch._grouped_mm(torch.ones(2, 8), torch.ones(2, 8, 8), offs=torch.tensor([1, 2], dtype=torch.int32))
         return True
