@@ -134,7 +134,7 @@ class PagedBatch:
         nblk = -(-t // bs)
         # a handful of tensor ops whatever the batch size: the block tables padded into one tensor, then
         # the slot of every context position and of every new token read off it
-        table = torch.tensor([tb[:nblk] + [0] * (nblk - len(tb[:nblk])) for tb in tables], dtype=torch.long)
+        table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables], dtype=torch.long)
         ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
         q_pos = torch.tensor(starts)[:, None] + torch.arange(s)[None, :]
         valid = torch.arange(s)[None, :] < torch.tensor(lens)[:, None]

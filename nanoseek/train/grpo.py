@@ -250,17 +250,15 @@ class GRPOTrainer:
         r = self.rollout
         t0 = time.perf_counter()
         n, size = r.ids.shape[0], cfg.micro_batch_size
-        rows = slice(micro * size, min((micro + 1) * size, n))
-        if rows.start >= n:  # dynamic sampling kept fewer groups: this micro-batch counts for nothing
-            rows = slice(n - 1, n)
+        empty = micro * size >= n  # dynamic sampling kept fewer groups: this micro-batch counts for nothing
+        rows = slice(n - 1, n) if empty else slice(micro * size, min((micro + 1) * size, n))
         logp, entropy = token_logprobs(self.trainer.wrapped, r, rows, cfg.temperature, with_entropy=True)
         entropy = entropy.detach()
         old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
         ref = r.ref_logp[rows] if r.ref_logp is not None else None
         batch = (n, int(r.mask.sum()), self.tc.grad_accum)
         loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg, batch)
-        if micro * size >= n:
-            loss = loss * 0
+        loss = loss * 0 if empty else loss
         m = r.mask[rows].float()
         stats["entropy"] = float((entropy * m).sum() / m.sum().clamp(min=1))
         stats["update_seconds"] = time.perf_counter() - t0
