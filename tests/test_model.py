@@ -3,21 +3,23 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import LatentCache, ModelConfig
-from nanoseek.model import Gate, MoE
+from nanoseek.model import MLA, Gate, MoE
 
 from conftest import random_model
 
 
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}])
-def test_absorbed_decoding_matches_ordinary_path(changes):
+@pytest.mark.parametrize("absorb_max_queries", [0, 1, 64])  # all decompressed; chunks only; all absorbed
+def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, monkeypatch):
+    monkeypatch.setattr(MLA, "absorb_max_queries", absorb_max_queries)
     c = ModelConfig.preset("tiny").replace(**changes)
     m = random_model(c)
     ids = torch.randint(0, c.vocab_size, (3, 20))
     with torch.no_grad():
         full = m(ids)
         cache = LatentCache(c, batch=3, max_len=32)
-        chunks = [m(ids[:, :7], cache=cache)]  # a prefill chunk, then token by token
-        chunks += [m(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+        chunks = [m(ids[:, :7], cache=cache), m(ids[:, 7:12], cache=cache)]  # prefill chunks, then one by one
+        chunks += [m(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
     assert cache.nbytes_per_token() == (c.num_hidden_layers + 1) * c.latent_dim * 4
 
