@@ -3,9 +3,15 @@ import math
 import pytest
 import torch
 
+from types import SimpleNamespace
+
+from nanoseek import ModelConfig
+from nanoseek.engine.llm import CompletionOutput, RequestOutput
 from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import RewardSet, format_reward, overlong_penalty
-from nanoseek.train.grpo import GRPOConfig, advantages, policy_loss
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, advantages, policy_loss, token_logprobs
+
+from conftest import random_model
 
 
 def naive_loss(logp, old, ref, adv, mask, cfg):
@@ -55,6 +61,29 @@ def test_gradient_is_zero_when_all_rewards_equal():
     loss, _ = policy_loss(logp, logp.detach(), None, adv, torch.ones(4, 3, dtype=torch.bool), GRPOConfig())
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros(4, 3))
+
+
+def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
+    """Rows are reordered by length so each micro-batch is cut to its own longest row; every row keeps its
+    group's advantage, and the cut changes no log-prob."""
+    cfg = GRPOConfig(task="addition@2", group_size=2, prompts_per_step=2, mask_truncated=False)
+
+    def group(prompt, completions, rewards):
+        outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
+        return None, RequestOutput("r", prompt, outs, 0), rewards, [{}, {}]
+
+    groups = [group([1, 2, 3], [[4, 5, 6, 7], [8]], [1.0, 0.0]), group([9, 9], [[5, 5], [6, 6, 6]], [0.0, 1.0])]
+    r = GRPOTrainer._pack(SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0)), groups, [1.0, 0.0, 0.0, 1.0], 1.0)
+    # lengths 7, 4, 4, 5 -> rows ordered 4 (reward 0), 4 (reward 0), 5 (reward 1), 7 (reward 1)
+    assert r.lens.tolist() == [4, 4, 5, 7] and r.prompt_lens.tolist() == [3, 2, 2, 3]
+    assert r.ids[0, :4].tolist() == [1, 2, 3, 8] and r.ids[3].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert r.mask.sum(1).tolist() == [1, 2, 3, 4]
+    assert (r.adv > 0).tolist() == [False, False, True, True]
+    model = random_model(ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        whole, _ = token_logprobs(model, r, slice(None), 1.0)
+        cut, _ = token_logprobs(model, r, slice(0, 2), 1.0)  # rows of length 4: a width of 4, not 7
+    torch.testing.assert_close(cut[r.mask[:2]], whole[:2][r.mask[:2]], rtol=1e-5, atol=1e-6)
 
 
 def test_advantage_scalings():

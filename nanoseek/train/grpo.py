@@ -118,6 +118,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
 class Rollout:
     ids: Tensor  # [N, P + T] prompt + completion, right-padded
     prompt_lens: Tensor  # [N]
+    lens: Tensor  # [N] prompt + completion
     mask: Tensor  # [N, T] completion tokens that count in the loss
     adv: Tensor  # [N]
     old_logp: Tensor | None = None  # [N, T]
@@ -127,7 +128,7 @@ class Rollout:
 
 def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
     """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled)."""
-    ids, plens = rollout.ids[rows], rollout.prompt_lens[rows]
+    ids, plens = rollout.ids[rows, : int(rollout.lens[rows].max())], rollout.prompt_lens[rows]
     t = rollout.mask.shape[1]
     logits = model(ids[:, :-1]).float() / temperature
     # gather the positions that predict completion tokens: prompt_len - 1 + j for j < T
@@ -218,14 +219,16 @@ class GRPOTrainer:
                 fmts.append(part.get("format", 0.0))
                 truncated.append(o.finish_reason == "length")
         n, t = len(seqs), max(comps)
+        rw = torch.tensor(rewards)
+        adv = advantages(rw, cfg.group_size, cfg.scale_rewards)  # per group, so before the rows are reordered
+        # rows sorted by length: each micro-batch is then cut to its own longest row, with little padding
+        order = sorted(range(n), key=lambda i: len(seqs[i]))
         ids = torch.zeros(n, max(len(s) for s in seqs), dtype=torch.long)
         mask = torch.zeros(n, t, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
+        for row, i in enumerate(order):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
             if not (cfg.mask_truncated and truncated[i]):
-                mask[i, : comps[i]] = True
-        rw = torch.tensor(rewards)
-        adv = advantages(rw, cfg.group_size, cfg.scale_rewards)
+                mask[row, : comps[i]] = True
         zero_std = float((rw.view(-1, cfg.group_size).std(-1) == 0).float().mean())
         tokens = sum(comps)
         metrics = {"reward_mean": float(rw.mean()), "reward_std": float(rw.std()), "accuracy": sum(accs) / n,
@@ -234,7 +237,8 @@ class GRPOTrainer:
                    "rollout_seconds": rollout_seconds, "rollout_tokens_per_s": tokens / rollout_seconds,
                    "reward_errors": float(self.rewards.errors),
                    "sampled_reward_mean": sum(all_rewards) / len(all_rewards)}
-        return Rollout(ids, torch.tensor(plens), mask, adv, metrics=metrics)
+        return Rollout(ids, torch.tensor([plens[i] for i in order]), torch.tensor([len(seqs[i]) for i in order]),
+                       mask, adv[order], metrics=metrics)
 
     # ---- the update ------------------------------------------------------------------------------
     def loss_fn(self, step: int, micro: int) -> tuple[Tensor, dict]:
