@@ -269,3 +269,41 @@ def test_batch_sample_draws_what_sample_draws():
                SimpleNamespace(params=SamplingParams(temperature=0, logprobs=True), draft=[]),
                SimpleNamespace(params=SamplingParams(temperature=0), draft=[3])]
     assert batch_sample([(r, logits[0]) for r in special]) == {}
+
+
+# ---- text: incremental detokenisation, UTF-8 and stop strings ------------------------------------------
+@pytest.fixture(scope="module")
+def text_llm():
+    """A random model over a byte-level tokenizer whose vocabulary holds partial multi-byte characters."""
+    from nanoseek.tokenizer import train_tokenizer
+    tok = train_tokenizer(["the quick brown fox é ü 😀 jumps over 0123 the lazy dög ñ 🚀"] * 20, 300)
+    torch.manual_seed(3)
+    return LLM(random_model(ModelConfig.preset("tiny").replace(vocab_size=tok.get_vocab_size())), tok)
+
+
+def test_streamed_text_is_the_full_decode_and_never_ends_in_a_broken_character(text_llm):
+    params = SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=0)
+    prompts_ = ["the quick", "é ü", "😀", "fox"]
+    streamed = {}
+    for d in text_llm.stream(prompts_, params):
+        if d.finish_reason is None:
+            assert not d.text.endswith("\ufffd")  # a character split across tokens waits for its last byte
+        streamed[d.request_id] = streamed.get(d.request_id, "") + d.text
+    outs = text_llm.generate(prompts_, params)
+    for out, text in zip(outs, streamed.values()):
+        assert text == out.text == text_llm.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+    assert any(ord(c) > 127 for out in outs for c in out.text)  # multi-byte characters were exercised
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_streamed(text_llm):
+    free = text_llm.generate("the", SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=1))[0]
+    tok = text_llm.tokenizer
+    pieces = [tok.decode([t], skip_special_tokens=False) for t in free.token_ids]
+    # a stop string made of the last character of one token and the first of the next
+    k = next(i for i in range(5, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[k][-1] + pieces[k + 1][0]
+    want = free.text[:free.text.index(stop)]
+    params = SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=1, stop=[stop])
+    deltas = list(text_llm.stream("the", params))
+    assert "".join(d.text for d in deltas) == want == text_llm.generate("the", params)[0].text
+    assert deltas[-1].finish_reason == "stop"

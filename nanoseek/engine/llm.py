@@ -285,19 +285,27 @@ class LLM:
                            seq.top_logprobs[-len(new):] if p.top_logprobs else [], seq.num_cached_prompt)
 
     def _update_text(self, seq: Sequence) -> str:
-        """Detokenise incrementally; hold back broken UTF-8 and a tail that may start a stop string."""
+        """Detokenise incrementally and return the text safe to stream: broken UTF-8 and a tail that may
+        start a stop string are held back.
+
+        Only the new tokens are decoded, with the last complete window before them for context (as vLLM
+        does), so a step costs the same at token 10 and at token 10,000; `text` grows only by whole
+        characters until the sequence finishes."""
         if self.tokenizer is None:
             return ""
-        ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
-        seq.text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        for stop in seq.params.stop:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text, seq.finish_reason = seq.text[:at], "stop"
+        ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids  # no stop token text
+        before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=False)
+        if len(after) > len(before) and (seq.finished or not after.endswith("\ufffd")):
+            start = len(seq.text)
+            seq.text += after[len(before):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            for stop in seq.params.stop:  # only where the new text could complete a stop string
+                at = seq.text.find(stop, max(start - len(stop) + 1, 0))
+                if at >= 0:
+                    seq.text, seq.finish_reason = seq.text[:at], "stop"
         safe = len(seq.text)
         if not seq.finished:
-            while safe > seq.sent_text and seq.text[safe - 1] == "\ufffd":
-                safe -= 1
             for stop in seq.params.stop:
                 for k in range(min(len(stop) - 1, safe - seq.sent_text), 0, -1):
                     if seq.text[safe - k:safe] == stop[:k]:

@@ -40,6 +40,8 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     sent_text: int = 0  # characters already streamed
+    prefix_offset: int = 0  # output tokens [prefix_offset, read_offset) decode to the end of `text`
+    read_offset: int = 0
     draft: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
     draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from
     seq_id: int = field(default_factory=lambda: next(_ids))
