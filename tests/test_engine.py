@@ -307,3 +307,15 @@ def test_stop_string_spanning_tokens_is_cut_and_never_streamed(text_llm):
     deltas = list(text_llm.stream("the", params))
     assert "".join(d.text for d in deltas) == want == text_llm.generate("the", params)[0].text
     assert deltas[-1].finish_reason == "stop"
+
+
+def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
+    """A token like "d\\xc3" completes the stop string "d" and starts a character: the stop counts at once."""
+    from nanoseek.engine.scheduler import Sequence
+    tok = text_llm.tokenizer
+    pieces = {i: tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())}
+    split = next(i for i, p in pieces.items() if len(p) > 1 and p.endswith("\ufffd") and "\ufffd" not in p[:-1])
+    stop = pieces[split][:-1]
+    seq = Sequence("r", 0, [1, 2], SamplingParams(max_tokens=8, stop=[stop]), torch.Generator())
+    seq.output_ids = [split]
+    assert text_llm._update_text(seq) == "" and seq.finish_reason == "stop" and seq.text == ""

@@ -296,14 +296,17 @@ class LLM:
         ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids  # no stop token text
         before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=False)
         after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=False)
-        if len(after) > len(before) and (seq.finished or not after.endswith("\ufffd")):
-            start = len(seq.text)
-            seq.text += after[len(before):]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        if len(after) > len(before):
+            new = after[len(before):]
+            whole = seq.finished or not new.endswith("\ufffd")  # else a character still lacks bytes
+            start, text = len(seq.text), seq.text + (new if whole else new.rstrip("\ufffd"))
             for stop in seq.params.stop:  # only where the new text could complete a stop string
-                at = seq.text.find(stop, max(start - len(stop) + 1, 0))
+                at = text.find(stop, max(start - len(stop) + 1, 0))
                 if at >= 0:
-                    seq.text, seq.finish_reason = seq.text[:at], "stop"
+                    text, seq.finish_reason = text[:at], "stop"
+            if whole or seq.finished:  # a stop string ends the text even before a split character completes
+                seq.text = text
+                seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         safe = len(seq.text)
         if not seq.finished:
             for stop in seq.params.stop:
