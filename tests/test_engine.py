@@ -30,9 +30,11 @@ def prompts(k, seed=0, lo=2, hi=60):
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def test_greedy_matches_naive_recompute(model):
-    llm = LLM(model, block_size=4, max_batched_tokens=32)
-    ps = prompts(4)
+# prefill chunks: all short (absorbed attention); long ones after cached context and padded rows (decompressed)
+@pytest.mark.parametrize("budget,hi", [(32, 60), (100, 150), (256, 60)])
+def test_greedy_matches_naive_recompute(model, budget, hi):
+    llm = LLM(model, block_size=4, max_batched_tokens=budget)
+    ps = prompts(4, hi=hi)
     for p, out in zip(ps, llm.generate(ps, GREEDY)):
         assert out.token_ids == naive_greedy(model, p, 12)
         assert out.outputs[0].finish_reason == "length"
