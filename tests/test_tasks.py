@@ -105,7 +105,10 @@ def test_task_levels_suffix(tmp_path):
     task = get_task("arithmetic@1-2")
     assert task.difficulties == (1, 2)
     assert {task.sample(rng).difficulty for _ in range(50)} == {1, 2}
-    assert get_task("countdown@3,4").difficulties == (3, 4)
+    assert get_task("countdown@3,4").difficulties == (3, 4) == get_task("countdown").difficulties
+    easy = get_task("countdown@2")  # a level beyond the default mix
+    for p in (easy.sample(rng) for _ in range(20)):
+        assert len(p.data["numbers"]) == 2 and easy.score(p, easy.solution(p)) == 1.0
     with pytest.raises(ValueError, match="no difficulty level 9"):
         get_task("arithmetic@2,9")
     with pytest.raises(ValueError, match="unknown task 'nope'"):

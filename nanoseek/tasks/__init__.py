@@ -30,9 +30,10 @@ def get_task(name: str, template: str = "chat") -> Task:
     else:
         raise ValueError(f"task: unknown task {spec!r}; choose from {sorted(TASKS)} or jsonl:PATH")
     if levels is not None:
-        unknown = sorted(set(levels) - set(task.difficulties))
+        known = task.levels or task.difficulties
+        unknown = sorted(set(levels) - set(known))
         if unknown:
-            raise ValueError(f"task: {spec} has no difficulty level {unknown[0]}; its levels are {task.difficulties}")
+            raise ValueError(f"task: {spec} has no difficulty level {unknown[0]}; its levels are {known}")
         task.difficulties = levels
     return task
 

@@ -71,7 +71,8 @@ class Task:
     """Base class: override `make(rng, difficulty)`, `check(problem, answer_text)` and `solution(problem)`."""
 
     name = "task"
-    difficulties: tuple[int, ...] = (1,)
+    difficulties: tuple[int, ...] = (1,)  # what the bare task name draws
+    levels: tuple[int, ...] | None = None  # every level `make` supports, if more than that (`name@LEVELS`)
 
     def __init__(self, template: str = "chat"):
         if template not in ("chat", "r1zero"):

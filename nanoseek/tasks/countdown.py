@@ -58,7 +58,8 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
 
 class Countdown(Task):
     name = "countdown"
-    difficulties = (3, 4)  # how many numbers
+    difficulties = (3, 4)  # how many numbers: TinyZero's
+    levels = (2, 3, 4)  # `countdown@2`: two numbers, a rung below for small models
 
     def make(self, rng: random.Random, difficulty: int) -> Problem:
         while True:
