@@ -30,11 +30,12 @@ def prompts(k, seed=0, lo=2, hi=60):
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-# prefill chunks: all short (absorbed attention); long ones after cached context and padded rows (decompressed)
-@pytest.mark.parametrize("budget,hi", [(32, 60), (100, 150), (256, 60)])
-def test_greedy_matches_naive_recompute(model, budget, hi):
+# prefill chunks: all short (absorbed attention); long ones after cached context, padded rows, and one
+# fresh unpadded prompt (decompressed: masked, then plain causal)
+@pytest.mark.parametrize("budget,hi,n", [(32, 60, 4), (100, 150, 4), (256, 60, 4), (256, 150, 1)])
+def test_greedy_matches_naive_recompute(model, budget, hi, n):
     llm = LLM(model, block_size=4, max_batched_tokens=budget)
-    ps = prompts(4, hi=hi)
+    ps = prompts(n, hi=hi)
     for p, out in zip(ps, llm.generate(ps, GREEDY)):
         assert out.token_ids == naive_greedy(model, p, 12)
         assert out.outputs[0].finish_reason == "length"

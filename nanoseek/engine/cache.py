@@ -148,6 +148,7 @@ class PagedBatch:
         mask[:, :, 0] |= ~valid  # padded queries attend to one slot: no NaN rows
         self.mask = mask.to(device)
         self.shape = (b, t)
+        self.causal = not any(starts) and min(lens) == s
 
     def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
         data = self.store.data[layer]
