@@ -8,7 +8,8 @@ prompts per step, sampling temperature, completion length, learning rate and los
 group-scaled advantages, beta = 0, one update per rollout batch). Prints median step seconds of each and
 their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
 parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32 matmul rate
-(`train_step.matmul_flops`, the reference of the MFU figures too).
+(`train_step.matmul_flops`, the reference of the MFU figures too; the median of timings before, between
+and after the runs).
 Needs the bench extra: `pip install -e .[bench]` (transformers, trl).
 """
 
@@ -107,9 +108,12 @@ def main() -> None:
     args = ap.parse_args()
     if not (Path(args.checkpoint) / "config.json").exists():
         raise SystemExit(f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)")
+    rates = [matmul_flops()]  # the floor's reference, timed around each run: a shared CPU drifts
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_nanoseek(args, Path(tmp) / "nanoseek")
+        rates.append(matmul_flops())
         trl_times, trl_lens = ([], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
+    rates.append(matmul_flops())
     skip = 1  # the first step of each warms up allocators and caches
     step = statistics.median(r["step_seconds"] for r in ours[skip:])
     rollout = statistics.median(r["rollout_seconds"] for r in ours[skip:])
@@ -123,7 +127,7 @@ def main() -> None:
     active = c.num_active_params(embedding=False)
     trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
     rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
-    floor = (6 * active * trained + 2 * active * rolled) / matmul_flops()
+    floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
     print(f"checkpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {args.task}, "
           f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")
