@@ -107,7 +107,7 @@ class LatentCacheLike(Protocol):
     `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns
     (context [B, T, kv_lora_rank + rope], mask [B or 1, S, T] bool, True where attention is allowed).
     `causal` is True when every row's new tokens start at position 0 with no padding (then T == S and
-    the mask is plain causal, which the fused kernel computes in half the time).
+    the mask is plain causal: the fused kernel then skips the masked half of the work).
     """
 
     causal: bool

@@ -322,3 +322,12 @@ def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
     seq = Sequence("r", 0, [1, 2], SamplingParams(max_tokens=8, stop=[stop]), torch.Generator())
     seq.output_ids = [split]
     assert text_llm._update_text(seq) == "" and seq.finish_reason == "stop" and seq.text == ""
+
+
+def test_sequence_window_is_a_slice_of_tokens_and_drafts():
+    from nanoseek.engine.scheduler import Sequence
+    seq = Sequence("r", 0, [1, 2, 3], GREEDY, torch.Generator(), output_ids=[4, 5], draft=[6, 7])
+    whole = seq.tokens + seq.draft
+    for start in range(len(whole) + 1):
+        for n in range(len(whole) + 2 - start):
+            assert seq.window(start, n) == whole[start:start + n]

@@ -65,21 +65,19 @@ class BlockManager:
         table.extend(self._take() for _ in range(max(need, 0)))
         return True
 
-    def seal(self, table: list[int], token_ids: list[int], num_computed: int,
-             done: int = 0, h: int | None = None) -> tuple[int, int | None]:
-        """Register the hashes of blocks now full of computed tokens, from block `done` (whose parent hash
-        is h) on; returns the new (done, h) so each block is hashed once."""
-        if not self.prefix_caching:
-            return done, h
-        for i in range(done, num_computed // self.block_size):
-            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+    def seal(self, table: list[int], token_ids: list[int], done: int = 0,
+             h: int | None = None) -> tuple[int, int | None]:
+        """Register the hashes of the full blocks table[done:] holding `token_ids` (a whole number of
+        blocks; block `done`'s parent hash is h); returns the new (done, h) so each block is hashed once."""
+        full = len(token_ids) // self.block_size
+        for k in range(full if self.prefix_caching else 0):
+            ids = tuple(token_ids[k * self.block_size:(k + 1) * self.block_size])
             h = hash((h, ids))
-            block = table[i]
+            block = table[done + k]
             if self.block_hash[block] is None:
                 self.block_hash[block], self.block_ids[block] = h, ids
                 self.by_hash.setdefault(h, block)
-            done = i + 1
-        return done, h
+        return done + full, h
 
     def reset_hashes(self) -> None:
         """Forget every cached prefix (after a weight update the stored latents are stale)."""

@@ -170,7 +170,7 @@ class LLM:
                 continue
             seqs = [seq for seq, _ in rows]
             starts = [seq.num_computed for seq in seqs]
-            tokens = [(seq.tokens + seq.draft)[st:st + n] for (seq, n), st in zip(rows, starts)]  # decodes feed drafts
+            tokens = [seq.window(st, n) for (seq, n), st in zip(rows, starts)]  # decodes feed their drafts
             cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, [n for _, n in rows], self.model.device)
             hidden = self.model.hidden_states(self._ids(tokens), cache.positions, cache)
             emitting = []  # (row, seq, tokens fed): sequences that reached their end this step
@@ -205,7 +205,7 @@ class LLM:
         It reuses the main forward's batch view: a position past a rejected draft (or past the end) gets
         a placeholder next token, and its slot is rewritten next step, as the main layers' slots are."""
         s = hidden.shape[1]
-        nexts = [(seq.tokens + [0] * s)[st + 1:st + 1 + s] for seq, st in zip(seqs, starts)]
+        nexts = [(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)]  # drafts are spent
         mtp = self.model.mtp[0]
         h = mtp(hidden, self.model.model.embed_tokens(self._ids(nexts)), self.model.rope(cache.positions), cache)
         rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft

@@ -50,6 +50,13 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def window(self, start: int, n: int) -> list[int]:
+        """(tokens + draft)[start:start + n] without building the whole list: a decode step reads only its
+        last token and drafts, so its cost must not grow with the sequence."""
+        p, o, end = len(self.prompt_ids), len(self.output_ids), start + n
+        return (self.prompt_ids[start:end] + self.output_ids[max(start - p, 0):max(end - p, 0)]
+                + self.draft[max(start - p - o, 0):max(end - p - o, 0)])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -146,7 +153,11 @@ class Scheduler:
         self.num_preemptions += 1
 
     def seal(self, seq: Sequence) -> None:
-        seq.sealed = self.blocks.seal(seq.table, seq.tokens, seq.num_computed, *seq.sealed)
+        """Hash the blocks filled since the last call, reading only their tokens (called every step)."""
+        done, bs = seq.sealed[0], self.blocks.block_size
+        full = seq.num_computed // bs
+        if full > done:
+            seq.sealed = self.blocks.seal(seq.table, seq.window(done * bs, (full - done) * bs), *seq.sealed)
 
     def finish(self, seq: Sequence) -> None:
         """Remove seq, keeping its computed blocks findable by later prompts that share them."""
