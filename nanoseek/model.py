@@ -173,22 +173,24 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self._folded: tuple | None = None  # (source weights' identity and versions, wq, wo)
 
-    def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(q_nope [B,S,H,nope], rotated q_pe [B,S,H,rope], latent [B,S,rank+rope]).
+    def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope]).
 
         The latent [c_kv (normed) | rotated k_pe] is what the cache stores.
         """
         if self.q_lora_rank:
             q_a, kv_a = self.fused_a_proj(x).split([self.q_lora_rank, self.kv_rank + self.rope], dim=-1)
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
+            q_in = self.q_a_layernorm(q_a)
         else:
-            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
-        q_nope, q_pe = q.view(*x.shape[:-1], self.n_heads, self.nope + self.rope).split([self.nope, self.rope], -1)
+            q_in, kv_a = x, self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
-        return q_nope, apply_rope(q_pe, freqs), latent
+        return q_in, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+
+    def _q_up(self) -> nn.Linear:
+        return self.q_b_proj if self.q_lora_rank else self.q_proj
 
     # Absorbed attention works on every cached latent per query: the cheapest for decoding and drafts, but
     # for more queries than this it pays to decompress the context once and use the fused kernel.
@@ -197,25 +199,25 @@ class MLA(nn.Module):
     def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """`mask` [B, 1, S, S] (True = attend) replaces the causal mask, e.g. to keep packed documents apart."""
-        b, s, _ = x.shape
-        q_nope, q_pe, latent = self._project(x, freqs)
+        q_in, latent = self._project(x, freqs)
         if cache is None:
-            return self.o_proj(self._decompressed(q_nope, q_pe, latent, mask))
+            return self.o_proj(self._decompressed(q_in, freqs, latent, mask))
         context, mask = cache.update(self.layer_idx, latent)
-        if s > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
+        if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
             mask = None if cache.causal else mask.unsqueeze(1)  # None: plain causal, half the work
-            return self.o_proj(self._decompressed(q_nope, q_pe, context, mask))
-        return self.o_proj(self._absorbed(q_nope, q_pe, context, mask).reshape(b, s, -1))
+            return self.o_proj(self._decompressed(q_in, freqs, context, mask))
+        return self._absorbed(q_in, freqs, context, mask)
 
-    def _decompressed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+    def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
         """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then fused
         attention; mask [B|1, 1, S, T] (True = attend), None for causal with S == T. -> [B, S, H * v]."""
-        b, s, h, _ = q_nope.shape
-        t = latent.shape[1]
+        b, s, _ = q_in.shape
+        h, t = self.n_heads, latent.shape[1]
+        q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
+        q = torch.cat([q[..., : self.nope], apply_rope(q[..., self.nope:], freqs)], dim=-1).transpose(1, 2)
         c_kv, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1).transpose(1, 2)
         pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
         v = F.pad(v, (0, pad)) if pad > 0 else v
@@ -223,25 +225,39 @@ class MLA(nn.Module):
                                            scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2).reshape(b, s, -1)
 
-    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, context: Tensor, mask: Tensor) -> Tensor:
-        """Attention computed in the latent space (REFERENCE §2): W_UK folds into q, W_UV into the output.
+    def _absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """Attention computed in the latent space (REFERENCE §2), for a few queries per row against a cache.
 
-        Because the cache row is [c_kv | k_pe], the scores are one matmul of [q_nope W_UK | q_pe] with it.
-        q_nope [B,S,H,nope], q_pe [B,S,H,rope], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,H,v].
+        W_UK is folded into the query projection and W_UV into o_proj (`absorbed_weights`), so each head's
+        query comes out as [q_nope W_UK | q_pe] and scores are one matmul with the cached [c_kv | k_pe]
+        rows. q_in [B,S,q_in], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,d].
         """
-        b, s, h, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_rank)
-        # heads-first batched matmuls: no broadcasting, so neither weights nor context are copied per row
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(h, b * s, self.nope), w[:, : self.nope])
-        q = torch.cat([q_lat.view(h, b, s, self.kv_rank), q_pe.permute(2, 0, 1, 3)], dim=-1)
-        q = q.transpose(0, 1).reshape(b, h * s, -1)  # [B, H*S, rank+rope]
-        scores = torch.bmm(q, context.transpose(1, 2)).float() * self.scale  # [B, H*S, T]
-        scores = scores.view(b, h, s, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).to(q.dtype).view(b, h * s, -1)
-        o_lat = torch.bmm(probs, context[..., : self.kv_rank])  # [B, H*S, rank]
-        o_lat = o_lat.view(b, h, s, self.kv_rank).transpose(0, 1).reshape(h, b * s, self.kv_rank)
-        o = torch.bmm(o_lat, w[:, self.nope:].transpose(1, 2))  # [H, B*S, v]
-        return o.view(h, b, s, self.v_dim).permute(1, 2, 0, 3)  # [B,S,H,v]
+        b, s, _ = q_in.shape
+        wq, wo = self.absorbed_weights()
+        q = F.linear(q_in, wq).view(b, s, self.n_heads, -1)  # queries ordered (position, head): no transposes
+        q = torch.cat([q[..., : self.kv_rank], apply_rope(q[..., self.kv_rank:], freqs)], dim=-1)
+        scores = torch.bmm(q.view(b, s * self.n_heads, -1), context.transpose(1, 2)).float()  # [B, S*H, T]
+        scores.view(b, s, self.n_heads, -1).masked_fill_(~mask[:, :, None], float("-inf"))
+        o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., : self.kv_rank])  # [B, S*H, rank]
+        return F.linear(o_lat.view(b, s, -1), wo, self.o_proj.bias)
+
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
+        [d, H*rank] with W_UV folded in). Cached, and recomputed when a source weight is replaced or changed
+        in place (its version counter moves; fused optimizers skip that, see `train.loop.make_optimizer`).
+        For inference: no gradient flows through them."""
+        h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank
+        sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
+        key = tuple((w.data_ptr(), w._version) for w in sources)
+        if self._folded is None or self._folded[0] != key:
+            q_w, kv_w, o_w = sources
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in and out of inference
+                kv_w, q_w = kv_w.view(h, nope + v, r), q_w.view(h, nope + rope, -1)
+                q_lat = kv_w[:, :nope].transpose(1, 2) @ q_w[:, :nope]  # [H, rank, q_in]: q_nope -> latent
+                wq = torch.cat([q_lat, q_w[:, nope:]], dim=1).reshape(h * (r + rope), -1) * self.scale
+                wo = (o_w.view(-1, h, v).transpose(0, 1) @ kv_w[:, nope:]).transpose(0, 1).reshape(-1, h * r)
+            self._folded = (key, wq, wo)
+        return self._folded[1], self._folded[2]
 
 
 # ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------

@@ -24,6 +24,32 @@ def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, mon
     assert cache.nbytes_per_token() == (c.num_hidden_layers + 1) * c.latent_dim * 4
 
 
+def test_absorbed_decoding_follows_in_place_weight_updates():
+    """The folded decoding weights are cached: an optimizer step (fused: no version bump of its own) and a
+    plain in-place edit must both reach the next cached forward."""
+    from nanoseek.train.loop import make_optimizer
+    c = ModelConfig.preset("tiny")
+    m = random_model(c)
+    ids = torch.randint(0, c.vocab_size, (2, 6))
+    opt = make_optimizer(m, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def check():
+        with torch.inference_mode():
+            full = m(ids)
+            cache = LatentCache(c, batch=2, max_len=8)
+            steps = [m(ids[:, t:t + 1], cache=cache) for t in range(6)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+    check()
+    m(ids).square().mean().backward()
+    opt.step()
+    check()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.mul_(2)
+    check()
+
+
 def test_gate_bias_changes_choice_not_weights():
     c = ModelConfig.preset("tiny").replace(n_group=1, topk_group=1, num_experts_per_tok=2)
     gate = Gate(c)

@@ -151,7 +151,10 @@ class LLM:
         self._pending_forks.pop(request_id, None)
 
     def reset_prefix_cache(self) -> None:
-        """Call after changing the model's weights in place: cached prompt latents are no longer valid."""
+        """Call after changing the model's weights in place: cached prompt latents are no longer valid,
+        and weights derived from the parameters are refreshed (their version counters are moved, for
+        in-place kernels that do not)."""
+        torch.autograd.graph.increment_version(list(self.model.parameters()))
         self.blocks.reset_hashes()
         for seq in self.scheduler.running + list(self.scheduler.waiting):
             seq.sealed = (1 << 62, None)  # sequences in flight hold stale latents: never share their blocks
