@@ -95,18 +95,40 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path):
     assert r.returncode == 2 and "seq_len" in r.stderr and "Traceback" not in r.stderr
 
 
+def torchrun(*args):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "nanoseek.cli", *args],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def losses(out):
+    return torch.tensor([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()])
+
+
 def test_two_gloo_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*TINY, "--steps", "3", "--batch-size", "4"]
     assert cli("pretrain", *args, "--out", str(one)).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "nanoseek.cli", "pretrain", *args, "--out", str(two)],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(la) == len(lb) == 3
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+    torchrun("pretrain", *args, "--out", str(two))
+    assert len(losses(one)) == len(losses(two)) == 3
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_two_processes_save_resume_and_match_one(tmp_path):
+    """FSDP2 shards parameters and optimizer state: checkpoints and the final model must be gathered whole,
+    and a resumed run must continue exactly, matching one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TINY, "--batch-size", "4", "--save-every", "1"]
+    assert cli("pretrain", *args, "--steps", "4", "--out", str(one)).returncode == 0
+    torchrun("pretrain", *args, "--steps", "2", "--fsdp", "--out", str(two))  # leaves checkpoint step 1
+    torchrun("pretrain", *args, "--steps", "4", "--fsdp", "--resume", "--out", str(two))
+    assert len(losses(two)) == 4
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
+    wa, wb = weights(one), weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("args,msg", [

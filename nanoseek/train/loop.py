@@ -113,19 +113,19 @@ def setup_distributed() -> Dist:
 STATE_FILE = "training_state.safetensors"
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous()
-               for i, st in sd["state"].items() for k, v in st.items() if isinstance(v, Tensor)}
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, Tensor], dict]:
+    """An optimizer state dict keyed by parameter name as flat tensors `optim.<param>.<key>` + JSON meta."""
+    tensors = {f"optim.{name}.{k}": v.detach().cpu().contiguous()
+               for name, st in sd["state"].items() for k, v in st.items() if isinstance(v, Tensor)}
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
+def _optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, Tensor]] = {}
     for name, t in tensors.items():
-        _, i, k = name.split(".", 2)
-        state.setdefault(int(i), {})[k] = t
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        param, k = name.removeprefix("optim.").rsplit(".", 1)
+        state.setdefault(param, {})[k] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -177,15 +177,32 @@ class Trainer:
             return model
         if self.cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
-            for layer in list(model.model.layers) + list(model.mtp):
+            for layer in model.model.layers:  # MTP modules stay with the root: their head norm runs outside them
                 fully_shard(layer)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, broadcast_buffers=False)
 
     # ---- state --------------------------------------------------------------------------------
+    def full_state(self) -> tuple[DeepSeekV3 | None, dict]:
+        """(model, optimizer state keyed by parameter name) with whole tensors on the main rank, (None, {})
+        elsewhere. Every rank must call it: under FSDP the shards are gathered."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
+        model: DeepSeekV3 | None = self.model
+        if self.cfg.fsdp and self.dist.world > 1:
+            state = get_model_state_dict(self.model, options=whole)
+            if self.dist.main:
+                model = DeepSeekV3(self.model.config)
+                model.load_state_dict(state)
+        return (model, optim) if self.dist.main else (None, {})
+
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/step-N atomically (temp dir + rename); keep the newest `keep_checkpoints`."""
+        """Write checkpoints/step-N atomically (temp dir + rename); keep the newest `keep_checkpoints`.
+        Every rank calls it (FSDP gathers the shards); the main rank writes."""
+        model, optim = self.full_state()
         if not self.dist.main:
             return None
         root = self.out / "checkpoints"
@@ -194,8 +211,8 @@ class Trainer:
         tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._write_model(tmp)
-            tensors, meta = _optimizer_tensors(self.optimizer)
+            self._write_model(model, tmp)
+            tensors, meta = _optimizer_tensors(optim)
             tensors["rng.torch"] = torch.get_rng_state()
             meta.update(step=self.step, train_config=asdict(self.cfg), run_config=self.run_config)
             atomic_write(tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)}))
@@ -208,8 +225,8 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _write_model(self, path: Path) -> None:
-        save_model(self.model, path)
+    def _write_model(self, model: DeepSeekV3, path: Path) -> None:
+        save_model(model, path)
         if self.tokenizer_dir:
             copy_tokenizer(self.tokenizer_dir, path)
 
@@ -229,9 +246,11 @@ class Trainer:
         loaded = load_model(ckpt, device=self.dist.device, dtype=None)
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
-        self.model.load_state_dict(loaded.state_dict())
         torch.set_rng_state(tensors.pop("rng.torch"))
-        _load_optimizer(self.optimizer, tensors, meta)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(self.model, self.optimizer, model_state_dict=loaded.state_dict(),  # each rank its shard
+                       optim_state_dict=_optimizer_state(tensors, meta),
+                       options=StateDictOptions(full_state_dict=True))
         self.step = meta["step"]
         self._truncate_metrics()
         return True
@@ -326,7 +345,10 @@ class Trainer:
     def interrupted(self) -> bool:
         return self._stop
 
-    def finish(self) -> None:
-        """The finished model is the output directory itself (HF format + tokenizer)."""
-        if self.dist.main:
-            self._write_model(self.out)
+    def finish(self) -> DeepSeekV3 | None:
+        """The finished model is the output directory itself (HF format + tokenizer). Every rank calls it;
+        the main rank gets the whole model back (for evaluation: under FSDP, `self.model` holds shards)."""
+        model, _ = self.full_state()
+        if model is not None:
+            self._write_model(model, self.out)
+        return model

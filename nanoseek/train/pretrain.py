@@ -214,13 +214,13 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     seconds = time.perf_counter() - t0
     if trainer.interrupted:
         return {"interrupted": True, "step": trainer.step}
-    trainer.finish()
+    whole = trainer.finish()
     summary = {"steps": trainer.step, "seconds": seconds, "params": config.num_params(),
                "active_params": config.num_active_params()}
     if d.main:
         summary.update(_report(out, config, pc, (trainer.step - start_step) * tokens_per_step, seconds))
         if held_out:
-            summary["accuracy"] = _accuracy(model, tok, held_out)
+            summary["accuracy"] = _accuracy(whole, tok, held_out)
         atomic_write_text(out / "pretrain_summary.json", json.dumps(summary, indent=2))
     return summary
 
