@@ -115,6 +115,38 @@ def test_two_gloo_processes_match_one(tmp_path):
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fsdp,whom", [(False, "one rank"), (True, "process group")])
+def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
+    """Ctrl-C in a terminal reaches every process of the group (and torchrun forwards it once more); a
+    SIGINT may also reach one rank only. Either way the ranks agree to stop after the same step and save
+    one checkpoint together, from which the run resumes."""
+    out = tmp_path / "run"
+    extra = ["--fsdp"] if fsdp else []
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    if whom == "one rank":
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(workers[-1]), signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert "interrupted" in stdout, stderr[-3000:]
+    ckpts = list((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "training_state.safetensors").exists()
+    step = int(ckpts[0].name.split("-")[1])
+    torchrun("pretrain", *TINY, "--steps", str(step + 1), "--resume", "--out", str(out), *extra)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 2))
+
+
 def test_fsdp_two_processes_save_resume_and_match_one(tmp_path):
     """FSDP2 shards parameters and optimizer state: checkpoints and the final model must be gathered whole,
     and a resumed run must continue exactly, matching one process."""

@@ -90,6 +90,7 @@ class Dist:
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         if self.world > 1:
+            t = t.to(self.device)  # nccl reduces only GPU tensors
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             if op == "mean":
                 t /= self.world
@@ -281,15 +282,13 @@ class Trainer:
         from tqdm import tqdm
 
         records: list[dict] = []
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.main else None
+        previous = signal.signal(signal.SIGINT, self._on_sigint)  # on every rank: Ctrl-C reaches them all
         # a wall-time budget ends the run before the step count does: no misleading ETA
         bar = tqdm(total=None if self.cfg.max_seconds else self.cfg.steps, initial=self.step,
                    disable=not (progress and self.dist.main), dynamic_ncols=True)
         started = time.perf_counter()
         try:
-            while self.step < self.cfg.steps and not self._stop:
-                if self.cfg.max_seconds and time.perf_counter() - started > self.cfg.max_seconds:
-                    break
+            while self.step < self.cfg.steps and not self._agree_to_stop(started):
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, self.cfg)
                 for g in self.optimizer.param_groups:
@@ -332,13 +331,20 @@ class Trainer:
                     print(f"\ninterrupted: saved {path}; continue with --resume")
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous)
         return records
 
+    def _agree_to_stop(self, started: float) -> bool:
+        """Ctrl-C (seen by any rank) or the wall-time budget. Under torchrun the ranks agree, so that all stop
+        after the same step and save together."""
+        over = bool(self.cfg.max_seconds) and time.perf_counter() - started > self.cfg.max_seconds
+        flags = self.dist.all_reduce(torch.tensor([float(self._stop), float(over)]))
+        self._stop = bool(flags[0] > 0)
+        return self._stop or bool(flags[1] > 0)
+
     def _on_sigint(self, signum, frame) -> None:
-        if self._stop:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
+        if self._stop and self.dist.world == 1:  # a second Ctrl-C: give up at once (torchrun forwards the
+            raise KeyboardInterrupt  # first one again, so under it the workers wait for the agent instead)
         self._stop = True
 
     @property
