@@ -173,7 +173,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
-        self._folded: tuple | None = None  # (source weights' identity and versions, wq, wo)
+        self._folded: tuple | None = None  # (source weights, their versions, (wq, wo))
 
     def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
         """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope]).
@@ -228,36 +228,64 @@ class MLA(nn.Module):
     def _absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         """Attention computed in the latent space (REFERENCE §2), for a few queries per row against a cache.
 
-        W_UK is folded into the query projection and W_UV into o_proj (`absorbed_weights`), so each head's
-        query comes out as [q_nope W_UK | q_pe] and scores are one matmul with the cached [c_kv | k_pe]
-        rows. q_in [B,S,q_in], context [B,T,rank+rope], mask [B|1,S,T] -> [B,S,d].
+        Each head's query becomes [q_nope W_UK | q_pe] (scaled), so scores are one matmul with the cached
+        [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Small models fold W_UK
+        into the query projection and W_UV into o_proj (`folded_weights`). Queries are laid out
+        (position, head), so no transposes are needed. q_in [B,S,q_in], context [B,T,rank+rope], mask
+        [B|1,S,T] -> [B,S,d].
         """
         b, s, _ = q_in.shape
-        wq, wo = self.absorbed_weights()
-        q = F.linear(q_in, wq).view(b, s, self.n_heads, -1)  # queries ordered (position, head): no transposes
-        q = torch.cat([q[..., : self.kv_rank], apply_rope(q[..., self.kv_rank:], freqs)], dim=-1)
-        scores = torch.bmm(q.view(b, s * self.n_heads, -1), context.transpose(1, 2)).float()  # [B, S*H, T]
-        scores.view(b, s, self.n_heads, -1).masked_fill_(~mask[:, :, None], float("-inf"))
-        o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., : self.kv_rank])  # [B, S*H, rank]
-        return F.linear(o_lat.view(b, s, -1), wo, self.o_proj.bias)
+        h, r = self.n_heads, self.kv_rank
+        folded = self.folded_weights()
+        if folded is not None:
+            q = F.linear(q_in, folded[0]).view(b, s, h, r + self.rope)
+            q_lat, q_pe = q[..., :r], q[..., r:]
+        else:
+            w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)
+            q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope) * self.scale
+            q_lat, q_pe = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope]), q[..., self.nope:]
+        q = torch.cat([q_lat, apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
+        scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
+        scores.view(b, s, h, -1).masked_fill_(~mask[:, :, None], float("-inf"))
+        o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
+        if folded is not None:
+            return F.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
+        return self.o_proj(torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope:]).flatten(2))
 
-    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+    # Folding W_UK / W_UV into the projections trades FLOPs for fewer operations: worth it while the folded
+    # weights stay small (the `small` preset: 1.34x the parameters), not for V3 (3.4x: 35B more in all).
+    fold_max_growth = 1.5
+
+    def folded_weights(self) -> tuple[Tensor, Tensor] | None:
         """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
-        [d, H*rank] with W_UV folded in). Cached, and recomputed when a source weight is replaced or changed
-        in place (its version counter moves; fused optimizers skip that, see `train.loop.make_optimizer`).
-        For inference: no gradient flows through them."""
+        [d, H*rank] with W_UV folded in), or None where folding would grow the weights too much.
+
+        Cached; recomputed when a source weight is replaced or changed in place, as its version counter
+        tells (fused optimizers do not move it: `train.loop.make_optimizer` does; edits through `.data`
+        never do). For inference: no gradient flows through them."""
         h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank
         sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        key = tuple((w.data_ptr(), w._version) for w in sources)
-        if self._folded is None or self._folded[0] != key:
-            q_w, kv_w, o_w = sources
-            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in and out of inference
-                kv_w, q_w = kv_w.view(h, nope + v, r), q_w.view(h, nope + rope, -1)
-                q_lat = kv_w[:, :nope].transpose(1, 2) @ q_w[:, :nope]  # [H, rank, q_in]: q_nope -> latent
-                wq = torch.cat([q_lat, q_w[:, nope:]], dim=1).reshape(h * (r + rope), -1) * self.scale
-                wo = (o_w.view(-1, h, v).transpose(0, 1) @ kv_w[:, nope:]).transpose(0, 1).reshape(-1, h * r)
-            self._folded = (key, wq, wo)
-        return self._folded[1], self._folded[2]
+        q_in, d = sources[0].shape[1], sources[2].shape[0]
+        plain = h * (nope + rope) * q_in + d * h * v + h * (nope + v) * r
+        if h * (r + rope) * q_in + d * h * r > self.fold_max_growth * plain:
+            return None
+        if any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
+            return self._fold(*sources)
+        versions = [w._version for w in sources]
+        cached = self._folded
+        if cached is None or cached[1] != versions or any(a is not w for a, w in zip(cached[0], sources)):
+            self._folded = cached = (sources, versions, self._fold(*sources))
+        return cached[2]
+
+    def _fold(self, q_w: Tensor, kv_w: Tensor, o_w: Tensor) -> tuple[Tensor, Tensor]:
+        h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank
+        # plain fp32 tensors, usable in and out of inference mode, whatever autocast is doing
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(q_w.device.type, enabled=False):
+            kv, q = kv_w.float().view(h, nope + v, r), q_w.float().view(h, nope + rope, -1)
+            q_lat = kv[:, :nope].transpose(1, 2) @ q[:, :nope]  # [H, rank, q_in]: q_in -> q_nope W_UK
+            wq = torch.cat([q_lat, q[:, nope:]], dim=1).reshape(h * (r + rope), -1) * self.scale
+            wo = (o_w.float().view(-1, h, v).transpose(0, 1) @ kv[:, nope:]).transpose(0, 1).reshape(-1, h * r)
+        return wq.to(q_w.dtype), wo.to(o_w.dtype)
 
 
 # ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------

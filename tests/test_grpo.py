@@ -142,6 +142,30 @@ def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     assert (tmp_path / "rl" / "accuracy.png").exists() and (tmp_path / "rl" / "tokenizer.json").exists()
 
 
+def test_grpo_resume_continues_exactly(tiny_base, tmp_path):
+    """The MTP layers never train under GRPO (no optimizer state): resuming must still work, and match."""
+    import json
+    from safetensors.torch import load_file
+    from nanoseek.train.grpo import GRPOTrainer
+    from nanoseek.train.loop import TrainConfig
+    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, micro_batch_size=16)
+
+    def run(out, steps, resume=False):
+        tc = TrainConfig(steps=steps, lr=1e-3, warmup=1, min_lr_ratio=1.0, save_every=1)
+        GRPOTrainer(tiny_base, cfg, tc, out).train(resume=resume, progress=False)
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)  # leaves the checkpoint of step 1
+    resumed = run(tmp_path / "b", 3, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "mean_len", "kl", "entropy", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight]))
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], msg=k)
+
+
 def test_grpo_cli_rejects_bad_flags_before_training(tiny_base, tmp_path):
     import subprocess
     import sys

@@ -8,10 +8,12 @@ from nanoseek.model import MLA, Gate, MoE
 from conftest import random_model
 
 
-@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}])
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"attention_bias": True}])
 @pytest.mark.parametrize("absorb_max_queries", [0, 1, 64])  # all decompressed; chunks only; all absorbed
-def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])  # W_UK / W_UV folded into the projections or applied per head
+def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fold, monkeypatch):
     monkeypatch.setattr(MLA, "absorb_max_queries", absorb_max_queries)
+    monkeypatch.setattr(MLA, "fold_max_growth", float("inf") if fold else 0.0)
     c = ModelConfig.preset("tiny").replace(**changes)
     m = random_model(c)
     ids = torch.randint(0, c.vocab_size, (3, 20))
@@ -47,7 +49,9 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.o_proj.weight.mul_(2)
-    check()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # refolded under autocast ...
+        m(ids[:, :1], cache=LatentCache(c, batch=2, max_len=8))
+    check()  # ... must still serve fp32 decoding
 
 
 def test_gate_bias_changes_choice_not_weights():

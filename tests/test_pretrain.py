@@ -72,6 +72,39 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_resume_reads_checkpoints_keyed_by_position(reference_run, tmp_path):
+    """Earlier versions keyed the optimizer state by parameter position: such checkpoints still resume."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from nanoseek.train.loop import STATE_FILE
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "8",
+                             "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000002").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    path = sorted((out / "checkpoints").glob("step-*"))[-1] / STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["json"]), {k: f.get_tensor(k) for k in f.keys()}
+    names = [n for g in meta["param_groups"] for n in g["params"]]
+    old = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            param, key = k.removeprefix("optim.").rsplit(".", 1)
+            old[f"optim.{names.index(param)}.{key}"] = v
+    i = 0
+    for g in meta["param_groups"]:
+        g["params"], i = list(range(i, i + len(g["params"]))), i + len(g["params"])
+    save_file(old, str(path), metadata={"json": json.dumps(meta)})
+    r = cli("pretrain", *TINY, "--steps", "8", "--save-every", "2", "--resume", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(reference_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500",

@@ -121,12 +121,16 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
+def _optimizer_state(tensors: dict[str, Tensor], meta: dict, names: list[str]) -> dict:
+    """Back to a state dict keyed by parameter name; `names` (the optimizer's parameters in order) reads
+    checkpoints of earlier versions, which keyed the state by position."""
     state: dict[str, dict[str, Tensor]] = {}
     for name, t in tensors.items():
         param, k = name.removeprefix("optim.").rsplit(".", 1)
-        state.setdefault(param, {})[k] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
+        state.setdefault(names[int(param)] if param.isdigit() else param, {})[k] = t
+    groups = [{**g, "params": [names[p] if isinstance(p, int) else p for p in g["params"]]}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -248,10 +252,14 @@ class Trainer:
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
         torch.set_rng_state(tensors.pop("rng.torch"))
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(self.model, self.optimizer, model_state_dict=loaded.state_dict(),  # each rank its shard
-                       optim_state_dict=_optimizer_state(tensors, meta),
-                       options=StateDictOptions(full_state_dict=True))
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        # not strict: parameters a run never trains (GRPO leaves the MTP layers alone) have no state
+        set_optimizer_state_dict(self.model, self.optimizer, _optimizer_state(tensors, meta, order),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         self.step = meta["step"]
         self._truncate_metrics()
         return True
@@ -325,7 +333,7 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save_checkpoint()
-            if self._stop:
+            if self._agree_to_stop(started) and self._stop:  # also a Ctrl-C during the last step
                 path = self.save_checkpoint()
                 if self.dist.main:
                     print(f"\ninterrupted: saved {path}; continue with --resume")
@@ -343,8 +351,10 @@ class Trainer:
         return self._stop or bool(flags[1] > 0)
 
     def _on_sigint(self, signum, frame) -> None:
-        if self._stop and self.dist.world == 1:  # a second Ctrl-C: give up at once (torchrun forwards the
-            raise KeyboardInterrupt  # first one again, so under it the workers wait for the agent instead)
+        """Stop after this step and save. A second Ctrl-C gives up at once, except under torchrun, which
+        forwards the first one again and kills its workers 30 s later: saving must fit in that."""
+        if self._stop and self.dist.world == 1:
+            raise KeyboardInterrupt
         self._stop = True
 
     @property

@@ -220,7 +220,7 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     if d.main:
         summary.update(_report(out, config, pc, (trainer.step - start_step) * tokens_per_step, seconds))
         if held_out:
-            summary["accuracy"] = _accuracy(whole, tok, held_out)
+            summary["accuracy"] = _accuracy(whole.to(d.device), tok, held_out)
         atomic_write_text(out / "pretrain_summary.json", json.dumps(summary, indent=2))
     return summary
 
