@@ -195,6 +195,18 @@ def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model):
     assert len(checked) >= 5 * 10 and llm.spec_stats["accepted"] < llm.spec_stats["drafted"]  # rejections seen
 
 
+def test_forked_samples_get_the_prompts_mtp_latents_too(model):
+    """n > 1: the samples fork from the first once its prompt is cached, copying the partial tail block;
+    the MTP layer writes its latents after that (when drafting), and the copy must include them."""
+    llm = LLM(model, block_size=4, speculative=True)
+    llm.add_request(prompts(1, seed=5, lo=7, hi=8)[0], SamplingParams(n=2, temperature=0, max_tokens=4), "r")
+    llm.step()  # the prompt's prefill; the second sample forks
+    parent, child = llm._requests["r"]
+    assert parent.table[0] == child.table[0] and parent.table[1] != child.table[1]  # shared head, copied tail
+    tail = slice(parent.table[1] * 4, parent.table[1] * 4 + 3), slice(child.table[1] * 4, child.table[1] * 4 + 3)
+    torch.testing.assert_close(llm.store.data[:, tail[1]], llm.store.data[:, tail[0]], rtol=0, atol=0)
+
+
 def test_mtp_speculation_with_perfect_drafts_emits_two_tokens_per_step(model):
     """Oracle drafts (the true next tokens) are all accepted: half the steps, same output, exact cache."""
     p = [3, 1, 4, 1, 5]

@@ -97,6 +97,7 @@ class LLM:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._requests: dict[str, list[Sequence]] = {}
         self._pending_forks: dict[str, list[Sequence]] = {}
+        self._fresh_tails: list[tuple[int, Sequence]] = []  # (parent's tail block, child) forked this step
         self._counter = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -194,6 +195,10 @@ class LLM:
                     self.scheduler.seal(seq)
             if self.speculative:
                 self._draft(seqs, starts, hidden, cache)
+                for src, child in self._fresh_tails:  # forked before the draft wrote the MTP layer's latents
+                    if not child.finished:
+                        self.store.copy_block(src, child.table[-1], slice(self.config.num_hidden_layers, None))
+                self._fresh_tails.clear()
         return deltas
 
     def _ids(self, tokens: list[list[int]]) -> Tensor:
@@ -261,6 +266,8 @@ class LLM:
                 self.scheduler.requeue(child)
                 return
             self.store.copy_block(parent.table[full], child.table[full])
+            if self.speculative:
+                self._fresh_tails.append((parent.table[full], child))
         self.scheduler.running.append(child)
 
     def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:
