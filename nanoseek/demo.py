@@ -159,7 +159,7 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
     for b, r in list(zip(base.samples, rl.samples))[:4]:
         lines += [f"**{b['prompt']}**", "", f"- before: `{b['completion'].strip()}` ({'right' if b['correct'] else 'wrong'})",
                   f"- after: `{r['completion'].strip()}` ({'right' if r['correct'] else 'wrong'})", ""]
-    lines += ["Chat with the result: `nanoseek serve runs/demo/rl`", ""]
+    lines += [f"Chat with the result: `nanoseek serve {Path(cfg.out) / 'rl'}`", ""]
     return "\n".join(lines)
 
 

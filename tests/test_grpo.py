@@ -186,6 +186,6 @@ def test_demo_writes_report_and_summary(tmp_path):
     for row in ("base", "rl", "sft_control"):
         assert {"greedy", "pass@1", "mean_len"} <= set(on_disk[row]) and 0 <= on_disk[row]["greedy"] <= 1
     report = (tmp_path / "report.md").read_text()
-    assert "| base (pretrained) |" in report and "nanoseek serve" in report
+    assert "| base (pretrained) |" in report and f"nanoseek serve {tmp_path / 'rl'}" in report  # this run's model
     for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
         assert (tmp_path / f).exists(), f
