@@ -208,6 +208,10 @@ class MLA(nn.Module):
             return self.o_proj(self._decompressed(q_in, freqs, context, mask))
         return self._absorbed(q_in, freqs, context, mask)
 
+    def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
+        """Only write the latents of x's positions to the cache, for positions no query is needed at."""
+        cache.update(self.layer_idx, self._project(x, freqs)[1])
+
     def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
         """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then fused
         attention; mask [B|1, 1, S, T] (True = attend), None for causal with S == T. -> [B, S, H * v]."""
@@ -456,7 +460,15 @@ class MTPLayer(DecoderLayer):
     def forward(self, h: Tensor, next_emb: Tensor, freqs: Tensor,  # type: ignore[override]
                 cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
                 mask: Tensor | None = None) -> Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
+        return self.block(self.combine(h, next_emb), freqs, cache, stats, mask)
+
+    def combine(self, h: Tensor, next_emb: Tensor) -> Tensor:
+        """The layer's input from h_i and the embedding of t_{i+k}."""
+        return self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
+
+    def block(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
+              stats: RouterStats | None = None, mask: Tensor | None = None) -> Tensor:
+        """The decoder layer over an already combined input."""
         return super().forward(x, freqs, cache, stats, mask)
 
 
