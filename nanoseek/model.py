@@ -153,6 +153,11 @@ class LatentCache:
 class MLA(nn.Module):
     """Multi-head latent attention with low-rank q, low-rank kv and a decoupled shared rope key."""
 
+    # Folding W_UK / W_UV into the projections (decoding) trades FLOPs for fewer operations: worth it while
+    # the folded weights stay small (`small`: 1.34x the weights they replace), not for V3 (3.39x; 36B
+    # parameters more over its 62 layers).
+    fold_max_growth = 1.5
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         c = config
@@ -173,6 +178,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        h, r, q_in = self.n_heads, self.kv_rank, c.q_lora_rank or c.hidden_size
+        plain = h * qk * q_in + c.hidden_size * h * self.v_dim + h * (self.nope + self.v_dim) * r
+        self.fold = h * (r + self.rope) * q_in + c.hidden_size * h * r <= self.fold_max_growth * plain
         self._folded: tuple | None = None  # (source weights, their versions, (wq, wo))
 
     def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,10 +264,6 @@ class MLA(nn.Module):
             return F.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
         return self.o_proj(torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope:]).flatten(2))
 
-    # Folding W_UK / W_UV into the projections trades FLOPs for fewer operations: worth it while the folded
-    # weights stay small (the `small` preset: 1.34x the parameters), not for V3 (3.4x: 35B more in all).
-    fold_max_growth = 1.5
-
     def folded_weights(self) -> tuple[Tensor, Tensor] | None:
         """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
         [d, H*rank] with W_UV folded in), or None where folding would grow the weights too much.
@@ -267,12 +271,9 @@ class MLA(nn.Module):
         Cached; recomputed when a source weight is replaced or changed in place, as its version counter
         tells (fused optimizers do not move it: `train.loop.make_optimizer` does; edits through `.data`
         never do). For inference: no gradient flows through them."""
-        h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank
-        sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        q_in, d = sources[0].shape[1], sources[2].shape[0]
-        plain = h * (nope + rope) * q_in + d * h * v + h * (nope + v) * r
-        if h * (r + rope) * q_in + d * h * r > self.fold_max_growth * plain:
+        if not self.fold:
             return None
+        sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
         if any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
             return self._fold(*sources)
         versions = [w._version for w in sources]

@@ -54,16 +54,31 @@ def test_pretrain_writes_a_servable_checkpoint(reference_run):
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "<｜end▁of▁sentence｜>"
 
 
-def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
-    out = tmp_path / "run"
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Poll `ready()` while `proc` runs."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline and proc.poll() is None, "the run ended or stalled first"
+        time.sleep(0.05)
+
+
+def metric_lines(out: Path) -> list[str]:
+    path = out / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def kill_after_checkpoint(out: Path, step: int) -> None:
+    """An 8-step run saving every 2 steps, SIGKILLed once checkpoint `step` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "8",
                              "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000004").exists():
-        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
-        time.sleep(0.05)
+    wait_for(proc, lambda: (out / "checkpoints" / f"step-{step:07d}").exists())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
+    out = tmp_path / "run"
+    kill_after_checkpoint(out, 4)
     r = cli("pretrain", *TINY, "--steps", "8", "--save-every", "2", "--resume", "--out", str(out))
     assert r.returncode == 0, r.stderr
     a, b = weights(reference_run), weights(out)
@@ -78,14 +93,7 @@ def test_resume_reads_checkpoints_keyed_by_position(reference_run, tmp_path):
     from safetensors.torch import save_file
     from nanoseek.train.loop import STATE_FILE
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "8",
-                             "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000002").exists():
-        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(out, 2)
     path = sorted((out / "checkpoints").glob("step-*"))[-1] / STATE_FILE
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = json.loads(f.metadata()["json"]), {k: f.get_tensor(k) for k in f.keys()}
@@ -109,10 +117,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_for(proc, lambda: len(metric_lines(out)) >= 2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
@@ -159,10 +164,7 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
                              "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_for(proc, lambda: len(metric_lines(out)) >= 2)
     if whom == "one rank":
         workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         os.kill(int(workers[-1]), signal.SIGINT)
@@ -171,13 +173,14 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
     try:
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert "interrupted" in stdout, stderr[-3000:]
     ckpts = list((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "training_state.safetensors").exists()
     step = int(ckpts[0].name.split("-")[1])
     torchrun("pretrain", *TINY, "--steps", str(step + 1), "--resume", "--out", str(out), *extra)
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 2))
+    assert [json.loads(x)["step"] for x in metric_lines(out)] == list(range(1, step + 2))
 
 
 def test_fsdp_two_processes_save_resume_and_match_one(tmp_path):

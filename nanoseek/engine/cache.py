@@ -113,9 +113,9 @@ class LatentStore:
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
         return n_layers * config.latent_dim * torch.empty((), dtype=dtype).element_size()
 
-    def copy_block(self, src: int, dst: int, layers: slice = slice(None)) -> None:
+    def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
-        self.data[layers, dst * bs:(dst + 1) * bs] = self.data[layers, src * bs:(src + 1) * bs]
+        self.data[:, dst * bs:(dst + 1) * bs] = self.data[:, src * bs:(src + 1) * bs]
 
 
 class PagedBatch:

@@ -97,7 +97,7 @@ class LLM:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._requests: dict[str, list[Sequence]] = {}
         self._pending_forks: dict[str, list[Sequence]] = {}
-        self._fresh_tails: list[tuple[int, Sequence]] = []  # (parent's tail block, child) forked this step
+        self._tail_copies: list[tuple[int, int, Sequence]] = []  # (parent's tail block, child's, child)
         self._counter = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -195,10 +195,10 @@ class LLM:
                     self.scheduler.seal(seq)
             if self.speculative:
                 self._draft(seqs, starts, hidden, cache)
-                for src, child in self._fresh_tails:  # forked before the draft wrote the MTP layer's latents
-                    if not child.finished:
-                        self.store.copy_block(src, child.table[-1], slice(self.config.num_hidden_layers, None))
-                self._fresh_tails.clear()
+            for src, dst, child in self._tail_copies:  # now that every layer (MTP too) wrote this step's latents
+                if not child.finished:
+                    self.store.copy_block(src, dst)
+            self._tail_copies.clear()
         return deltas
 
     def _ids(self, tokens: list[list[int]]) -> Tensor:
@@ -268,7 +268,8 @@ class LLM:
         return [self._append(seq, emitted)] + out
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
-        """Give child the parent's prompt cache: full blocks shared, the partial tail block copied."""
+        """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end
+        of the forward's step, once the MTP layer has written its latents too)."""
         n = parent.num_computed
         full = n // self.blocks.block_size
         child.table = self.blocks.fork(parent.table[:full])
@@ -277,9 +278,7 @@ class LLM:
             if not self.blocks.grow(child.table, n):  # no room for the tail: recompute this sample later
                 self.scheduler.requeue(child)
                 return
-            self.store.copy_block(parent.table[full], child.table[full])
-            if self.speculative:
-                self._fresh_tails.append((parent.table[full], child))
+            self._tail_copies.append((parent.table[full], child.table[full], child))
         self.scheduler.running.append(child)
 
     def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:

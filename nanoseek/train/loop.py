@@ -174,7 +174,8 @@ class Trainer:
         self.wrapped = self._wrap(model)  # first: FSDP2 swaps the parameters for sharded ones
         self.optimizer = make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay, fused=not cfg.fsdp)
         self.step = 0
-        self._stop = False
+        self._stop = False  # Ctrl-C seen by this process (set by the signal handler only)
+        self._interrupted = False  # ... by any rank, as the ranks agreed
         self.metrics_path = self.out / "metrics.jsonl"
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -333,7 +334,7 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save_checkpoint()
-            if self._agree_to_stop(started) and self._stop:  # also a Ctrl-C during the last step
+            if self._agree_to_stop(started) and self._interrupted:  # also a Ctrl-C during the last step
                 path = self.save_checkpoint()
                 if self.dist.main:
                     print(f"\ninterrupted: saved {path}; continue with --resume")
@@ -347,8 +348,8 @@ class Trainer:
         after the same step and save together."""
         over = bool(self.cfg.max_seconds) and time.perf_counter() - started > self.cfg.max_seconds
         flags = self.dist.all_reduce(torch.tensor([float(self._stop), float(over)]))
-        self._stop = bool(flags[0] > 0)
-        return self._stop or bool(flags[1] > 0)
+        self._interrupted = bool(flags[0] > 0)  # the same on every rank, whenever the signal landed
+        return self._interrupted or bool(flags[1] > 0)
 
     def _on_sigint(self, signum, frame) -> None:
         """Stop after this step and save. A second Ctrl-C gives up at once, except under torchrun, which
@@ -359,7 +360,7 @@ class Trainer:
 
     @property
     def interrupted(self) -> bool:
-        return self._stop
+        return self._interrupted
 
     def finish(self) -> DeepSeekV3 | None:
         """The finished model is the output directory itself (HF format + tokenizer). Every rank calls it;
