@@ -9,6 +9,7 @@ instead of `model.layers.{num_hidden_layers + k}`. `nanoseek.checkpoint` maps be
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -105,9 +106,11 @@ class LatentCacheLike(Protocol):
     """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
 
     `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns
-    (context [B, T, kv_lora_rank + rope], mask [B or 1, S, T] bool, True where attention is allowed).
-    `causal` is True when every row's new tokens start at position 0 with no padding (then T == S and
-    the mask is plain causal: the fused kernel then skips the masked half of the work).
+    (context [B, T, kv_lora_rank + rope], bias): bias [B or 1, S, T] is added to the attention scores (0
+    where attention is allowed, -inf where not), or None when every query sees all T keys. A cache builds
+    it once per forward, not once per layer. `causal` is True when every row's new tokens start at
+    position 0 with no padding (then T == S and the bias is plain causal: the fused kernel then skips the
+    masked half of the work).
     """
 
     causal: bool
@@ -134,9 +137,12 @@ class LatentCache:
         if end > self.data.shape[2]:
             raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
         self.data[layer, :, self.length:end] = latent
+        if s == 1:  # the one query sees everything
+            return self.data[layer, :, :end], None
         q_pos = torch.arange(self.length, end, device=latent.device)
-        mask = q_pos[:, None] >= torch.arange(end, device=latent.device)[None, :]
-        return self.data[layer, :, :end], mask[None]
+        hidden = q_pos[:, None] < torch.arange(end, device=latent.device)[None, :]
+        bias = torch.zeros(s, end, dtype=self.data.dtype, device=latent.device).masked_fill_(hidden, float("-inf"))
+        return self.data[layer, :, :end], bias[None]
 
     @property
     def causal(self) -> bool:
@@ -209,20 +215,24 @@ class MLA(nn.Module):
         """`mask` [B, 1, S, S] (True = attend) replaces the causal mask, e.g. to keep packed documents apart."""
         q_in, latent = self._project(x, freqs)
         if cache is None:
-            return self.o_proj(self._decompressed(q_in, freqs, latent, mask))
-        context, mask = cache.update(self.layer_idx, latent)
+            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None))
+        context, bias = cache.update(self.layer_idx, latent)
         if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
-            mask = None if cache.causal else mask.unsqueeze(1)  # None: plain causal, half the work
-            return self.o_proj(self._decompressed(q_in, freqs, context, mask))
-        return self._absorbed(q_in, freqs, context, mask)
+            if cache.causal:  # plain causal: the kernel skips half the work
+                return self.o_proj(self._decompressed(q_in, freqs, context, None, causal=True))
+            bias = None if bias is None else bias.unsqueeze(1)
+            return self.o_proj(self._decompressed(q_in, freqs, context, bias))
+        return self._absorbed(q_in, freqs, context, bias)
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
         """Only write the latents of x's positions to the cache, for positions no query is needed at."""
         cache.update(self.layer_idx, self._project(x, freqs)[1])
 
-    def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+    def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
+                      causal: bool = False) -> Tensor:
         """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then fused
-        attention; mask [B|1, 1, S, T] (True = attend), None for causal with S == T. -> [B, S, H * v]."""
+        attention; mask [B|1, 1, S, T] (bool, True = attend; or an additive bias) or None, or `causal`
+        (S == T). -> [B, S, H * v]."""
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
         q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
@@ -233,18 +243,20 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1).transpose(1, 2)
         pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
         v = F.pad(v, (0, pad)) if pad > 0 else v
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # a no-op unless the cache's dtype differs from the compute dtype
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=causal,
                                            scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2).reshape(b, s, -1)
 
-    def _absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+    def _absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
         """Attention computed in the latent space (REFERENCE §2), for a few queries per row against a cache.
 
         Each head's query becomes [q_nope W_UK | q_pe] (scaled), so scores are one matmul with the cached
         [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Small models fold W_UK
         into the query projection and W_UV into o_proj (`folded_weights`). Queries are laid out
-        (position, head), so no transposes are needed. q_in [B,S,q_in], context [B,T,rank+rope], mask
-        [B|1,S,T] -> [B,S,d].
+        (position, head), so no transposes are needed. q_in [B,S,q_in], context [B,T,rank+rope], bias
+        [B|1,S,T] or None -> [B,S,d].
         """
         b, s, _ = q_in.shape
         h, r = self.n_heads, self.kv_rank
@@ -258,7 +270,8 @@ class MLA(nn.Module):
             q_lat, q_pe = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope]), q[..., self.nope:]
         q = torch.cat([q_lat, apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
         scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
-        scores.view(b, s, h, -1).masked_fill_(~mask[:, :, None], float("-inf"))
+        if bias is not None:
+            scores.view(b, s, h, -1).add_(bias[:, :, None])
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
         if folded is not None:
             return F.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
@@ -328,16 +341,17 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, d] -> (weights [T, K], expert ids [T, K], sigmoid scores [T, E]); routing in fp32."""
-        with torch.autocast(x.device.type, enabled=False):
+        device = x.device.type  # (entering autocast costs more than a decode step's routing ops: only if on)
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             t, e = biased.shape
             grouped = biased.view(t, self.n_group, e // self.n_group)
             group_score = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
-            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, e)
+            drop = torch.ones_like(group_score, dtype=torch.bool)
+            drop.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, False)
+            biased = grouped.masked_fill(drop[..., None], float("-inf")).view(t, e)
         idx = biased.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
@@ -380,23 +394,37 @@ class MoE(nn.Module):
         self.shared_experts = MLP(d, inter * config.n_shared_experts) if config.n_shared_experts else None
         self.expert_linear = F.linear  # fp8.apply_fp8 swaps in the FP8 matmul
 
+    # A decode step routes a token or two: running just their K experts beats grouping rows by expert (a
+    # sort, a grouped matmul over every expert, a scatter), measured at up to 2 tokens on CPU.
+    direct_max_tokens = 2
+
     def forward(self, x: Tensor, stats: RouterStats | None = None) -> Tensor:
         b, s, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
+        out = self.shared_experts(flat).to(flat.dtype) if self.shared_experts is not None else torch.zeros_like(flat)
+        if stats is None and flat.shape[0] <= self.direct_max_tokens and not torch.is_grad_enabled():
+            for t, (ws, es) in enumerate(zip(weights.tolist(), idx.tolist())):  # inference only: float weights
+                for w, e in zip(ws, es):
+                    out[t:t + 1].add_(self._expert(flat[t:t + 1], self.experts.gate_up[e], self.experts.down[e]),
+                                      alpha=w)
+            return out.view(b, s, d)
         flat_idx = idx.reshape(-1)
         counts = torch.bincount(flat_idx, minlength=self.n_experts)
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         token = order // self.top_k
         xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
         ys = self._experts(xs, counts) * weights.reshape(-1).index_select(0, order)[:, None].to(xs.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token, ys)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        out = out.index_add(0, token, ys)
         if stats is not None:
             stats.load.append(counts)
             stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))
         return out.view(b, s, d)
+
+    def _expert(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+        """One routed expert's SwiGLU over rows x."""
+        g, u = self.expert_linear(x, gate_up).chunk(2, dim=-1)
+        return self.expert_linear(F.silu(g) * u, down)
 
     def _experts(self, xs: Tensor, counts: Tensor) -> Tensor:
         """Every routed expert's SwiGLU over its rows of xs (grouped by expert, counts [E] rows each)."""
@@ -407,12 +435,8 @@ class MoE(nn.Module):
             return grouped_linear(F.silu(g) * u, down, offs)
         # one matmul per active expert; split/unbind, not slicing: their backward is one concatenation
         # instead of a full-size zero gradient per expert
-        outs = []
-        for chunk, gu, dn in zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0)):
-            if chunk.shape[0]:
-                g, u = self.expert_linear(chunk, gu).chunk(2, dim=-1)
-                outs.append(self.expert_linear(F.silu(g) * u, dn))
-        return torch.cat(outs)
+        return torch.cat([self._expert(chunk, gu, dn) for chunk, gu, dn in
+                          zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0)) if chunk.shape[0]])
 
     def _balance_loss(self, scores: Tensor, idx: Tensor) -> Tensor:
         """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (alpha applied by the trainer)."""

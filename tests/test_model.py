@@ -85,13 +85,16 @@ def test_group_limited_routing_keeps_topk_groups():
         assert set((idx[t] // 2).tolist()) <= set(groups[t].tolist())
 
 
-def test_moe_matches_per_token_reference():
+@pytest.mark.parametrize("shape", [(2, 9), (1, 1), (1, 2)])  # decode-sized batches run their experts directly
+@pytest.mark.parametrize("grad", [True, False])
+def test_moe_matches_per_token_reference(shape, grad):
     c = ModelConfig.preset("tiny")
     moe = MoE(c)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(2, 9, c.hidden_size)
-    y = moe(x)
+    x = torch.randn(*shape, c.hidden_size)
+    with torch.set_grad_enabled(grad):
+        y = moe(x)
     flat = x.reshape(-1, c.hidden_size).double()
     w, idx, _ = moe.gate(x.reshape(-1, c.hidden_size))
     ref = torch.zeros_like(flat)

@@ -129,30 +129,32 @@ class PagedBatch:
         self.store = store
         bs, b, s = store.block_size, len(tables), max(lens)
         t = max(st + n for st, n in zip(starts, lens))
+        # the new tokens' positions and slots in Python (B x S numbers); a padded query repeats its row's
+        # last position, so it sees at least one key (no NaN) and its latent is never stored
+        pos = [range(st, st + n) for st, n in zip(starts, lens)]
+        self.new_slots = torch.tensor([tb[p // bs] * bs + p % bs for tb, ps in zip(tables, pos) for p in ps],
+                                      device=device)
+        self.valid_rows = None if min(lens) == s else torch.tensor(  # rows of the flattened [B * S] that are real
+            [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device)
+        q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
+        self.positions = q_pos.to(device)
+        # the slot of every context position: block tables padded into one tensor, a few ops whatever B is
         nblk = -(-t // bs)
-        # a handful of tensor ops whatever the batch size: the block tables padded into one tensor, then
-        # the slot of every context position and of every new token read off it
-        table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables], dtype=torch.long)
-        ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
-        q_pos = torch.tensor(starts)[:, None] + torch.arange(s)[None, :]
-        valid = torch.arange(s)[None, :] < torch.tensor(lens)[:, None]
-        # rows of the flattened [b * s] new latents that are real tokens, not padding (None: all are)
-        self.valid_rows = None if bool(valid.all()) else torch.arange(b * s).view(b, s)[valid].to(device)
-        self.new_slots = ctx_slots.gather(1, q_pos.clamp(max=t - 1))[valid].to(device)
-        self.ctx_slots = ctx_slots.reshape(-1).to(device)
-        self.positions = q_pos.clamp(max=t - 1).to(device)
-        k_pos = torch.arange(t)
-        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, :, None]
-        mask[:, :, 0] |= ~valid  # padded queries attend to one slot: no NaN rows
-        self.mask = mask.to(device)
+        table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables])
+        self.ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t].reshape(-1).to(device)
         self.shape = (b, t)
+        if s == 1 and min(starts) == t - 1:  # one query per row, each seeing the whole context: nothing to mask
+            self.bias = None
+        else:
+            hidden = torch.arange(t)[None, None, :] > q_pos[:, :, None]
+            self.bias = torch.zeros(b, s, t, dtype=store.data.dtype).masked_fill_(hidden, float("-inf")).to(device)
         self.causal = not any(starts) and min(lens) == s
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]:
         data = self.store.data[layer]
         new = latent.reshape(-1, latent.shape[-1])
         if self.valid_rows is not None:
             new = new.index_select(0, self.valid_rows)
         data.index_copy_(0, self.new_slots, new.to(data.dtype))
         context = data.index_select(0, self.ctx_slots).view(*self.shape, -1)
-        return context.to(latent.dtype), self.mask
+        return context.to(latent.dtype), self.bias
