@@ -190,18 +190,17 @@ class MLA(nn.Module):
         self._folded: tuple | None = None  # (source weights, their versions, (wq, wo))
 
     def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-        """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope]).
-
-        The latent [c_kv (normed) | rotated k_pe] is what the cache stores.
-        """
+        """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope])."""
         if self.q_lora_rank:
             q_a, kv_a = self.fused_a_proj(x).split([self.q_lora_rank, self.kv_rank + self.rope], dim=-1)
-            q_in = self.q_a_layernorm(q_a)
-        else:
-            q_in, kv_a = x, self.kv_a_proj_with_mqa(x)
+            return self.q_a_layernorm(q_a), self._latent(kv_a, freqs)
+        return x, self._latent(self.kv_a_proj_with_mqa(x), freqs)
+
+    def _latent(self, kv_a: Tensor, freqs: Tensor) -> Tensor:
+        """What the cache stores, from the kv down-projection: [c_kv (normed) | rotated k_pe]."""
         c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
-        return q_in, torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
 
     def _q_up(self) -> nn.Linear:
         return self.q_b_proj if self.q_lora_rank else self.q_proj
@@ -226,7 +225,8 @@ class MLA(nn.Module):
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
         """Only write the latents of x's positions to the cache, for positions no query is needed at."""
-        cache.update(self.layer_idx, self._project(x, freqs)[1])
+        kv_a = self.fused_a_proj(x)[..., self.q_lora_rank:] if self.q_lora_rank else self.kv_a_proj_with_mqa(x)
+        cache.update(self.layer_idx, self._latent(kv_a, freqs))
 
     def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
                       causal: bool = False) -> Tensor:
