@@ -107,15 +107,15 @@ class LatentCacheLike(Protocol):
 
     `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns
     (context [B, T, kv_lora_rank + rope], bias): bias [B or 1, S, T] is added to the attention scores (0
-    where attention is allowed, -inf where not), or None when every query sees all T keys. A cache builds
-    it once per forward, not once per layer. `causal` is True when every row's new tokens start at
+    where attention is allowed, -inf where not), or None when every query sees all T keys. The engine's
+    cache builds it once per forward, not once per layer. `causal` is True when every row's new tokens start at
     position 0 with no padding (then T == S and the bias is plain causal: the fused kernel then skips the
     masked half of the work).
     """
 
     causal: bool
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]: ...
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]: ...
 
 
 class LatentCache:
@@ -131,18 +131,19 @@ class LatentCache:
         self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
         self.length = 0
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]:
         s = latent.shape[1]
         end = self.length + s
         if end > self.data.shape[2]:
             raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
         self.data[layer, :, self.length:end] = latent
+        context = self.data[layer, :, :end].to(latent.dtype)  # (a no-op unless the cache's dtype differs)
         if s == 1:  # the one query sees everything
-            return self.data[layer, :, :end], None
+            return context, None
         q_pos = torch.arange(self.length, end, device=latent.device)
         hidden = q_pos[:, None] < torch.arange(end, device=latent.device)[None, :]
-        bias = torch.zeros(s, end, dtype=self.data.dtype, device=latent.device).masked_fill_(hidden, float("-inf"))
-        return self.data[layer, :, :end], bias[None]
+        bias = torch.zeros(s, end, dtype=latent.dtype, device=latent.device).masked_fill_(hidden, float("-inf"))
+        return context, bias[None]
 
     @property
     def causal(self) -> bool:
@@ -220,7 +221,7 @@ class MLA(nn.Module):
             if cache.causal:  # plain causal: the kernel skips half the work
                 return self.o_proj(self._decompressed(q_in, freqs, context, None, causal=True))
             bias = None if bias is None else bias.unsqueeze(1)
-            return self.o_proj(self._decompressed(q_in, freqs, context, bias))
+            return self.o_proj(self._decompressed(q_in, freqs, context, bias, causal=False))
         return self._absorbed(q_in, freqs, context, bias)
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
@@ -229,7 +230,7 @@ class MLA(nn.Module):
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
 
     def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
-                      causal: bool = False) -> Tensor:
+                      causal: bool) -> Tensor:
         """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then fused
         attention; mask [B|1, 1, S, T] (bool, True = attend; or an additive bias) or None, or `causal`
         (S == T). -> [B, S, H * v]."""

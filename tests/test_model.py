@@ -109,6 +109,36 @@ def test_moe_matches_per_token_reference(shape, grad):
     torch.testing.assert_close(y.reshape(-1, c.hidden_size).double(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
+def test_moe_direct_path_matches_grouped_path_in_low_precision(dtype, fp8, monkeypatch):
+    """The decode-sized direct path (float routing weights, in-place adds into the shared experts' output)
+    against the grouped path on the same tokens, in bf16 and with FP8 expert matmuls."""
+    from nanoseek.fp8 import apply_fp8
+    c = ModelConfig.preset("tiny")
+    m = random_model(c).to(dtype)
+    if fp8:
+        apply_fp8(m)
+    moe = m.model.layers[1].mlp
+    x = torch.randn(1, 2, c.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        direct = moe(x)
+        monkeypatch.setattr(MoE, "direct_max_tokens", 0)
+        grouped = moe(x)
+    assert direct.dtype == grouped.dtype == dtype
+    torch.testing.assert_close(direct, grouped, rtol=2e-2, atol=2e-2)
+
+
+def test_latent_cache_of_another_dtype_serves_an_fp32_model():
+    c = ModelConfig.preset("tiny")
+    m = random_model(c)
+    ids = torch.randint(0, c.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = m(ids)
+        cache = LatentCache(c, batch=2, max_len=8, dtype=torch.bfloat16)
+        steps = [m(ids[:, :2], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=5e-2, atol=5e-2)
+
+
 def test_router_stats_and_balance_loss_against_float64():
     c = ModelConfig.preset("tiny")
     m = random_model(c)
