@@ -105,17 +105,18 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
 class LatentCacheLike(Protocol):
     """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
 
-    `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns
-    (context [B, T, kv_lora_rank + rope], bias): bias [B or 1, S, T] is added to the attention scores (0
-    where attention is allowed, -inf where not), or None when every query sees all T keys. The engine's
-    cache builds it once per forward, not once per layer. `causal` is True when every row's new tokens start at
-    position 0 with no padding (then T == S and the bias is plain causal: the fused kernel then skips the
-    masked half of the work).
+    `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns the
+    context [B, T, kv_lora_rank + rope]. `bias` [B or 1, S, T] is added to the attention scores (0 where
+    attention is allowed, -inf where not), or None when every query sees all T keys; it is the same for
+    every layer of a forward, and is only read where needed. `causal` is True when every row's new tokens
+    start at position 0 with no padding (then T == S and the bias is plain causal: the fused kernel then
+    skips the masked half of the work, and never needs the bias).
     """
 
     causal: bool
+    bias: Tensor | None
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def update(self, layer: int, latent: Tensor) -> Tensor: ...
 
 
 class LatentCache:
@@ -130,20 +131,26 @@ class LatentCache:
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
         self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
         self.length = 0
+        self._new = 0  # tokens of the forward in progress
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]:
+    def update(self, layer: int, latent: Tensor) -> Tensor:
         s = latent.shape[1]
         end = self.length + s
         if end > self.data.shape[2]:
             raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
         self.data[layer, :, self.length:end] = latent
-        context = self.data[layer, :, :end].to(latent.dtype)  # (a no-op unless the cache's dtype differs)
-        if s == 1:  # the one query sees everything
-            return context, None
-        q_pos = torch.arange(self.length, end, device=latent.device)
-        hidden = q_pos[:, None] < torch.arange(end, device=latent.device)[None, :]
-        bias = torch.zeros(s, end, dtype=latent.dtype, device=latent.device).masked_fill_(hidden, float("-inf"))
-        return context, bias[None]
+        self._new = s
+        return self.data[layer, :, :end].to(latent.dtype)  # (a no-op unless the cache's dtype differs)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Causal over the tokens of the forward in progress (a single query sees everything)."""
+        s, end = self._new, self.length + self._new
+        if s == 1:
+            return None
+        k = torch.arange(end, device=self.data.device)
+        hidden = k[self.length:, None] < k[None, :]
+        return torch.zeros(1, s, end, device=self.data.device).masked_fill_(hidden, float("-inf"))
 
     @property
     def causal(self) -> bool:
@@ -216,13 +223,14 @@ class MLA(nn.Module):
         q_in, latent = self._project(x, freqs)
         if cache is None:
             return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None))
-        context, bias = cache.update(self.layer_idx, latent)
+        context = cache.update(self.layer_idx, latent)
         if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
             if cache.causal:  # plain causal: the kernel skips half the work
                 return self.o_proj(self._decompressed(q_in, freqs, context, None, causal=True))
-            bias = None if bias is None else bias.unsqueeze(1)
-            return self.o_proj(self._decompressed(q_in, freqs, context, bias, causal=False))
-        return self._absorbed(q_in, freqs, context, bias)
+            bias = cache.bias
+            return self.o_proj(self._decompressed(q_in, freqs, context, None if bias is None else bias.unsqueeze(1),
+                                                  causal=False))
+        return self._absorbed(q_in, freqs, context, cache.bias)
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
         """Only write the latents of x's positions to the cache, for positions no query is needed at."""

@@ -343,3 +343,19 @@ def test_sequence_window_is_a_slice_of_tokens_and_drafts():
     for start in range(len(whole) + 1):
         for n in range(len(whole) + 2 - start):
             assert seq.window(start, n) == whole[start:start + n]
+
+
+def test_causal_prefill_never_builds_the_attention_bias(model):
+    """A fresh prompt longer than the absorbed path's limit attends with the kernel's causal mode: the
+    [B, S, T] bias (4 MB for 1000 tokens) must not be built. A chunk after cached context needs it."""
+    from nanoseek.engine.cache import LatentStore, PagedBatch
+    from nanoseek.model import MLA
+    store = LatentStore(model.config, num_blocks=16, block_size=16, dtype=torch.float32)
+    n = MLA.absorb_max_queries + 10
+    fresh = PagedBatch(store, [list(range(8))], [0], [n])
+    with torch.no_grad():
+        model.hidden_states(torch.randint(0, model.config.vocab_size, (1, n)), fresh.positions, fresh)
+        assert "bias" not in vars(fresh)
+        later = PagedBatch(store, [list(range(8))], [n], [n])
+        model.hidden_states(torch.randint(0, model.config.vocab_size, (1, n)), later.positions, later)
+    assert later.bias is not None and bool(later.bias[0, 0, n + 1:].isinf().all()) and later.bias[0, 0, :n + 1].eq(0).all()

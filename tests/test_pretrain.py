@@ -133,15 +133,17 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path):
     assert r.returncode == 2 and "seq_len" in r.stderr and "Traceback" not in r.stderr
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek.cli"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+
+
 def torchrun(*args):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "nanoseek.cli", *args],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def losses(out):
-    return torch.tensor([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()])
+    return torch.tensor([json.loads(x)["loss"] for x in metric_lines(out)])
 
 
 def test_two_gloo_processes_match_one(tmp_path):
@@ -160,10 +162,9 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
     one checkpoint together, from which the run resumes."""
     out = tmp_path / "run"
     extra = ["--fsdp"] if fsdp else []
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    proc = subprocess.Popen([*TORCHRUN, "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD,
+                            start_new_session=True)
     wait_for(proc, lambda: len(metric_lines(out)) >= 2)
     if whom == "one rank":
         workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()

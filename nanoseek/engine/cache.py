@@ -8,6 +8,7 @@ reused least-recently-freed first, so a popular prefix survives as long as memor
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -136,25 +137,30 @@ class PagedBatch:
                                       device=device)
         self.valid_rows = None if min(lens) == s else torch.tensor(  # rows of the flattened [B * S] that are real
             [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device)
-        q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
-        self.positions = q_pos.to(device)
+        self._q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
+        self.positions = self._q_pos.to(device)
         # the slot of every context position: block tables padded into one tensor, a few ops whatever B is
         nblk = -(-t // bs)
         table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables])
         self.ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t].reshape(-1).to(device)
-        self.shape = (b, t)
-        if s == 1 and min(starts) == t - 1:  # one query per row, each seeing the whole context: nothing to mask
-            self.bias = None
-        else:
-            hidden = torch.arange(t)[None, None, :] > q_pos[:, :, None]
-            self.bias = torch.zeros(b, s, t, dtype=store.data.dtype).masked_fill_(hidden, float("-inf")).to(device)
+        self.shape, self.device = (b, t), device
         self.causal = not any(starts) and min(lens) == s
+        self._sees_all = s == 1 and min(starts) == t - 1  # one query per row, each seeing the whole context
 
-    def update(self, layer: int, latent: Tensor) -> tuple[Tensor, Tensor | None]:
+    @functools.cached_property
+    def bias(self) -> Tensor | None:
+        """Built on first use, once for every layer (a causal prefill chunk never asks for it)."""
+        if self._sees_all:
+            return None
+        (b, s), t = self._q_pos.shape, self.shape[1]
+        hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
+        return torch.zeros(b, s, t, dtype=self.store.data.dtype).masked_fill_(hidden, float("-inf")).to(self.device)
+
+    def update(self, layer: int, latent: Tensor) -> Tensor:
         data = self.store.data[layer]
         new = latent.reshape(-1, latent.shape[-1])
         if self.valid_rows is not None:
             new = new.index_select(0, self.valid_rows)
         data.index_copy_(0, self.new_slots, new.to(data.dtype))
         context = data.index_select(0, self.ctx_slots).view(*self.shape, -1)
-        return context.to(latent.dtype), self.bias
+        return context.to(latent.dtype)

@@ -114,6 +114,12 @@ def setup_distributed() -> Dist:
 STATE_FILE = "training_state.safetensors"
 
 
+def _state_dict_api():
+    """torch.distributed.checkpoint's whole/sharded state-dict helpers, imported on use (about 1 s)."""
+    from torch.distributed.checkpoint import state_dict
+    return state_dict
+
+
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, Tensor], dict]:
     """An optimizer state dict keyed by parameter name as flat tensors `optim.<param>.<key>` + JSON meta."""
     tensors = {f"optim.{name}.{k}": v.detach().cpu().contiguous()
@@ -190,25 +196,29 @@ class Trainer:
         return DistributedDataParallel(model, broadcast_buffers=False)
 
     # ---- state --------------------------------------------------------------------------------
-    def full_state(self) -> tuple[DeepSeekV3 | None, dict]:
-        """(model, optimizer state keyed by parameter name) with whole tensors on the main rank, (None, {})
-        elsewhere. Every rank must call it: under FSDP the shards are gathered."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
-        model: DeepSeekV3 | None = self.model
-        if self.cfg.fsdp and self.dist.world > 1:
-            state = get_model_state_dict(self.model, options=whole)
-            if self.dist.main:
-                model = DeepSeekV3(self.model.config)
-                model.load_state_dict(state)
-        return (model, optim) if self.dist.main else (None, {})
+    def full_model(self) -> DeepSeekV3 | None:
+        """The model with whole tensors on the main rank, None elsewhere. Every rank must call it: under
+        FSDP the shards are gathered."""
+        if not (self.cfg.fsdp and self.dist.world > 1):
+            return self.model if self.dist.main else None
+        dcp = _state_dict_api()
+        state = dcp.get_model_state_dict(self.model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.main:
+            return None
+        model = DeepSeekV3(self.model.config)
+        model.load_state_dict(state)
+        return model
+
+    def full_optimizer_state(self) -> dict:
+        """The optimizer state keyed by parameter name, whole tensors (gathered like `full_model`)."""
+        dcp = _state_dict_api()
+        return dcp.get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-N atomically (temp dir + rename); keep the newest `keep_checkpoints`.
         Every rank calls it (FSDP gathers the shards); the main rank writes."""
-        model, optim = self.full_state()
+        model, optim = self.full_model(), self.full_optimizer_state()
         if not self.dist.main:
             return None
         root = self.out / "checkpoints"
@@ -253,14 +263,13 @@ class Trainer:
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
         torch.set_rng_state(tensors.pop("rng.torch"))
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
+        dcp = _state_dict_api()
+        dcp.set_model_state_dict(self.model, loaded.state_dict(), options=dcp.StateDictOptions(full_state_dict=True))
         names = {id(p): n for n, p in self.model.named_parameters()}
         order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         # not strict: parameters a run never trains (GRPO leaves the MTP layers alone) have no state
-        set_optimizer_state_dict(self.model, self.optimizer, _optimizer_state(tensors, meta, order),
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        dcp.set_optimizer_state_dict(self.model, self.optimizer, _optimizer_state(tensors, meta, order),
+                                     options=dcp.StateDictOptions(full_state_dict=True, strict=False))
         self.step = meta["step"]
         self._truncate_metrics()
         return True
@@ -297,7 +306,7 @@ class Trainer:
                    disable=not (progress and self.dist.main), dynamic_ncols=True)
         started = time.perf_counter()
         try:
-            while self.step < self.cfg.steps and not self._agree_to_stop(started):
+            while not self._agree_to_stop(started) and self.step < self.cfg.steps:  # asked after the last step too
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, self.cfg)
                 for g in self.optimizer.param_groups:
@@ -334,7 +343,7 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save_checkpoint()
-            if self._agree_to_stop(started) and self._interrupted:  # also a Ctrl-C during the last step
+            if self._interrupted:
                 path = self.save_checkpoint()
                 if self.dist.main:
                     print(f"\ninterrupted: saved {path}; continue with --resume")
@@ -365,7 +374,7 @@ class Trainer:
     def finish(self) -> DeepSeekV3 | None:
         """The finished model is the output directory itself (HF format + tokenizer). Every rank calls it;
         the main rank gets the whole model back (for evaluation: under FSDP, `self.model` holds shards)."""
-        model, _ = self.full_state()
+        model = self.full_model()
         if model is not None:
             self._write_model(model, self.out)
         return model
