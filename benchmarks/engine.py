@@ -1,6 +1,6 @@
 """Inference engine vs transformers `generate`, same weights, side by side in one run.
 
-    python benchmarks/engine.py --preset small --new-tokens 64 [--checkpoint runs/base]
+    python benchmarks/engine.py --preset small --new-tokens 64 [--checkpoint runs/base] [--compile]
 
 Prints decode throughput at batch 1 and 32 (ratio), cache bytes per token, prefix-cache TTFT, MTP
 speculation (acceptance, batch-1 speed-up) and a `vllm bench serve`-style latency table. Timed pairs
@@ -121,7 +121,10 @@ def mtp_speedup(model: DeepSeekV3, args) -> None:
         prompts = torch.randint(0, model.config.vocab_size, (args.mtp_prompts, args.prompt_len)).tolist()
         what = "random prompts"
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    llms = {"plain": LLM(model, tokenizer), "MTP": LLM(model, tokenizer, speculative=True)}
+    llms = {"plain": LLM(model, tokenizer, compile=args.compile),
+            "MTP": LLM(model, tokenizer, speculative=True, compile=args.compile)}
+    for name, llm in llms.items():  # warm-up (and compilation)
+        timed_stream(llm, prompts[0], params)
     decode = {k: [] for k in llms}
     total = {k: [] for k in llms}
     tokens = 0
@@ -168,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating timed runs per comparison (medians)")
     ap.add_argument("--task", default="addition@2", help="prompts for the MTP run (the demo base's task)")
     ap.add_argument("--mtp-prompts", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode forwards")
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -181,15 +185,16 @@ def main() -> None:
     cfg = model.config
     vocab = cfg.vocab_size
     print(f"model: {cfg.num_params() / 1e6:.2f}M params ({'trained ' + args.checkpoint if args.checkpoint else 'random ' + args.preset}), "
-          f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+          f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"nanoseek decode {'compiled' if args.compile else 'eager'}")
     print(f"\n{'batch':>6}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for batch in (1, 32):
         prompts = torch.randint(0, vocab, (batch, args.prompt_len)).tolist()
-        ours_generate(LLM(model), prompts[:1], 4)  # warm-up
-        hf_generate(hf, prompts[:1], 4)
+        ours_generate(LLM(model, compile=args.compile), prompts, 4)  # warm-up (and compilation)
+        hf_generate(hf, prompts, 4)
         t_ours, t_hf = [], []
         for _ in range(args.rounds):
-            t_ours.append(ours_generate(LLM(model), prompts, args.new_tokens))
+            t_ours.append(ours_generate(LLM(model, compile=args.compile), prompts, args.new_tokens))
             t_hf.append(hf_generate(hf, prompts, args.new_tokens))
         t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
         tok = batch * args.new_tokens
@@ -203,7 +208,7 @@ def main() -> None:
           f"{cfg.num_hidden_layers * cfg.decompressed_cache_dim * 4}")
 
     # prefix cache: a 1000-token prompt whose first 90% was seen before, against a fresh one (alternating)
-    llm = LLM(model, max_batched_tokens=2048)
+    llm = LLM(model, max_batched_tokens=2048, compile=args.compile)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(torch.randint(0, vocab, (1000,)).tolist(), one)  # warm-up
     misses, hits = [], []
@@ -222,7 +227,9 @@ def main() -> None:
     if model.mtp:
         mtp_speedup(model, args)
 
-    latency_table(LLM(model), vocab, n=32, new_tokens=args.new_tokens)
+    llm = LLM(model, compile=args.compile)
+    ours_generate(llm, torch.randint(0, vocab, (32, 64)).tolist(), 4)  # warm-up (and compilation)
+    latency_table(llm, vocab, n=32, new_tokens=args.new_tokens)
 
 
 if __name__ == "__main__":

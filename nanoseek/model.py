@@ -296,7 +296,7 @@ class MLA(nn.Module):
         if not self.fold:
             return None
         sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        if any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
+        if torch.compiler.is_compiling() or any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
             return self._fold(*sources)
         versions = [w._version for w in sources]
         cached = self._folded
@@ -386,7 +386,20 @@ def grouped_linear(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     if torch.is_autocast_enabled(x.device.type):  # autocast does not know this op: cast as it would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    mm = _opaque_grouped_mm if torch.compiler.is_compiling() else torch._grouped_mm
+    return mm(x, w.transpose(1, 2), offs=offs)
+
+
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm as an opaque op for torch.compile (inference), whose own shape function
+    accepts only bf16."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
 
 
 class MoE(nn.Module):
@@ -413,13 +426,10 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat)
         out = self.shared_experts(flat).to(flat.dtype) if self.shared_experts is not None else torch.zeros_like(flat)
         if stats is None and flat.shape[0] <= self.direct_max_tokens and not torch.is_grad_enabled():
-            for t, (ws, es) in enumerate(zip(weights.tolist(), idx.tolist())):  # inference only: float weights
-                for w, e in zip(ws, es):
-                    out[t:t + 1].add_(self._expert(flat[t:t + 1], self.experts.gate_up[e], self.experts.down[e]),
-                                      alpha=w)
-            return out.view(b, s, d)
+            return self._direct(flat, weights, idx, out).view(b, s, d)
         flat_idx = idx.reshape(-1)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))  # bincount's
+        # shape would depend on the data, which torch.compile cannot trace
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         token = order // self.top_k
         xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
@@ -429,6 +439,18 @@ class MoE(nn.Module):
             stats.load.append(counts)
             stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))
         return out.view(b, s, d)
+
+    def _direct(self, flat: Tensor, weights: Tensor, idx: Tensor, out: Tensor) -> Tensor:
+        """out + each token's K experts, for a few tokens at inference (no grouping by expert)."""
+        if torch.compiler.is_compiling() and self.expert_linear is F.linear:
+            # compiled: gather the chosen experts' weights (Python floats would break the graph)
+            g, u = torch.einsum("td,tkid->tki", flat, self.experts.gate_up[idx]).chunk(2, dim=-1)
+            y = torch.einsum("tki,tkdi->tkd", F.silu(g) * u, self.experts.down[idx])
+            return out + (y * weights[..., None].to(y.dtype)).sum(1)
+        for t, (ws, es) in enumerate(zip(weights.tolist(), idx.tolist())):  # eager: plain float weights
+            for w, e in zip(ws, es):
+                out[t:t + 1].add_(self._expert(flat[t:t + 1], self.experts.gate_up[e], self.experts.down[e]), alpha=w)
+        return out
 
     def _expert(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
         """One routed expert's SwiGLU over rows x."""

@@ -8,7 +8,6 @@ reused least-recently-freed first, so a popular prefix survives as long as memor
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 
 import torch
@@ -135,6 +134,8 @@ class PagedBatch:
         pos = [range(st, st + n) for st, n in zip(starts, lens)]
         self.new_slots = torch.tensor([tb[p // bs] * bs + p % bs for tb, ps in zip(tables, pos) for p in ps],
                                       device=device)
+        self.new_rows = torch.tensor([i * t + p for i, ps in enumerate(pos) for p in ps], device=device)  # in context
+        self._written: dict[int, Tensor] = {}  # layer -> latents of the new tokens, until commit()
         self.valid_rows = None if min(lens) == s else torch.tensor(  # rows of the flattened [B * S] that are real
             [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device)
         self._q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
@@ -146,21 +147,33 @@ class PagedBatch:
         self.shape, self.device = (b, t), device
         self.causal = not any(starts) and min(lens) == s
         self._sees_all = s == 1 and min(starts) == t - 1  # one query per row, each seeing the whole context
+        self._bias: Tensor | None = None
 
-    @functools.cached_property
+    @property
     def bias(self) -> Tensor | None:
-        """Built on first use, once for every layer (a causal prefill chunk never asks for it)."""
-        if self._sees_all:
-            return None
-        (b, s), t = self._q_pos.shape, self.shape[1]
-        hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
-        return torch.zeros(b, s, t, dtype=self.store.data.dtype).masked_fill_(hidden, float("-inf")).to(self.device)
+        """Built on first use, once for every layer (a causal prefill chunk never asks for it). Not a
+        functools.cached_property: its lock (Python 3.11) stops torch.compile from tracing through."""
+        if self._bias is None and not self._sees_all:
+            (b, s), t = self._q_pos.shape, self.shape[1]
+            hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
+            self._bias = torch.zeros(b, s, t, dtype=self.store.data.dtype).masked_fill_(
+                hidden, float("-inf")).to(self.device)
+        return self._bias
 
     def update(self, layer: int, latent: Tensor) -> Tensor:
+        """The context with this forward's latents in place; they reach the store at `commit()`, so a
+        compiled forward reads the store but never writes into it (which would copy the whole store)."""
         data = self.store.data[layer]
         new = latent.reshape(-1, latent.shape[-1])
         if self.valid_rows is not None:
             new = new.index_select(0, self.valid_rows)
-        data.index_copy_(0, self.new_slots, new.to(data.dtype))
-        context = data.index_select(0, self.ctx_slots).view(*self.shape, -1)
-        return context.to(latent.dtype)
+        new = new.to(data.dtype)
+        self._written[layer] = new
+        context = data.index_select(0, self.ctx_slots).index_copy(0, self.new_rows, new)
+        return context.view(self.shape[0], -1, data.shape[-1]).to(latent.dtype)
+
+    def commit(self) -> None:
+        """Write the latents of the forward just run into the store."""
+        for layer, new in self._written.items():
+            self.store.data[layer].index_copy_(0, self.new_slots, new)
+        self._written.clear()

@@ -77,7 +77,7 @@ class LLM:
 
     def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
                  block_size: int = 16, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 prefix_caching: bool = True, speculative: bool = False):
+                 prefix_caching: bool = True, speculative: bool = False, compile: bool = False):
         if not isinstance(model, DeepSeekV3):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model)
@@ -90,6 +90,11 @@ class LLM:
         if speculative and not model.mtp:
             raise ValueError("speculative: the model has no MTP module to draft with")
         self.speculative = speculative
+        # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
+        # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Inductor
+        # takes 10-40 s on first use (cached on disk after). Prefill stays eager: it is arithmetic-bound.
+        self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        self._draft_block = torch.compile(model.mtp[0].block, dynamic=True) if compile and speculative else None
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
@@ -169,14 +174,16 @@ class LLM:
         """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
-        for rows in ([(s, 1 + len(s.draft)) for s in batch.decodes], batch.prefills):
+        decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
+        for rows, forward in ((decodes, self._decode_forward), (batch.prefills, self.model.hidden_states)):
             if not rows:
                 continue
             seqs = [seq for seq, _ in rows]
             starts = [seq.num_computed for seq in seqs]
             tokens = [seq.window(st, n) for (seq, n), st in zip(rows, starts)]  # decodes feed their drafts
             cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, [n for _, n in rows], self.model.device)
-            hidden = self.model.hidden_states(self._ids(tokens), cache.positions, cache)
+            hidden = forward(self._ids(tokens), cache.positions, cache)
+            cache.commit()
             emitting = []  # (row, seq, tokens fed): sequences that reached their end this step
             for i, (seq, n) in enumerate(rows):
                 if seq.num_computed + n < seq.num_tokens:  # a prefill chunk short of the end
@@ -220,19 +227,22 @@ class LLM:
         rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
                 if not seq.finished and seq.num_computed == seq.num_tokens - 1]
         if s <= 2:  # decoding (a token and its draft): run the layer over all, as the main forward did
-            h = mtp.block(x, freqs, cache)
+            h = (self._draft_block or mtp.block)(x, freqs, cache)
+            cache.commit()
             if not rows:
                 return
             last = torch.stack([h[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
         else:  # prefill: every position needs its latent but only a row's last one a query, so that one alone
             # runs the layer, against the cache (the whole layer over a long prompt costs a quarter of its TTFT)
             mtp.self_attn.store_latents(mtp.input_layernorm(x), freqs, cache)
+            cache.commit()
             if not rows:
                 return
             at = [seq.num_computed - 1 for _, seq in rows]
             one = PagedBatch(self.store, [seq.table for _, seq in rows], at, [1] * len(rows), self.model.device)
             xs = torch.stack([x[i, p - starts[i]] for (i, _), p in zip(rows, at)])[:, None]
             last = mtp.block(xs, self.model.rope(one.positions), one)[:, 0]
+            one.commit()
         logits = self.model.lm_head(mtp.shared_head.norm(last)).float().cpu()
         for (_, seq), lg in zip(rows, logits):
             lg = apply_penalties(lg, seq.output_ids, seq.params)
