@@ -94,7 +94,9 @@ class LLM:
         # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Inductor
         # takes 10-40 s on first use (cached on disk after). Prefill stays eager: it is arithmetic-bound.
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
-        self._draft_block = torch.compile(model.mtp[0].block, dynamic=True) if compile and speculative else None
+        self._draft_forward = self._mtp_forward
+        if compile:
+            self._draft_forward = torch.compile(self._mtp_forward, dynamic=True)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
@@ -220,37 +222,42 @@ class LLM:
         It reuses the main forward's batch view: a position past a rejected draft (or past the end) gets
         a placeholder next token, and its slot is rewritten next step, as the main layers' slots are."""
         s = hidden.shape[1]
-        nexts = [(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)]  # drafts are spent
+        nexts = self._ids([(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)])  # drafts spent
         mtp = self.model.mtp[0]
-        x = mtp.combine(hidden, self.model.model.embed_tokens(self._ids(nexts)))
-        freqs = self.model.rope(cache.positions)
         rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
                 if not seq.finished and seq.num_computed == seq.num_tokens - 1]
         if s <= 2:  # decoding (a token and its draft): run the layer over all, as the main forward did
-            h = (self._draft_block or mtp.block)(x, freqs, cache)
+            every = self._draft_forward(hidden, nexts, cache.positions, cache)
             cache.commit()
             if not rows:
                 return
-            last = torch.stack([h[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
+            logits = torch.stack([every[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
         else:  # prefill: every position needs its latent but only a row's last one a query, so that one alone
             # runs the layer, against the cache (the whole layer over a long prompt costs a quarter of its TTFT)
-            mtp.self_attn.store_latents(mtp.input_layernorm(x), freqs, cache)
+            x = mtp.combine(hidden, self.model.model.embed_tokens(nexts))
+            mtp.self_attn.store_latents(mtp.input_layernorm(x), self.model.rope(cache.positions), cache)
             cache.commit()
             if not rows:
                 return
             at = [seq.num_computed - 1 for _, seq in rows]
             one = PagedBatch(self.store, [seq.table for _, seq in rows], at, [1] * len(rows), self.model.device)
             xs = torch.stack([x[i, p - starts[i]] for (i, _), p in zip(rows, at)])[:, None]
-            last = mtp.block(xs, self.model.rope(one.positions), one)[:, 0]
+            logits = self.model.lm_head(mtp.shared_head.norm(mtp.block(xs, self.model.rope(one.positions), one)[:, 0]))
             one.commit()
-        logits = self.model.lm_head(mtp.shared_head.norm(last)).float().cpu()
-        for (_, seq), lg in zip(rows, logits):
+        for (_, seq), lg in zip(rows, logits.float().cpu()):
             lg = apply_penalties(lg, seq.output_ids, seq.params)
             if seq.params.greedy:
                 seq.draft, seq.draft_probs = [int(lg.argmax())], None
             else:
                 seq.draft_probs = processed_probs(lg, seq.params)
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
+
+    def _mtp_forward(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, cache: PagedBatch) -> Tensor:
+        """The MTP module's logits [B, S, V] at a step's positions, from the main model's hidden states and
+        the next tokens."""
+        mtp = self.model.mtp[0]
+        h = mtp(hidden, self.model.model.embed_tokens(next_ids), self.model.rope(positions), cache)
+        return self.model.lm_head(mtp.shared_head.norm(h))
 
     def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None = None) -> list[StreamDelta]:
         """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify
