@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode forwards (faster decoding after 10-40 s of compilation)")
+                   help="torch.compile the decode forwards (faster decoding after 10-45 s of compilation)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -296,7 +296,8 @@ class MLA(nn.Module):
         if not self.fold:
             return None
         sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        if torch.compiler.is_compiling() or any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
+        # no version counter to watch (inference tensors; a compiled graph cannot read them): fold afresh
+        if torch.compiler.is_compiling() or any(w.is_inference() for w in sources):
             return self._fold(*sources)
         versions = [w._version for w in sources]
         cached = self._folded
@@ -428,8 +429,8 @@ class MoE(nn.Module):
         if stats is None and flat.shape[0] <= self.direct_max_tokens and not torch.is_grad_enabled():
             return self._direct(flat, weights, idx, out).view(b, s, d)
         flat_idx = idx.reshape(-1)
-        counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))  # bincount's
-        # shape would depend on the data, which torch.compile cannot trace
+        # not bincount: its output's shape depends on the data, which torch.compile cannot trace
+        counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         token = order // self.top_k
         xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add

@@ -369,7 +369,8 @@ def test_compiled_decode_matches_eager(model):
     as the eager engine, greedy and seeded sampling, plain and speculative, in a batch of mixed lengths
     (a compiled graph for one row and one for any number)."""
     if shutil.which("g++") is None:  # inductor builds its CPU kernels with the system C++ compiler
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("torch.compile needs g++ (apt-get install g++)")
+        why = "torch.compile needs g++ (apt-get install g++ python3-dev)"
+        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
     ps = prompts(4, seed=17)
     for params in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True),
                    SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5)):

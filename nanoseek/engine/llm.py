@@ -92,11 +92,9 @@ class LLM:
         self.speculative = speculative
         # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
         # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Inductor
-        # takes 10-40 s on first use (cached on disk after). Prefill stays eager: it is arithmetic-bound.
+        # takes 10-45 s on first use (cached on disk after). Prefill stays eager: it is arithmetic-bound.
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
-        self._draft_forward = self._mtp_forward
-        if compile:
-            self._draft_forward = torch.compile(self._mtp_forward, dynamic=True)
+        self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
