@@ -105,12 +105,14 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
 class LatentCacheLike(Protocol):
     """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
 
-    `update(layer, latent)` stores latent [B, S, kv_lora_rank + rope] for the new tokens and returns the
-    context [B, T, kv_lora_rank + rope]. `bias` [B or 1, S, T] is added to the attention scores (0 where
-    attention is allowed, -inf where not), or None when every query sees all T keys; it is the same for
-    every layer of a forward, and is only read where needed. `causal` is True when every row's new tokens
-    start at position 0 with no padding (then T == S and the bias is plain causal: the fused kernel then
-    skips the masked half of the work, and never needs the bias).
+    `update(layer, latent)` takes latent [B, S, kv_lora_rank + rope] of the new tokens and returns the
+    context [B, T, kv_lora_rank + rope] including them; when the cache keeps them is its own business (the
+    engine's paged cache at its `commit()` after the forward, this module's `LatentCache` at once).
+    `bias` [B or 1, S, T] is added to the attention scores (0 where attention is allowed, -inf where not),
+    or None when every query sees all T keys; it is the same for every layer of a forward, and is only read
+    where needed. `causal` is True when every row's new tokens start at position 0 with no padding (then
+    T == S and the bias is plain causal: the fused kernel then skips the masked half of the work, and never
+    needs the bias).
     """
 
     causal: bool
@@ -233,7 +235,7 @@ class MLA(nn.Module):
         return self._absorbed(q_in, freqs, context, cache.bias)
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
-        """Only write the latents of x's positions to the cache, for positions no query is needed at."""
+        """Only hand the latents of x's positions to the cache, for positions no query is needed at."""
         kv_a = self.fused_a_proj(x)[..., self.q_lora_rank:] if self.q_lora_rank else self.kv_a_proj_with_mqa(x)
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
 

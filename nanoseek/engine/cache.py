@@ -122,6 +122,7 @@ class PagedBatch:
     """One forward's view of the paged cache (implements the model's `LatentCacheLike`).
 
     Row b computes tokens at positions [start_b, start_b + len_b) and sees its context [0, start_b + len_b).
+    The new tokens' latents reach the store only at `commit()`, which the caller runs after the forward.
     """
 
     def __init__(self, store: LatentStore, tables: list[list[int]], starts: list[int], lens: list[int],

@@ -92,7 +92,8 @@ class LLM:
         self.speculative = speculative
         # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
         # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Inductor
-        # takes 10-45 s on first use (cached on disk after). Prefill stays eager: it is arithmetic-bound.
+        # takes 10-45 s on first use (cached on disk after). The main forward of prefill chunks stays eager: it is
+        # arithmetic-bound.
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
         self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
         self.spec_stats = {"drafted": 0, "accepted": 0}
@@ -225,11 +226,11 @@ class LLM:
         rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
                 if not seq.finished and seq.num_computed == seq.num_tokens - 1]
         if s <= 2:  # decoding (a token and its draft): run the layer over all, as the main forward did
-            every = self._draft_forward(hidden, nexts, cache.positions, cache)
+            normed = self._draft_forward(hidden, nexts, cache.positions, cache)
             cache.commit()
             if not rows:
                 return
-            logits = torch.stack([every[i, seq.num_computed - 1 - starts[i]] for i, seq in rows])
+            logits = self.model.lm_head(torch.stack([normed[i, seq.num_computed - 1 - starts[i]] for i, seq in rows]))
         else:  # prefill: every position needs its latent but only a row's last one a query, so that one alone
             # runs the layer, against the cache (the whole layer over a long prompt costs a quarter of its TTFT)
             x = mtp.combine(hidden, self.model.model.embed_tokens(nexts))
@@ -240,8 +241,9 @@ class LLM:
             at = [seq.num_computed - 1 for _, seq in rows]
             one = PagedBatch(self.store, [seq.table for _, seq in rows], at, [1] * len(rows), self.model.device)
             xs = torch.stack([x[i, p - starts[i]] for (i, _), p in zip(rows, at)])[:, None]
-            logits = self.model.lm_head(mtp.shared_head.norm(mtp.block(xs, self.model.rope(one.positions), one)[:, 0]))
+            last = mtp.block(xs, self.model.rope(one.positions), one)[:, 0]
             one.commit()
+            logits = self.model.lm_head(mtp.shared_head.norm(last))
         for (_, seq), lg in zip(rows, logits.float().cpu()):
             lg = apply_penalties(lg, seq.output_ids, seq.params)
             if seq.params.greedy:
@@ -251,11 +253,11 @@ class LLM:
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
 
     def _mtp_forward(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, cache: PagedBatch) -> Tensor:
-        """The MTP module's logits [B, S, V] at a step's positions, from the main model's hidden states and
-        the next tokens."""
+        """The MTP module's normed output [B, S, d] at a step's positions (the head is applied only where a
+        draft is read), from the main model's hidden states and the next tokens."""
         mtp = self.model.mtp[0]
-        h = mtp(hidden, self.model.model.embed_tokens(next_ids), self.model.rope(positions), cache)
-        return self.model.lm_head(mtp.shared_head.norm(h))
+        return mtp.shared_head.norm(mtp(hidden, self.model.model.embed_tokens(next_ids), self.model.rope(positions),
+                                        cache))
 
     def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None = None) -> list[StreamDelta]:
         """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify
