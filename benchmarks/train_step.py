@@ -1,6 +1,6 @@
 """Training step (forward + backward + AdamW) of a preset: nanoseek vs transformers, same weights and batch.
 
-    python benchmarks/train_step.py --preset small --batch 8 --seq 256 --steps 6
+    python benchmarks/train_step.py --preset small --batch 8 --seq 256 --steps 6 [--compile]
 
 Reports tokens/s of each (median over interleaved steps), the ratio, and model FLOPs utilisation:
 achieved FLOP/s (6 x active matmul params + attention, per token) over a 1024x1024 fp32 matmul's rate
@@ -54,11 +54,17 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--compile", action="store_true", help="also time nanoseek under torch.compile")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset).replace(num_nextn_predict_layers=0)
     ours = DeepSeekV3(cfg).train()
     runners = {"nanoseek": make_step(ours, lambda m, x: m(x))}
+    if args.compile:  # a second copy of the same weights, so both see the same updates' shapes and data
+        twin = DeepSeekV3(cfg).train()
+        twin.load_state_dict(ours.state_dict())
+        compiled = torch.compile(twin)
+        runners["nanoseek compiled"] = make_step(twin, lambda m, x: compiled(x))
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         with tempfile.TemporaryDirectory() as d:
@@ -81,15 +87,15 @@ def main() -> None:
     print(f"preset {args.preset}: {cfg.num_params() / 1e6:.2f}M params, {cfg.num_active_params() / 1e6:.2f}M active, "
           f"batch {args.batch} x {args.seq}, {torch.get_num_threads()} threads")
     print(f"1024x1024 fp32 matmul: {statistics.median(peaks) / 1e9:.1f} GFLOP/s (median of the rounds)")
-    print(f"{'impl':<14}{'step s (median)':>16}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU vs matmul':>15}")
+    print(f"{'impl':<18}{'step s (median)':>16}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU vs matmul':>15}")
     tps = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med
         mfu = statistics.median(step_flops / t / p for t, p in zip(ts, peaks))  # each step against its round's rate
-        print(f"{name:<14}{med:>16.3f}{tps[name]:>12.0f}{step_flops / med / 1e9:>10.1f}{mfu:>15.1%}")
-    if "transformers" in tps:
-        print(f"speed-up nanoseek / transformers: {tps['nanoseek'] / tps['transformers']:.2f}x")
+        print(f"{name:<18}{med:>16.3f}{tps[name]:>12.0f}{step_flops / med / 1e9:>10.1f}{mfu:>15.1%}")
+    for name in [n for n in tps if n != "transformers"] if "transformers" in tps else []:
+        print(f"speed-up {name} / transformers: {tps[name] / tps['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                         tasks=tuple(args.task or PretrainConfig.tasks), scratchpad=args.scratchpad)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                      grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
-                     seed=args.seed, fsdp=args.fsdp)
+                     seed=args.seed, fsdp=args.fsdp, compile=args.compile)
     pretrain(pc, tc, args.out, resume=args.resume)
 
 
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (a minute to compile)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)

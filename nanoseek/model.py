@@ -394,15 +394,32 @@ def grouped_linear(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
-def _opaque_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """torch._grouped_mm as an opaque op for torch.compile (inference), whose own shape function
-    accepts only bf16."""
-    return torch._grouped_mm(x, w, offs=offs)
+def _opaque_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm as an op opaque to torch.compile, whose own shape function accepts only bf16:
+    a [N, K] @ b [E, K, M] -> [N, M] with a's rows grouped, or a [K, N] @ b [N, M] -> [E, K, M] with the
+    shared N grouped (the weight gradient)."""
+    return torch._grouped_mm(a, b, offs=offs)
 
 
 @_opaque_grouped_mm.register_fake
-def _(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[-1])
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: Tensor) -> tuple:
+    a, b, offs = ctx.saved_tensors  # only the rows-grouped form is ever differentiated
+    grad_a = _opaque_grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _opaque_grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class MoE(nn.Module):

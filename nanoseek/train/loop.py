@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
     max_seconds: float = 0.0  # stop (and finish normally) after this much wall time; 0 = no limit
+    compile: bool = False  # torch.compile the (wrapped) model's forward and backward
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -178,6 +179,8 @@ class Trainer:
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
         self.wrapped = self._wrap(model)  # first: FSDP2 swaps the parameters for sharded ones
+        if cfg.compile:  # fuses the elementwise work around the matmuls (norms, rope, SwiGLU, router)
+            self.wrapped = torch.compile(self.wrapped)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay, fused=not cfg.fsdp)
         self.step = 0
         self._stop = False  # Ctrl-C seen by this process (set by the signal handler only)
