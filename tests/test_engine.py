@@ -368,16 +368,24 @@ def test_causal_prefill_never_builds_the_attention_bias(model):
 def test_compiled_decode_matches_eager(model):
     """compile=True runs decode steps (and MTP drafts) through torch.compile: the same tokens and logprobs
     as the eager engine, greedy and seeded sampling, plain and speculative, in a batch of mixed lengths
-    (compiled graphs for one row and for several)."""
+    (compiled graphs for one row and for several); the sampled run also forks n = 2 samples per prompt in a
+    cache too small for them all (preemption), and frees every block."""
     if shutil.which("g++") is None:  # inductor builds its CPU kernels with the system C++ compiler
         why = "torch.compile needs g++ (apt-get install g++ python3-dev)"
         pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
-    ps = prompts(4, seed=17)
-    for params in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True),
-                   SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5)):
+    ps = prompts(4, seed=17, lo=20)
+    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
+    tight = 90 * per_token / 2**20  # room for about two of the eight samples
+    for params, memory in ((SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True), 256),
+                           (SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5, n=2),
+                            tight)):
         for speculative in (False, True):
-            eager, compiled = (LLM(model, block_size=4, speculative=speculative, compile=c).generate(ps, params)
-                               for c in (False, True))
+            llms = [LLM(model, block_size=4, cache_memory_mb=memory, speculative=speculative, compile=c)
+                    for c in (False, True)]
+            eager, compiled = (llm.generate(ps, params) for llm in llms)
             for e, c in zip(eager, compiled):
-                assert c.token_ids == e.token_ids
+                assert [o.token_ids for o in c.outputs] == [o.token_ids for o in e.outputs]
                 assert c.outputs[0].logprobs == pytest.approx(e.outputs[0].logprobs, abs=1e-4)
+            assert llms[1].blocks.num_free == len(llms[1].blocks.ref)
+            if memory == tight:
+                assert llms[1].scheduler.num_preemptions > 0
