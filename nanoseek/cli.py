@@ -153,6 +153,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import LLM, SamplingParams
     llm = LLM(args.checkpoint, speculative=args.speculative, compile=args.compile)
+    if args.compile:
+        print("compiling the decode forwards on first use (10-45 s the first time) ...", file=sys.stderr, flush=True)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     for delta in llm.stream(args.prompt, params):
