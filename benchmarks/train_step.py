@@ -94,7 +94,7 @@ def main() -> None:
         tps[name] = tokens / med
         mfu = statistics.median(step_flops / t / p for t, p in zip(ts, peaks))  # each step against its round's rate
         print(f"{name:<18}{med:>16.3f}{tps[name]:>12.0f}{step_flops / med / 1e9:>10.1f}{mfu:>15.1%}")
-    for name in [n for n in tps if n != "transformers"] if "transformers" in tps else []:
+    for name in [n for n in tps if n != "transformers" and "transformers" in tps]:
         print(f"speed-up {name} / transformers: {tps[name] / tps['transformers']:.2f}x")
 
 

@@ -144,17 +144,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {len(rows)} samples to {args.out}")
 
 
+COMPILING = "compiling the decode forwards (10-45 s the first time; about 90 s with --speculative) ..."
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode forwards (faster decoding after 10-45 s of compilation)")
+                   help="torch.compile the decode forwards: faster decoding once compiled (10-45 s, cached on disk)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import LLM, SamplingParams
     llm = LLM(args.checkpoint, speculative=args.speculative, compile=args.compile)
     if args.compile:
-        print("compiling the decode forwards on first use (10-45 s the first time) ...", file=sys.stderr, flush=True)
+        print(COMPILING, file=sys.stderr, flush=True)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     for delta in llm.stream(args.prompt, params):
@@ -176,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
               cache_memory_mb=args.cache_memory_mb, speculative=args.speculative, compile=args.compile)
     if args.compile:  # build the graphs (one row, several rows) now rather than during the first requests
-        print("compiling the decode forwards (10-45 s the first time) ...", flush=True)
+        print(COMPILING, flush=True)
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         llm.generate([[1, 2, 3]], warm)
         llm.generate([[1, 2, 3], [4, 5, 6, 7]], warm)

@@ -134,6 +134,7 @@ class LatentCache:
         self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
         self.length = 0
         self._new = 0  # tokens of the forward in progress
+        self._bias: Tensor | None = None  # their attention bias, once built
 
     def update(self, layer: int, latent: Tensor) -> Tensor:
         s = latent.shape[1]
@@ -146,13 +147,13 @@ class LatentCache:
 
     @property
     def bias(self) -> Tensor | None:
-        """Causal over the tokens of the forward in progress (a single query sees everything)."""
-        s, end = self._new, self.length + self._new
-        if s == 1:
-            return None
-        k = torch.arange(end, device=self.data.device)
-        hidden = k[self.length:, None] < k[None, :]
-        return torch.zeros(1, s, end, device=self.data.device).masked_fill_(hidden, float("-inf"))
+        """Causal over the tokens of the forward in progress (a single query sees everything); built once
+        per forward, on first use."""
+        if self._bias is None and self._new > 1:
+            k = torch.arange(self.length + self._new, device=self.data.device)
+            hidden = k[self.length:, None] < k[None, :]
+            self._bias = torch.zeros(1, *hidden.shape, device=self.data.device).masked_fill_(hidden, float("-inf"))
+        return self._bias
 
     @property
     def causal(self) -> bool:
@@ -160,6 +161,7 @@ class LatentCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+        self._bias = None
 
     def nbytes_per_token(self) -> int:
         return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()

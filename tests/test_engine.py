@@ -1,12 +1,9 @@
-import os
-import shutil
-
 import pytest
 import torch
 
 from nanoseek import LLM, ModelConfig, SamplingParams
 
-from conftest import random_model
+from conftest import random_model, require_cxx_compiler
 
 
 @pytest.fixture(scope="module")
@@ -370,9 +367,7 @@ def test_compiled_decode_matches_eager(model):
     as the eager engine, greedy and seeded sampling, plain and speculative, in a batch of mixed lengths
     (compiled graphs for one row and for several); the sampled run also forks n = 2 samples per prompt in a
     cache too small for them all (preemption), and frees every block."""
-    if shutil.which("g++") is None:  # inductor builds its CPU kernels with the system C++ compiler
-        why = "torch.compile needs g++ (apt-get install g++ python3-dev)"
-        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    require_cxx_compiler()
     ps = prompts(4, seed=17, lo=20)
     per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
     tight = 90 * per_token / 2**20  # room for about two of the eight samples

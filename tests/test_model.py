@@ -1,6 +1,3 @@
-import os
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +5,7 @@ import torch.nn.functional as F
 from nanoseek import LatentCache, ModelConfig
 from nanoseek.model import MLA, Gate, MoE
 
-from conftest import random_model
+from conftest import random_model, require_cxx_compiler
 
 
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"attention_bias": True}])
@@ -210,9 +207,7 @@ def test_packed_segments_equal_separate_documents():
 def test_compiled_training_step_matches_eager():
     """torch.compile(model) trains: loss and every gradient (the routed experts' through the grouped matmul
     made opaque to the compiler, with its own backward) match the eager model, MTP and router stats on."""
-    if shutil.which("g++") is None:  # inductor builds its CPU kernels with the system C++ compiler
-        why = "torch.compile needs g++ (apt-get install g++ python3-dev)"
-        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    require_cxx_compiler()
     torch.manual_seed(0)
     model = random_model(ModelConfig.preset("tiny")).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 24))

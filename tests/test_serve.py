@@ -22,6 +22,8 @@ from nanoseek.serve.api import background_server, create_app
 from nanoseek.serve.reasoning import ThinkParser, split_reasoning
 from nanoseek.tokenizer import EOS, render_chat, save_tokenizer, train_tokenizer
 
+from conftest import missing
+
 openai = pytest.importorskip("openai")
 
 REASONING, ANSWER = "Let me think about it.", "Hello from nanoseek!"
@@ -302,18 +304,16 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 def _browser_or_skip():
-    missing = []
+    absent = []
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        missing.append("the playwright package")
+        absent.append("the playwright package")
         sync_playwright = None
     if not os.path.exists(CHROMIUM):
-        missing.append(CHROMIUM + " (apt-get install -y chromium)")
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail("browser test needs " + " and ".join(missing))
-        pytest.skip("browser test needs " + " and ".join(missing))
+        absent.append(CHROMIUM + " (apt-get install -y chromium)")
+    if absent:
+        missing("browser test needs " + " and ".join(absent))
     return sync_playwright
 
 

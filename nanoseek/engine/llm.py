@@ -91,11 +91,11 @@ class LLM:
             raise ValueError("speculative: the model has no MTP module to draft with")
         self.speculative = speculative
         # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
-        # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Inductor
-        # takes 10-45 s on first use (cached on disk after). The main forward of prefill chunks stays eager: it is
-        # arithmetic-bound.
-        if compile:  # a graph per kind of batch (one row or several, 1 or 2 tokens a row, masked or not): past
-            # dynamo's default of 8 per function it would quietly run the rest eagerly
+        # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Prefill
+        # chunks stay eager: they are arithmetic-bound. There is a graph per kind of batch (one row or
+        # several, 1 or 2 tokens a row, masked or not): past dynamo's default limit of 8 per function it
+        # would quietly run the rest eagerly.
+        if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
         self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
