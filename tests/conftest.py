@@ -1,10 +1,30 @@
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nanoseek import DeepSeekV3, ModelConfig
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek.cli"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, **kw)
+
+
+def torchrun(*args) -> None:
+    r = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def weights(path) -> dict:
+    return load_file(Path(path) / "model.safetensors")
 
 
 @pytest.fixture(autouse=True)

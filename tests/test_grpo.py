@@ -10,8 +10,9 @@ from nanoseek.engine.llm import CompletionOutput, RequestOutput
 from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import RewardSet, format_reward, overlong_penalty
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, advantages, policy_loss, token_logprobs
+from nanoseek.train.loop import Dist
 
-from conftest import random_model
+from conftest import ONE_THREAD, cli, random_model, torchrun, weights
 
 
 def naive_loss(logp, old, ref, adv, mask, cfg):
@@ -73,7 +74,7 @@ def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
         return None, RequestOutput("r", prompt, outs, 0), rewards, [{}, {}]
 
     groups = [group([1, 2, 3], [[4, 5, 6, 7], [8]], [1.0, 0.0]), group([9, 9], [[5, 5], [6, 6, 6]], [0.0, 1.0])]
-    r = GRPOTrainer._pack(SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0)), groups, [1.0, 0.0, 0.0, 1.0], 1.0)
+    r = GRPOTrainer._pack(SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [1.0, 0.0, 0.0, 1.0], 1.0)
     # lengths 7, 4, 4, 5 -> rows ordered 4 (reward 0), 4 (reward 0), 5 (reward 1), 7 (reward 1)
     assert r.lens.tolist() == [4, 4, 5, 7] and r.prompt_lens.tolist() == [3, 2, 2, 3]
     assert r.ids[0, :4].tolist() == [1, 2, 3, 8] and r.ids[3].tolist() == [1, 2, 3, 4, 5, 6, 7]
@@ -142,28 +143,55 @@ def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     assert (tmp_path / "rl" / "accuracy.png").exists() and (tmp_path / "rl" / "tokenizer.json").exists()
 
 
-def test_grpo_resume_continues_exactly(tiny_base, tmp_path):
-    """The MTP layers never train under GRPO (no optimizer state): resuming must still work, and match."""
+@pytest.mark.parametrize("mu,beta,ref_reset_every", [(1, 0.0, 0), (2, 0.05, 2)])
+def test_grpo_resume_continues_exactly(tiny_base, tmp_path, mu, beta, ref_reset_every):
+    """The MTP layers never train under GRPO (no optimizer state): resuming must still work, and match.
+    With mu = 2 checkpoints fall between rollout batches, and a reference reset since the start is restored."""
     import json
     from safetensors.torch import load_file
     from nanoseek.train.grpo import GRPOTrainer
     from nanoseek.train.loop import TrainConfig
-    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, micro_batch_size=16)
+    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, micro_batch_size=16,
+                     mu=mu, beta=beta, ref_reset_every=ref_reset_every)
 
     def run(out, steps, resume=False):
-        tc = TrainConfig(steps=steps, lr=1e-3, warmup=1, min_lr_ratio=1.0, save_every=1)
+        tc = TrainConfig(steps=steps, lr=1e-3, warmup=1, min_lr_ratio=1.0, save_every=mu)
         GRPOTrainer(tiny_base, cfg, tc, out).train(resume=resume, progress=False)
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-    straight = run(tmp_path / "a", 3)
-    run(tmp_path / "b", 2)  # leaves the checkpoint of step 1
-    resumed = run(tmp_path / "b", 3, resume=True)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    with pytest.raises(ValueError, match="save_every"):
+        GRPOTrainer(tiny_base, GRPOConfig(task="arithmetic", mu=2), TrainConfig(save_every=3), tmp_path / "x")
+    straight = run(tmp_path / "a", 3 * mu)
+    run(tmp_path / "b", 2 * mu)  # leaves the checkpoint of step mu
+    resumed = run(tmp_path / "b", 3 * mu, resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 3 * mu + 1))
+    if beta:
+        assert max(r["kl"] for r in straight[mu:]) > 0  # the reference differs from the policy it is reset to
     for key in ("reward_mean", "mean_len", "kl", "entropy", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight]))
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], msg=k)
+
+
+def test_grpo_two_gloo_processes_match_one(tiny_base, tmp_path):
+    """Each rank rolls out its share of the prompts (seeded by their place in the whole batch) and the loss is
+    normalised by the whole batch, so two processes take the steps one would."""
+    import json
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["grpo", "--init", str(tiny_base), "--task", "arithmetic", "--steps", "2", "--group-size", "4",
+            "--prompts-per-step", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--eval-every", "0",
+            "--scale-rewards", "batch", "--beta", "0.01"]
+    assert cli(*args, "--out", str(one), env=ONE_THREAD).returncode == 0
+    torchrun(*args, "--out", str(two))
+    records = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [r["step"] for r in records[1]] == [1, 2]
+    for key in ("reward_mean", "accuracy", "mean_len"):  # averaged over the ranks' equal shares
+        assert [r[key] for r in records[1]] == pytest.approx([r[key] for r in records[0]], rel=1e-6), key
+    assert records[1][0]["grad_norm"] == pytest.approx(records[0][0]["grad_norm"], rel=1e-4)
+    wa, wb = weights(one), weights(two)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_grpo_cli_rejects_bad_flags_before_training(tiny_base, tmp_path):

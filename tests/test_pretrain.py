@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nanoseek import ModelConfig, load_model
 from nanoseek.cost import training_cost
@@ -16,16 +15,10 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, lr_at
 from nanoseek.train.pretrain import PretrainConfig, moe_gates, pretrain, update_gate_biases
 
+from conftest import ONE_THREAD, TORCHRUN, cli, torchrun, weights
+
 TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400", "--vocab-size", "400",
         "--eval-problems", "2", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"]
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, **kw)
-
-
-def weights(path):
-    return load_file(Path(path) / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +124,6 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path):
     assert cli("pretrain", *TINY, "--steps", "2", "--save-every", "1", "--out", str(out)).returncode == 0
     r = cli("pretrain", *[a if a != "64" else "32" for a in TINY], "--steps", "4", "--resume", "--out", str(out))
     assert r.returncode == 2 and "seq_len" in r.stderr and "Traceback" not in r.stderr
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek.cli"]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
-
-
-def torchrun(*args):
-    r = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def losses(out):

@@ -70,14 +70,16 @@ class GRPOConfig:
         get_task(self.task)  # unknown task: error before any training
 
 
-def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4) -> Tensor:
-    """A_i = r_i - mean(group), divided by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4,
+               batch_std: Tensor | None = None) -> Tensor:
+    """A_i = r_i - mean(group), divided by the group's std, the batch's std (`batch_std`: the whole
+    batch's, when ranks hold parts of it), or nothing (Dr. GRPO)."""
     r = rewards.view(-1, group_size)
     adv = r - r.mean(-1, keepdim=True)
     if scale == "group":
         adv = adv / (r.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        adv = adv / (rewards.std() + eps)
+        adv = adv / ((rewards.std() if batch_std is None else batch_std) + eps)
     return adv.reshape(-1)
 
 
@@ -121,6 +123,7 @@ class Rollout:
     lens: Tensor  # [N] prompt + completion
     mask: Tensor  # [N, T] completion tokens that count in the loss
     adv: Tensor  # [N]
+    total: tuple[int, int] = (0, 0)  # rows and loss tokens of the whole batch, over all ranks
     old_logp: Tensor | None = None  # [N, T]
     ref_logp: Tensor | None = None
     metrics: dict = field(default_factory=dict)
@@ -153,6 +156,8 @@ class GRPOTrainer:
             raise ValueError(f"init: {init} has no tokenizer.json")
         torch.manual_seed(tc.seed)
         self.model = load_model(init).train()
+        # the loss reads only the main model's logits: MTP gets no gradient, and DDP must not wait for one
+        self.model.mtp.requires_grad_(False)
         self.task = get_task(cfg.task, cfg.template)
         self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
                                                                "consistency": cfg.consistency_weight})
@@ -162,16 +167,23 @@ class GRPOTrainer:
         rows = cfg.prompts_per_step // self.d.world * cfg.group_size  # rollout sequences on this rank
         tc.grad_accum = -(-rows // cfg.micro_batch_size)  # micro-batches per update
         run_config = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "eval_problems", "eval_k")}
-        self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config)
+        # a rollout batch's later updates need its stored old log-probs: checkpoints fall between batches
+        self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config, every=cfg.mu,
+                               extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None)
         self.rollout: Rollout | None = None
         rng = random.Random(tc.seed + 7)
         self.eval_problems = [self.task.sample(rng) for _ in range(cfg.eval_problems)]
 
+    def _reference_state(self) -> dict[str, Tensor]:
+        """The reference since its last reset is no longer the initial model: checkpoints keep it."""
+        return {f"ref.{k}": v for k, v in self.ref.state_dict().items()}
+
     # ---- rollouts -------------------------------------------------------------------------------
-    def sample_prompts(self, step: int, count: int, attempt: int = 0) -> list[Problem]:
+    def sample_prompts(self, step: int, count: int, attempt: int = 0) -> list[tuple[int, Problem]]:
+        """This rank's share of the step's prompts, with their index in the whole batch."""
         rng = random.Random(hash((self.tc.seed, step, attempt)) & 0xFFFFFFFF)
         problems = [self.task.sample(rng) for _ in range(count)]
-        return problems[self.d.rank::self.d.world]
+        return list(enumerate(problems))[self.d.rank::self.d.world]
 
     @torch.no_grad()
     def make_rollout(self, step: int) -> Rollout:
@@ -185,10 +197,12 @@ class GRPOTrainer:
         all_rewards: list[float] = []
         attempts = 0
         while len(groups) < want and attempts < (4 if cfg.dynamic_sampling else 1):
-            problems = self.sample_prompts(step, cfg.prompts_per_step, attempts)
+            indexed = self.sample_prompts(step, cfg.prompts_per_step, attempts)
+            problems = [p for _, p in indexed]
+            # seeded by the prompt's place in the whole batch: the same samples however many ranks share it
             params = [SamplingParams(n=g, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      seed=hash((self.tc.seed, step, attempts, i)) & 0xFFFFFFFF)
-                      for i in range(len(problems))]
+                      for i, _ in indexed]
             outs = self.llm.generate([p.prompt for p in problems], params)
             for p, out in zip(problems, outs):
                 scored = [self.rewards(p, o.text) for o in out.outputs]
@@ -220,7 +234,6 @@ class GRPOTrainer:
                 truncated.append(o.finish_reason == "length")
         n, t = len(seqs), max(comps)
         rw = torch.tensor(rewards)
-        adv = advantages(rw, cfg.group_size, cfg.scale_rewards)  # per group, so before the rows are reordered
         # rows sorted by length: each micro-batch is then cut to its own longest row, with little padding
         order = sorted(range(n), key=lambda i: len(seqs[i]))
         ids = torch.zeros(n, max(len(s) for s in seqs), dtype=torch.long)
@@ -229,6 +242,11 @@ class GRPOTrainer:
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
             if not (cfg.mask_truncated and truncated[i]):
                 mask[row, : comps[i]] = True
+        # sums over all ranks: the loss is normalised by the whole batch, and `batch` scaling uses its std
+        total_rows, total_tokens, r_sum, r_sq = self.d.all_reduce(torch.tensor(
+            [n, float(mask.sum()), float(rw.sum()), float((rw ** 2).sum())], dtype=torch.float64)).tolist()
+        batch_std = torch.tensor(max(r_sq - r_sum ** 2 / total_rows, 0.0) / max(total_rows - 1, 1)).sqrt()
+        adv = advantages(rw, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)  # per group: in sampled order
         zero_std = float((rw.view(-1, cfg.group_size).std(-1) == 0).float().mean())
         tokens = sum(comps)
         metrics = {"reward_mean": float(rw.mean()), "reward_std": float(rw.std()), "accuracy": sum(accs) / n,
@@ -238,7 +256,7 @@ class GRPOTrainer:
                    "reward_errors": float(self.rewards.errors),
                    "sampled_reward_mean": sum(all_rewards) / len(all_rewards)}
         return Rollout(ids, torch.tensor([plens[i] for i in order]), torch.tensor([len(seqs[i]) for i in order]),
-                       mask, adv[order], metrics=metrics)
+                       mask, adv[order], (int(total_rows), int(total_tokens)), metrics=metrics)
 
     # ---- the update ------------------------------------------------------------------------------
     def loss_fn(self, step: int, micro: int) -> tuple[Tensor, dict]:
@@ -260,9 +278,10 @@ class GRPOTrainer:
         entropy = entropy.detach()
         old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
         ref = r.ref_logp[rows] if r.ref_logp is not None else None
-        batch = (n, int(r.mask.sum()), self.tc.grad_accum)
+        batch = (*r.total, self.tc.grad_accum)
         loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg, batch)
-        loss = loss * 0 if empty else loss
+        # normalised by the whole batch: times the ranks, whose gradients DDP averages, gives the whole batch's
+        loss = loss * 0 if empty else loss * self.d.world
         m = r.mask[rows].float()
         stats["entropy"] = float((entropy * m).sum() / m.sum().clamp(min=1))
         stats["update_seconds"] = time.perf_counter() - t0
@@ -281,8 +300,10 @@ class GRPOTrainer:
         return {f"eval_{k}": v for k, v in res.as_dict().items()}
 
     def train(self, resume: bool = False, progress: bool = True) -> dict:
-        if resume:
-            self.trainer.resume()
+        if resume and self.trainer.resume():
+            ref = {k[len("ref."):]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
+            if ref:
+                self.ref.load_state_dict(ref)
         elif self.trainer.metrics_path.exists() and self.d.main:
             self.trainer.metrics_path.unlink()
         t0 = time.perf_counter()

@@ -166,12 +166,19 @@ class Trainer:
     """Runs `steps` optimizer steps of `loss_fn(step, micro) -> (loss, metrics)` over `model`.
 
     Hooks: `after_step(step, metrics)` (e.g. the MoE bias update), `evaluate(step) -> metrics`.
+    The run stops (Ctrl-C, time budget) and saves only after a multiple of `every` steps (GRPO's rollout
+    batches); `extra_state()` gives tensors a checkpoint must also hold (back in `resumed_extra`).
     """
 
     def __init__(self, model: DeepSeekV3, cfg: TrainConfig, out: str | os.PathLike, *,
-                 tokenizer_dir: str | os.PathLike | None = None, run_config: dict | None = None):
+                 tokenizer_dir: str | os.PathLike | None = None, run_config: dict | None = None, every: int = 1,
+                 extra_state: Callable[[], dict[str, Tensor]] | None = None):
         cfg.validate()
+        if cfg.save_every % every:
+            raise ValueError(f"save_every: {cfg.save_every} must be a multiple of {every}, the steps per rollout batch")
         self.cfg, self.out = cfg, Path(out)
+        self.every, self.extra_state = every, extra_state
+        self.resumed_extra: dict[str, Tensor] = {}
         self.dist = setup_distributed()
         self.model = model.to(self.dist.device)
         if cfg.precision == "fp8":
@@ -233,6 +240,8 @@ class Trainer:
             self._write_model(model, tmp)
             tensors, meta = _optimizer_tensors(optim)
             tensors["rng.torch"] = torch.get_rng_state()
+            if self.extra_state is not None:
+                tensors.update({f"extra.{k}": v.detach().clone() for k, v in self.extra_state().items()})
             meta.update(step=self.step, train_config=asdict(self.cfg), run_config=self.run_config)
             atomic_write(tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)}))
             shutil.rmtree(final, ignore_errors=True)
@@ -266,6 +275,7 @@ class Trainer:
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
         torch.set_rng_state(tensors.pop("rng.torch"))
+        self.resumed_extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
         dcp = _state_dict_api()
         dcp.set_model_state_dict(self.model, loaded.state_dict(), options=dcp.StateDictOptions(full_state_dict=True))
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -309,7 +319,8 @@ class Trainer:
                    disable=not (progress and self.dist.main), dynamic_ncols=True)
         started = time.perf_counter()
         try:
-            while not self._agree_to_stop(started) and self.step < self.cfg.steps:  # asked after the last step too
+            # asked after the last step too; between the steps of one rollout batch, not at all
+            while not (self.step % self.every == 0 and self._agree_to_stop(started)) and self.step < self.cfg.steps:
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, self.cfg)
                 for g in self.optimizer.param_groups:
