@@ -56,11 +56,33 @@ def test_arithmetic_check_and_format():
     assert task.score(p, f"<think> x </think> <answer> {p.answer} </answer>") == 1.0
     assert task.score(p, f"<answer> {p.answer + 1} </answer>") == 0.0
     assert task.score(p, "<answer> ٣ </answer>") == 0.0
+    for odd in ("--5", "1_0", "-", "+5"):  # int() raises on some, accepts others: none is an answer
+        assert task.check(p, odd) == 0.0
     assert extract_answer("<answer>1</answer> <answer> 2 </answer>") == "2"
     assert format_ok("<think> a </think> <answer> 5 </answer>")
     assert not format_ok("<think> a </think> <answer>  </answer>")  # empty answer
     assert not format_ok("<think> a </think><think> b </think> <answer> 5 </answer>")  # repeated tag
     assert not format_ok("<answer> 5 </answer> <think> a </think>")  # wrong order
+
+
+def test_answer_parsing_takes_one_pass_over_megabyte_completions():
+    """A pattern that rescans the rest of the text from every unclosed tag takes minutes on these (about
+    15 minutes for 1 MB); one pass takes milliseconds. The alarm only catches the quadratic case."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("quadratic answer parsing")
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        assert extract_answer("<answer>" * 125_000) is None
+        assert not format_ok("</think><answer>" * 60_000)
+        p = get_task("countdown").sample(random.Random(0))
+        assert get_task("countdown").score(p, "<answer>" * 125_000) == 0.0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert extract_answer("<answer><answer>2</answer></answer>") == "<answer>2"  # pairs read left to right
 
 
 def test_unknown_task():
@@ -80,7 +102,7 @@ def test_language_consistency_reward_is_the_share_of_words_in_the_script():
     assert parts["consistency"] == 0.0 and total == 0.0
 
 
-def test_user_jsonl_task(tmp_path):
+def test_user_jsonl_task(tmp_path, monkeypatch):
     f = tmp_path / "t.jsonl"
     f.write_text('{"prompt": "Half of one?", "answer": "1/2"}\n{"prompt": "Expand (x+1)^2", "answer": "x^2 + 2*x + 1", '
                  '"difficulty": 2}\n{"prompt": "Capital of France?", "answer": "Paris"}\n')
@@ -94,6 +116,14 @@ def test_user_jsonl_task(tmp_path):
     pytest.importorskip("sympy")
     assert task.score(expand, "<answer>(x+1)*(x+1)</answer>") == 1.0
     assert task.score(expand, "<answer>__import__('os')</answer>") == 0.0  # never reaches sympy's parser
+    assert task.score(half, "<answer> 5e-1 </answer>") == 1.0
+    import sympy
+    monkeypatch.setattr(sympy, "simplify", lambda *a: pytest.fail("a huge power reached simplify"))
+    from fractions import Fraction
+    monkeypatch.setattr("nanoseek.tasks.jsonl.Fraction",
+                        lambda t: pytest.fail("a huge exponent reached Fraction") if "e" in t else Fraction(t))
+    for hostile in ("1e999999999", "9^9^9", "((9^99)^99)^99", "2**x"):  # would take minutes, or all memory
+        assert task.score(half, f"<answer>{hostile}</answer>") == 0.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": 1}\n{"answer": 2}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: a record needs"):

@@ -22,7 +22,6 @@ R1_ZERO_TEMPLATE = (
     "User: {prompt}. Assistant:"
 )
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _FORMAT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.S)
 
 
@@ -54,17 +53,24 @@ class Problem:
 
 
 def extract_answer(completion: str) -> str | None:
-    """Text of the last <answer>...</answer>, stripped; None when there is none."""
-    found = _ANSWER.findall(completion)
-    return found[-1].strip() if found else None
+    """Text of the last <answer>...</answer> pair (pairs read left to right), stripped; None when there is
+    none. One pass with str.find: a regex rescans the rest of the text from every unclosed tag."""
+    found, pos = None, 0
+    while (start := completion.find("<answer>", pos)) >= 0:
+        end = completion.find("</answer>", start + len("<answer>"))
+        if end < 0:
+            break
+        found, pos = completion[start + len("<answer>"): end], end + len("</answer>")
+    return None if found is None else found.strip()
 
 
 def format_ok(completion: str) -> bool:
-    """Exactly one <think>…</think> then one <answer>…</answer> with a non-empty answer, nothing else."""
-    m = _FORMAT.match(completion)
-    if not m or not m.group("answer").strip():
+    """Exactly one <think>…</think> then one <answer>…</answer> with a non-empty answer, nothing else.
+    Tags are counted first: with one of each, the pattern cannot backtrack (quadratic time otherwise)."""
+    if any(completion.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
         return False
-    return all(completion.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+    m = _FORMAT.match(completion)
+    return bool(m and m.group("answer").strip())
 
 
 class Task:

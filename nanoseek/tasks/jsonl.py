@@ -17,6 +17,8 @@ from pathlib import Path
 from .base import Problem, Task
 
 _SYMBOLIC = re.compile(r"^(?:[0-9+\-*/^().\s]|sqrt|pi|(?<![a-z])[a-z](?![a-z]))+$")
+# what Fraction reads, with exponents of at most three digits: Fraction("1e999999999") builds 10**999999999
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?(?:/[0-9]+)?")
 
 
 def _normal(text: str) -> str:
@@ -24,10 +26,25 @@ def _normal(text: str) -> str:
 
 
 def _number(text: str) -> Fraction | None:
+    text = text.replace(",", "").replace(" ", "")
+    if len(text) > 100 or not _NUMBER.fullmatch(text):
+        return None
     try:
-        return Fraction(text.replace(",", "").replace(" ", ""))
+        return Fraction(text)
     except (ValueError, ZeroDivisionError):
         return None
+
+
+def _small_powers(expr, budget: int = 1000) -> bool:
+    """Whether every power has a rational exponent and the exponents multiplied along nested powers stay
+    within `budget`: 9^9^9 or ((9^99)^99)^99 would take sympy minutes to evaluate."""
+    from sympy import Pow
+    if isinstance(expr, Pow):
+        e = expr.exp
+        if not e.is_Rational or e.q > 100 or abs(e.p) > budget:
+            return False
+        return _small_powers(expr.base, budget // max(abs(e.p), 1))
+    return all(_small_powers(arg, budget) for arg in expr.args)
 
 
 def _symbolic_equal(a: str, b: str) -> bool:
@@ -36,8 +53,10 @@ def _symbolic_equal(a: str, b: str) -> bool:
     try:
         import sympy
         from sympy.parsing.sympy_parser import parse_expr
-        diff = parse_expr(a.replace("^", "**")) - parse_expr(b.replace("^", "**"))
-        return bool(sympy.simplify(diff) == 0)
+        x, y = (parse_expr(t.replace("^", "**"), evaluate=False) for t in (a, b))
+        if not (_small_powers(x) and _small_powers(y)):
+            return False
+        return bool(sympy.simplify(x - y) == 0)
     except Exception:  # not installed, or not an expression sympy understands
         return False
 
