@@ -114,9 +114,12 @@ def pack(token_lists: list[list[int]], seq_len: int) -> Tensor:
     return torch.tensor(flat[: rows * (seq_len + 1)], dtype=torch.long).view(rows, seq_len + 1)
 
 
-def document_ids(rows: Tensor, bos_id: int) -> Tensor:
-    """Which packed document each token belongs to (a new one starts at every BOS), for `segments=`."""
-    return (rows == bos_id).cumsum(-1)
+def document_ids(rows: Tensor, eos_id: int) -> Tensor:
+    """Which packed document each token belongs to, for `segments=`: a new one starts after every EOS,
+    which ends every document (only chat-rendered ones start with BOS)."""
+    after_eos = torch.zeros_like(rows)
+    after_eos[:, 1:] = rows[:, :-1] == eos_id
+    return after_eos.cumsum(-1)
 
 
 @dataclass

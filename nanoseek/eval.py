@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .engine import LLM, SamplingParams
-from .tasks import Problem, Task, extract_answer
+from .tasks import Problem, Task, extract_answer, full_marks
 
 
 @dataclass
@@ -29,7 +29,7 @@ def evaluate(llm: LLM, task: Task, problems: list[Problem], max_new_tokens: int 
     """Greedy accuracy (reward 1.0 counts as solved) and, with k > 0, pass@1 and majority-vote cons@k."""
     prompts = [p.prompt for p in problems]
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new_tokens))
-    solved = [task.score(p, o.text) >= 1.0 for p, o in zip(problems, greedy)]
+    solved = [full_marks(task.score, p, o.text) for p, o in zip(problems, greedy)]
     res = EvalResult(sum(solved) / len(problems), sum(len(o.token_ids) for o in greedy) / len(problems))
     res.samples = [{"prompt": p.question, "difficulty": p.difficulty, "completion": o.text, "correct": s,
                     "mode": "greedy"}
@@ -39,12 +39,12 @@ def evaluate(llm: LLM, task: Task, problems: list[Problem], max_new_tokens: int 
                                                        max_tokens=max_new_tokens, seed=seed))
         pass1 = cons = 0.0
         for p, out in zip(problems, sampled):
-            scores = [task.score(p, o.text) >= 1.0 for o in out.outputs]
+            scores = [full_marks(task.score, p, o.text) for o in out.outputs]
             pass1 += sum(scores) / k
             answers = [a for a in (extract_answer(o.text) for o in out.outputs) if a]
             if answers:
                 top = Counter(answers).most_common(1)[0][0]
-                cons += task.check(p, top) >= 1.0
+                cons += full_marks(task.check, p, top)
             res.samples += [{"prompt": p.question, "difficulty": p.difficulty, "completion": o.text, "correct": s,
                              "mode": "sample"}
                             for o, s in zip(out.outputs, scores)]

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from nanoseek.data import Batches, builtin_documents, held_out_problems, pack, read_documents
+from nanoseek.data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents
 
 
 def test_builtin_corpus_excludes_held_out_problems():
@@ -22,6 +22,12 @@ def test_pack_and_deterministic_sharded_batches():
     assert sorted(map(tuple, torch.cat(shards).tolist())) == sorted(map(tuple, b.get(5).tolist()))
     with pytest.raises(ValueError, match="cannot fill"):
         pack([[1, 2]], seq_len=9)
+
+
+def test_documents_end_at_eos_whether_or_not_they_start_with_bos():
+    bos, eos = 0, 1
+    rows = torch.tensor([[5, 6, eos, 7, eos, bos, 8, 9, eos, 4]])  # plain text, plain text, chat, a cut one
+    assert document_ids(rows, eos).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3]]
 
 
 def test_read_user_files(tmp_path):

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from nanoseek.tasks import extract_answer, format_ok, get_task
+from nanoseek.tasks import extract_answer, format_ok, full_marks, get_task
 from nanoseek.tasks.countdown import InvalidExpression, evaluate
 
 
@@ -83,6 +83,14 @@ def test_answer_parsing_takes_one_pass_over_megabyte_completions():
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert extract_answer("<answer><answer>2</answer></answer>") == "<answer>2"  # pairs read left to right
+
+
+def test_a_verifier_that_raises_counts_as_wrong_in_evaluation():
+    def broken(problem, completion):
+        raise ZeroDivisionError("oops")
+    with pytest.warns(UserWarning, match="ZeroDivisionError: oops"):
+        assert full_marks(broken, None, "x") is False
+    assert full_marks(lambda p, c: 1.0, None, "x") is True
 
 
 def test_unknown_task():

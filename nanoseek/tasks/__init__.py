@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from .arithmetic import Addition, Arithmetic
-from .base import R1_ZERO_TEMPLATE, Problem, Task, extract_answer, format_ok
+from .base import R1_ZERO_TEMPLATE, Problem, Task, extract_answer, format_ok, full_marks
 from .countdown import Countdown
 from .jsonl import JsonlTask
 
@@ -46,4 +46,5 @@ def _parse_levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(levels))
 
 
-__all__ = ["Task", "Problem", "get_task", "TASKS", "JsonlTask", "R1_ZERO_TEMPLATE", "extract_answer", "format_ok"]
+__all__ = ["Task", "Problem", "get_task", "TASKS", "JsonlTask", "R1_ZERO_TEMPLATE", "extract_answer", "format_ok",
+           "full_marks"]

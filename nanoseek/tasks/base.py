@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..tokenizer import render_chat
 
@@ -62,6 +63,16 @@ def extract_answer(completion: str) -> str | None:
             break
         found, pos = completion[start + len("<answer>"): end], end + len("</answer>")
     return None if found is None else found.strip()
+
+
+def full_marks(verify: Callable[..., float], *args: Any) -> bool:
+    """Whether `verify(*args)` (a task's score or check) gives 1.0. A verifier that raises on odd model
+    output counts it as wrong, with a warning, rather than losing the evaluation it is part of."""
+    try:
+        return verify(*args) >= 1.0
+    except Exception as e:
+        warnings.warn(f"{getattr(verify, '__qualname__', verify)} raised {type(e).__name__}: {e}; counted as wrong")
+        return False
 
 
 def format_ok(completion: str) -> bool:

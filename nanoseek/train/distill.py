@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..data import held_out_problems
 from ..engine import LLM, SamplingParams
 from ..model import DeepSeekV3
-from ..tasks import Problem, Task, get_task
+from ..tasks import Problem, Task, full_marks, get_task
 from ..tasks.rewards import RewardSet
 from ..tokenizer import END_THINK, copy_tokenizer, load_tokenizer
 from .loop import TrainConfig
@@ -88,7 +88,7 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
         verified: dict[str, tuple[float, int]] = {}
         for o in out.outputs:
             t["tokens"] += len(o.token_ids)
-            if o.finish_reason != "stop" or END_THINK not in o.text or task.score(p, o.text) < 1.0:
+            if o.finish_reason != "stop" or END_THINK not in o.text or not full_marks(task.score, p, o.text):
                 continue  # truncated, no reasoning/answer split, or wrong
             t["correct"] += 1
             verified.setdefault(o.text, (rewards(p, o.text)[0], len(o.token_ids)))

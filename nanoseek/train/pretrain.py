@@ -22,7 +22,7 @@ from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
 from ..data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents, tokenize
 from ..model import DeepSeekV3, Gate, MoE
 from ..plots import plot_series
-from ..tokenizer import BOS, load_tokenizer, save_tokenizer, train_tokenizer
+from ..tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
 from .loop import Trainer, TrainConfig, setup_distributed
 
 
@@ -114,7 +114,7 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     """The language-model training run shared by pretraining and SFT.
 
     `data` = (tokenizer, tokenizer dir, train rows, val rows, held-out problems). Rows are token ids
-    [N, L+1] (every token is a target; documents are told apart by BOS), or [N, 3, L+1] stacking ids, a
+    [N, L+1] (every token is a target; a document ends at its EOS), or [N, 3, L+1] stacking ids, a
     0/1 target mask and document ids (SFT: only assistant tokens are targets).
     """
     out = Path(out)
@@ -146,12 +146,12 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     batches = Batches(train_rows, micro_rows, tc.seed)
     load_acc: list[torch.Tensor] = []
 
-    bos = tok.token_to_id(BOS)
+    eos = tok.token_to_id(EOS)
 
     def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if rows.dim() == 3:
             return rows[:, 0], rows[:, 1].bool(), rows[:, 2]
-        return rows, None, document_ids(rows, bos) if pc.doc_mask else None
+        return rows, None, document_ids(rows, eos) if pc.doc_mask else None
 
     def ce(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None, seg: torch.Tensor | None,
            k: int) -> torch.Tensor:
