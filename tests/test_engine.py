@@ -71,6 +71,15 @@ def test_preemption_under_tiny_cache_is_exact(model):
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     assert tight.blocks.num_free == len(tight.blocks.ref)  # nothing leaked
+    # a request preempted mid-prefill recomputes its own blocks: that is no prefix-cache hit
+    llm = LLM(model, block_size=4, max_batched_tokens=8, cache_memory_mb=48 * per_token / 2**20)
+    llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(30):
+        llm.step()
+    late = llm.add_request(prompts(1, seed=99, lo=20, hi=21)[0], SamplingParams(temperature=0, max_tokens=4))
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.scheduler.num_preemptions > 0 and llm._result(late).num_cached_tokens == 0
 
 
 def test_chunked_prefill_does_not_stall_decoding(model):
@@ -124,6 +133,20 @@ def test_logprobs_match_full_forward(model):
     assert [t for t, _ in out.top_logprobs[0]] == want[0].topk(3).indices.tolist()
 
 
+def test_interleaved_streams_each_get_all_their_deltas(model):
+    llm = LLM(model, block_size=4)
+    a, b = prompts(2, seed=15)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    got = {0: [], 1: []}
+    for da, db in zip(llm.stream(a, params), llm.stream(b, params)):  # each stream's steps advance both
+        got[0] += da.token_ids
+        got[1] += db.token_ids
+    assert got[0] == naive_greedy(model, a, 10)[:len(got[0])] and got[1] == naive_greedy(model, b, 10)
+    with pytest.raises(ValueError, match="prompt"):
+        next(llm.stream([a, []], params))  # a bad prompt: the good one before it is not left running
+    assert not llm.has_unfinished() and llm.blocks.num_free == len(llm.blocks.ref)
+
+
 def test_stream_and_abort_free_the_cache(model):
     llm = LLM(model, block_size=4)
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
@@ -144,10 +167,14 @@ def test_stream_and_abort_free_the_cache(model):
 
 @pytest.mark.parametrize("kwargs,field", [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
                                           ({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
-                                          ({"n": 0}, "n")])
+                                          ({"n": 0}, "n"), ({"max_tokens": True}, "max_tokens"),
+                                          ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop": [1]}, "stop"),
+                                          ({"logprobs": "yes"}, "logprobs")])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []  # None is "none", as in vLLM
+    assert SamplingParams(temperature=1e-300).greedy  # below 1e-5 the scaled logits would overflow
 
 
 def test_bad_prompts_leave_the_engine_serving(model):
@@ -155,7 +182,7 @@ def test_bad_prompts_leave_the_engine_serving(model):
     ok = llm.add_request([1, 2, 3], GREEDY)
     for prompt, params, field in [([], GREEDY, "prompt"), ([1] * 600, GREEDY, "prompt"),
                                   ([1, 999], GREEDY, "prompt"), ([-1], GREEDY, "prompt"),
-                                  ("text", GREEDY, "tokenizer"),
+                                  ("text", GREEDY, "tokenizer"), ([1], SamplingParams(stop=["x"]), "stop"),
                                   ([1], SamplingParams(max_tokens=10_000), "max_tokens")]:
         with pytest.raises(ValueError, match=field):
             llm.add_request(prompt, params)
@@ -248,6 +275,8 @@ def test_speculative_sampling_preserves_distribution():
 
 
 def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
+    """A preempted sequence keeps its draft (drawn from its generator) and verifies it after the recompute,
+    so seeded samples do not depend on preemption; nor, with no draft before the first token, on chunking."""
     ps = prompts(6, seed=14, lo=20, hi=30)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=25, seed=7, ignore_eos=True)
     roomy = LLM(model, block_size=4, speculative=True).generate(ps, params)
@@ -259,6 +288,37 @@ def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
     assert [o.token_ids for o in tight.generate(ps, greedy)] == \
         [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
     assert tight.scheduler.num_preemptions > 0
+    tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20, max_batched_tokens=7)
+    assert [o.token_ids for o in tight.generate(ps, params)] == [o.token_ids for o in roomy]
+    assert tight.scheduler.num_preemptions > 0
+
+
+def test_speculation_with_n_samples_after_a_prefill_chunk_one_token_short(model):
+    """The chunk ends one token before the prompt's end: the sequence then decodes its last prompt token.
+    No draft is made before the first token, so the samples fork from that token's logits."""
+    p = prompts(1, seed=16, lo=9, hi=10)[0]
+    llm = LLM(model, block_size=4, speculative=True, max_batched_tokens=8)
+    out = llm.generate(p, SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert [o.token_ids for o in out.outputs] == [naive_greedy(model, p, 8)] * 2
+
+
+def test_reset_prefix_cache_also_covers_samples_not_forked_yet(model):
+    """A trainer changes the weights while an n = 2 request is mid-prefill: its second sample, forked later,
+    must not register the stale prompt blocks for later requests to hit."""
+    m = random_model(ModelConfig.preset("tiny"))
+    p = prompts(1, seed=5, lo=40, hi=41)[0]
+    llm = LLM(m, block_size=4, max_batched_tokens=16)
+    rid = llm.add_request(p, SamplingParams(n=2, temperature=0, max_tokens=4, ignore_eos=True))
+    llm.step()  # the first chunk, with the old weights
+    with torch.no_grad():
+        for w in m.parameters():
+            w.add_(torch.randn_like(w) * 0.02)
+    llm.reset_prefix_cache()
+    while llm.has_unfinished():
+        llm.step()
+    llm.abort(rid)
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert out.num_cached_tokens == 0 and out.token_ids == naive_greedy(m, p, 8)
 
 
 def test_batch_sample_draws_what_sample_draws():
@@ -322,6 +382,31 @@ def test_stop_string_spanning_tokens_is_cut_and_never_streamed(text_llm):
     deltas = list(text_llm.stream("the", params))
     assert "".join(d.text for d in deltas) == want == text_llm.generate("the", params)[0].text
     assert deltas[-1].finish_reason == "stop"
+
+
+def test_a_stop_string_in_the_first_of_two_speculated_tokens_ends_the_output_there(text_llm):
+    """Perfect drafts put two tokens in a step; the output must still end at the token completing a stop
+    string, exactly as without speculation."""
+    model, tok = text_llm.model, text_llm.tokenizer
+    free = text_llm.generate("the", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    spec = LLM(model, tok, speculative=True)
+
+    def oracle(seqs, starts, hidden, cache):
+        for s in seqs:
+            if not s.finished and s.num_computed == len(s.tokens) - 1 and 0 < len(s.output_ids) < 30:
+                s.draft = [free.token_ids[len(s.output_ids)]]
+
+    spec._draft = oracle
+    checked = 0
+    for i in range(3, 20):
+        piece = tok.decode(free.token_ids[i:i + 1], skip_special_tokens=False)
+        if not piece.strip() or "\ufffd" in piece or piece in free.text[:free.text.index(piece) + len(piece) - 1]:
+            continue
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[piece])
+        plain, fast = text_llm.generate("the", params)[0], spec.generate("the", params)[0]
+        assert (fast.token_ids, fast.text) == (plain.token_ids, plain.text) and plain.outputs[0].finish_reason == "stop"
+        checked += 1
+    assert checked >= 3 and spec.spec_stats["accepted"] > 0
 
 
 def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):

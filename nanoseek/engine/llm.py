@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence as Seq
 
@@ -107,6 +108,7 @@ class LLM:
         self._requests: dict[str, list[Sequence]] = {}
         self._pending_forks: dict[str, list[Sequence]] = {}
         self._tail_copies: list[tuple[int, int, Sequence]] = []  # (parent's tail block, child's, child)
+        self._inboxes: dict[str, deque[StreamDelta]] = {}  # request -> its open stream's undelivered deltas
         self._counter = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -124,6 +126,8 @@ class LLM:
         """Raise ValueError naming the parameter if this request cannot be served; changes nothing."""
         if not ids:
             raise ValueError("prompt: must not be empty")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
         if params.max_tokens > self.max_len:
@@ -166,7 +170,8 @@ class LLM:
         in-place kernels that do not)."""
         torch.autograd.graph.increment_version(list(self.model.parameters()))
         self.blocks.reset_hashes()
-        for seq in self.scheduler.running + list(self.scheduler.waiting):
+        pending = [child for children in self._pending_forks.values() for child in children]
+        for seq in self.scheduler.running + list(self.scheduler.waiting) + pending:
             seq.sealed = (1 << 62, None)  # sequences in flight hold stale latents: never share their blocks
 
     def has_unfinished(self) -> bool:
@@ -210,6 +215,9 @@ class LLM:
                 if not child.finished:
                     self.store.copy_block(src, dst)
             self._tail_copies.clear()
+        for d in deltas:  # a stream may be waiting for it while another one (or generate) steps the engine
+            if (inbox := self._inboxes.get(d.request_id)) is not None:
+                inbox.append(d)
         return deltas
 
     def _ids(self, tokens: list[list[int]]) -> Tensor:
@@ -226,8 +234,10 @@ class LLM:
         s = hidden.shape[1]
         nexts = self._ids([(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)])  # drafts spent
         mtp = self.model.mtp[0]
-        rows = [(i, seq) for i, seq in enumerate(seqs)  # still prefilling or finished: nothing to draft
-                if not seq.finished and seq.num_computed == seq.num_tokens - 1]
+        # nothing to draft while prefilling or finished, before the first token (sampled plainly, whatever
+        # the chunking), or where a draft survived preemption (verified as it was, for seeded sampling)
+        rows = [(i, seq) for i, seq in enumerate(seqs)
+                if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids and not seq.draft]
         if s <= 2:  # decoding (a token and its draft): run the layer over all, as the main forward did
             normed = self._draft_forward(hidden, nexts, cache.positions, cache)
             cache.commit()
@@ -284,13 +294,13 @@ class LLM:
         if not seq.output_ids:  # the prompt is in the cache: the other samples fork from it now
             for child in self._pending_forks.pop(seq.request_id, []):
                 self._fork(seq, child)
-                out.append(self._append(child, [sample(logits[-1], child.params, [], child.generator)]))
+                out.append(self._append(child, [sample(logits[0], child.params, [], child.generator)]))
         return [self._append(seq, emitted)] + out
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end
         of the forward's step, once the MTP layer has written its latents too)."""
-        n = parent.num_computed
+        n = len(parent.prompt_ids)
         full = n // self.blocks.block_size
         child.table = self.blocks.fork(parent.table[:full])
         child.num_computed, child.num_cached_prompt, child.admitted = n, parent.num_cached_prompt, True
@@ -304,7 +314,7 @@ class LLM:
     def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:
         """Append sampled tokens up to the first stop condition, and return what to stream."""
         p = seq.params
-        new = []
+        new, text_delta = [], ""
         for s in samples:
             seq.output_ids.append(s.token)
             new.append(s.token)
@@ -316,9 +326,9 @@ class LLM:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
+            text_delta += self._update_text(seq)  # token by token: a stop string may end it before a draft's
             if seq.finished:
                 break
-        text_delta = self._update_text(seq)
         if seq.finished:
             self.scheduler.finish(seq)
         return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
@@ -361,18 +371,24 @@ class LLM:
     # ---- batch and streaming fronts --------------------------------------------------------------
     def stream(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """Yield deltas as they are produced, for the given prompts only. Closing the iterator aborts them."""
-        ids = [self.add_request(p, params) for p in _as_list(prompts)]
-        live = set(ids)
+        """Yield deltas as they are produced, for the given prompts only. Closing the iterator aborts them.
+        Streams may be interleaved: each step's deltas wait in the inbox of the stream they belong to."""
+        ids: list[str] = []
+        inbox: deque[StreamDelta] = deque()
         try:
-            while live:
-                for d in self.step():
-                    if d.request_id in live:
-                        yield d
-                live = {r for r in live if any(not s.finished for s in self._requests.get(r, []))}
+            for p in _as_list(prompts):  # a bad prompt aborts the ones added before it (finally)
+                ids.append(self.add_request(p, params))
+                self._inboxes[ids[-1]] = inbox
+            while True:
+                while inbox:
+                    yield inbox.popleft()
+                if not any(not s.finished for r in ids for s in self._requests.get(r, [])):
+                    return
+                self.step()
         finally:
             for r in ids:
                 self.abort(r)
+                self._inboxes.pop(r, None)
 
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:

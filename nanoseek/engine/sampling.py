@@ -14,7 +14,7 @@ class SamplingParams:
     """Per-request generation settings, named as in vLLM/OpenAI. Invalid values raise ValueError naming the field."""
 
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (below 1e-5) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
@@ -31,20 +31,26 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.stop = [] if self.stop is None else self.stop
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
         checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
+            ("n", _int(self.n) and self.n >= 1, "must be an integer >= 1"),
             ("temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"),
             ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
+            ("top_k", _int(self.top_k) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
             ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
             ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "must be in [-2, 2]"),
-            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) for t in self.stop_token_ids), "must be integers"),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed <= 2**64 - self.n),
+            ("logprobs", isinstance(self.logprobs, bool), "must be true or false"),
+            ("top_logprobs", _int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+             "must be a string or a list of non-empty strings"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple, set))
+             and all(_int(t) for t in self.stop_token_ids), "must be a list of integers"),
+            ("seed", self.seed is None or (_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n),
              "must be an integer in [-2**63, 2**64 - n]"),
         ]
         for name, ok, why in checks:
@@ -53,11 +59,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Below vLLM's 1e-5, a temperature only overflows the scaled logits: such requests are greedy."""
+        return self.temperature < 1e-5
 
 
 def _num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def apply_penalties(logits: Tensor, output_ids: list[int], params: SamplingParams) -> Tensor:
@@ -117,7 +128,7 @@ def _annotate(token: int, logits: Tensor, params: SamplingParams) -> Sample:
     """Attach the chosen token's log-prob (under the temperature-scaled distribution) and the top ones."""
     out = Sample(token)
     if params.logprobs or params.top_logprobs:
-        logp = torch.log_softmax(logits / (params.temperature or 1.0), -1)
+        logp = torch.log_softmax(logits / (1.0 if params.greedy else params.temperature), -1)
         out.logprob = float(logp[token])
         if params.top_logprobs:
             vals, ids = logp.topk(params.top_logprobs)

@@ -37,6 +37,7 @@ class Sequence:
     sealed: tuple[int, int | None] = (0, None)  # blocks hashed for the prefix cache, last hash
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
+    preempted: bool = False  # recomputed blocks of its own are not prefix-cache hits
     finish_reason: str | None = None
     text: str = ""
     sent_text: int = 0  # characters already streamed
@@ -118,9 +119,13 @@ class Scheduler:
             if not seq.admitted:
                 seq.table = self.blocks.match_prefix(seq.tokens[:-1])
                 seq.num_computed = len(seq.table) * self.blocks.block_size
-                if not seq.output_ids:
+                if not (seq.output_ids or seq.preempted):  # its first admission
                     seq.num_cached_prompt = seq.num_computed
                 seq.admitted = True
+            if seq.draft and not seq.prefilling:  # a kept draft's sequence, all its tokens cached: decodes next
+                self.waiting.popleft()
+                self.running.append(seq)
+                continue
             n = self._chunk(seq, budget)
             if not n:  # no room yet: give back the prefix blocks so running sequences can use them
                 self._evict(seq)
@@ -132,16 +137,19 @@ class Scheduler:
         return Batch(decodes, prefills)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of seq's prompt(+output) to compute now, with cache room for them; 0 if none fit."""
-        n = min(seq.num_tokens - seq.num_computed, budget)
+        """Tokens of seq's prompt(+output) to compute now, with cache room for them; 0 if none fit. A
+        draft kept through preemption stops the recompute before the last token: the decode step then
+        feeds that token and the draft, and verifies it as it would have been."""
+        n = min(seq.num_tokens - bool(seq.draft) - seq.num_computed, budget)
         while n > 0 and not self.blocks.grow(seq.table, seq.num_computed + n):
             n -= self.blocks.block_size
         return max(n, 0)
 
     def _evict(self, seq: Sequence) -> None:
-        """Drop seq's cache; it will be recomputed from its prompt plus its output so far."""
+        """Drop seq's cache; it will be recomputed from its prompt plus its output so far. An MTP draft is
+        kept: its sampling already drew from the request's generator."""
         self.blocks.release(seq.table)
-        seq.num_computed, seq.admitted, seq.draft, seq.sealed = 0, False, [], (0, None)
+        seq.num_computed, seq.admitted, seq.sealed = 0, False, (0, None)
 
     def requeue(self, seq: Sequence) -> None:
         self._evict(seq)
@@ -150,6 +158,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.requeue(seq)
+        seq.preempted = True
         self.num_preemptions += 1
 
     def seal(self, seq: Sequence) -> None:
