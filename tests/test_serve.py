@@ -7,6 +7,7 @@ REASONING + `</think>` + ANSWER, so the reasoning/content split can be checked e
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -219,12 +220,37 @@ def test_malformed_bodies_never_500(served):
     chunked = post(content=(b"x" * 2**20 for _ in range(3)), headers={"content-type": "application/json"})
     assert chunked.status_code == 413  # no Content-Length: counted as it arrives
     for body, param in [({"prompt": [10**9]}, "prompt"), ({"prompt": [-5]}, "prompt"),
-                        ({"prompt": "hi", "seed": 2**64}, "seed")]:
+                        ({"prompt": "hi", "seed": 2**64}, "seed"), ({"prompt": [True]}, "prompt"),
+                        ({"prompt": [5] * 600}, "prompt")]:
         r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
+    hi = {"role": "user", "content": "hi"}
+    for body, param in [({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),  # a lone surrogate
+                        ({"messages": [{"role": "user", "content": "hi " * 200_000}]}, "messages"),  # can't fit
+                        ({"messages": [hi], "stop": ["x"] * 17}, "stop")]:
+        r = post(content=json.dumps(body).encode(), headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # null means unset (the openai client sends it); a temperature too small to scale by is greedy
+    nulls = post(json={"messages": [hi], "max_tokens": 3, "temperature": None, "n": None, "stream": None,
+                       "logprobs": None, "top_p": None, "presence_penalty": None, "stop": None})
+    assert nulls.status_code == 200, nulls.text
+    tiny = post(json={"messages": [hi], "max_tokens": 3, "temperature": 1e-300, "logprobs": True})
+    assert tiny.status_code == 200 and all(math.isfinite(t["logprob"]) for t in tiny.json()["choices"][0]["logprobs"]["content"])
     unknown_fields = post(json={"messages": [{"role": "user", "content": "hi", "x": 1}], "max_tokens": 2,
                                 "frobnicate": True})
     assert unknown_fields.status_code == 200
+
+
+def test_without_max_tokens_a_request_gets_what_the_cache_holds(checkpoint):
+    """A cache smaller than the context: an unset max_tokens is bounded by the cache, not refused."""
+    from nanoseek.engine.cache import LatentStore
+    llm = LLM(str(checkpoint))
+    llm = LLM(str(checkpoint), cache_memory_mb=200 * LatentStore.bytes_per_token(llm.config, torch.float32) / 2**20)
+    with background_server(create_app(llm, served_model_name="m")) as url:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] <= llm.capacity < llm.max_len
 
 
 def test_api_key_and_queue_limit(checkpoint):
@@ -286,6 +312,20 @@ def test_disconnecting_clients_free_their_cache(served):
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
     assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 5)
     assert server.engine.num_requests == 0 and not server.llm.has_unfinished()
+
+
+def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypatch):
+    """Tokens keep arriving, so the handler never idles: it still notices the client has gone."""
+    url, server = served
+    step = server.llm.step
+    monkeypatch.setattr(server.llm, "step", lambda: (time.sleep(0.01), step())[1])  # 400 tokens: 4 s
+    aborted, finished = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("abort", "length"))
+    body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+    assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 1, timeout=2)
+    assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
+    assert metric(url, 'nanoseek_requests_total{outcome="length"}') == finished
 
 
 def test_metrics_report_latency_and_tokens(served, client):

@@ -132,9 +132,17 @@ class LLM:
             raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
         if params.max_tokens > self.max_len:
             raise ValueError(f"max_tokens: {params.max_tokens} exceeds the context of {self.max_len} tokens")
-        capacity = len(self.blocks.ref) * self.blocks.block_size
-        if len(ids) + min(params.max_tokens, self.max_len - len(ids)) > capacity:
-            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {capacity} tokens")
+        if min(params.max_tokens, self.max_len - len(ids)) > self.room(len(ids)):
+            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {self.capacity} tokens")
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the whole cache holds: one sequence can never grow past it."""
+        return len(self.blocks.ref) * self.blocks.block_size
+
+    def room(self, prompt_len: int) -> int:
+        """The most tokens a prompt of this length can be given, by the context and by the cache."""
+        return min(self.max_len, self.capacity) - prompt_len
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -19,7 +19,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 import uvicorn
 
@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 from starlette.exceptions import HTTPException
 
 from ..engine import LLM, SamplingParams
@@ -72,6 +72,12 @@ def _loc(loc: tuple) -> str:
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI-compatible servers do
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """Clients send null for parameters left unset (the openai client does): the default applies."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class TextPart(_Lenient):
     type: Literal["text"]
@@ -100,7 +106,8 @@ class _Sampling(_Lenient):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    # the DeepSeek API's limit; each is searched for after every token
+    stop: str | list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
@@ -121,7 +128,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    prompt: str | list[Annotated[int, Strict()]]
     logprobs: int | None = Field(None, ge=0, le=20)  # legacy: how many top log-probs per token
 
 
@@ -148,13 +155,17 @@ class Generation:
         self.done = self.closed = False
 
     async def deltas(self, request: Request | None = None) -> AsyncIterator[StreamDelta]:
-        """Deltas until every choice finished. Given `request`, also stop when its client goes away."""
+        """Deltas until every choice finished. Given `request`, also stop when its client goes away (asked
+        every quarter second, whether or not tokens keep coming)."""
+        check_at = time.perf_counter()
         while True:
-            try:
-                item = await asyncio.wait_for(self.queue.get(), 1.0) if request else await self.queue.get()
-            except asyncio.TimeoutError:
+            if request is not None and time.perf_counter() >= check_at:
                 if await request.is_disconnected():
                     return
+                check_at = time.perf_counter() + 0.25
+            try:
+                item = await asyncio.wait_for(self.queue.get(), 0.25) if request else await self.queue.get()
+            except asyncio.TimeoutError:
                 continue
             if item is None:
                 self.done = True
@@ -223,6 +234,9 @@ class Server:
         self.end_think = self.tokenizer.token_to_id(END_THINK)
         self.think = self.tokenizer.token_to_id(THINK)
         self.added_ids = set(self.tokenizer.get_added_tokens_decoder())  # token_bytes per logprob token
+        # no token spells more bytes than this: a longer prompt cannot fit the context, encoded or not
+        self.max_prompt_bytes = llm.max_len * max(len(token_bytes(self.tokenizer, i, self.added_ids))
+                                                  for i in range(self.tokenizer.get_vocab_size()))
         self.created = int(time.time())
         stats = self.engine.stats
         self.metrics = Metrics({
@@ -242,24 +256,36 @@ class Server:
         except ValueError as e:
             raise _from_value_error(e) from None
 
+    async def encode(self, text: str, param: str) -> list[int]:
+        """A prompt's token ids, off the event loop (a megabyte prompt takes seconds to encode and would
+        stall every stream); 400 for text that is not valid Unicode."""
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param}: the text is not valid Unicode (a lone surrogate)", param=param) from None
+        if size > self.max_prompt_bytes:
+            raise APIError(400, f"{param}: the prompt is {size} bytes, more than the {self.llm.max_len}-token "
+                                "context can hold", param=param, code="context_length_exceeded")
+        return (await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False)).ids
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    def params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: bool,
+    def params(self, req: _Sampling, prompt_param: str, prompt_len: int, max_tokens: int | None, logprobs: bool,
                top_logprobs: int) -> SamplingParams:
         room = self.llm.max_len - prompt_len
         if room <= 0:
-            raise APIError(400, f"messages: the prompt is {prompt_len} tokens; the context holds {self.llm.max_len}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(400, f"{prompt_param}: the prompt is {prompt_len} tokens; the context holds "
+                                f"{self.llm.max_len}", param=prompt_param, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens: {max_tokens} plus the {prompt_len}-token prompt exceeds the context "
                                 f"of {self.llm.max_len} tokens", param="max_tokens", code="context_length_exceeded")
         try:
             return SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                max_tokens=max_tokens or room, ignore_eos=req.ignore_eos,
+                max_tokens=max_tokens or max(self.llm.room(prompt_len), 1), ignore_eos=req.ignore_eos,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
                 logprobs=logprobs, top_logprobs=top_logprobs)
@@ -396,9 +422,9 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
         prompt = render_chat([m.as_dict() for m in req.messages])
-        ids = server.tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = await server.encode(prompt, "messages")
         in_reasoning = prompt.rstrip().endswith(THINK)
-        params = server.params(req, len(ids), req.max_completion_tokens or req.max_tokens,
+        params = server.params(req, "messages", len(ids), req.max_completion_tokens or req.max_tokens,
                                req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0)
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
@@ -421,12 +447,12 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
         if isinstance(req.prompt, str):
-            ids = server.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+            ids = await server.encode(req.prompt, "prompt")
             if not ids:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
         else:
             ids = req.prompt
-        params = server.params(req, len(ids), req.max_tokens, req.logprobs is not None, req.logprobs or 0)
+        params = server.params(req, "prompt", len(ids), req.max_tokens, req.logprobs is not None, req.logprobs or 0)
         gen = Generation(server, ids, params, in_reasoning=False)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
