@@ -119,6 +119,8 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
 # ---- FP8 ---------------------------------------------------------------------------------------
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, name: str = "weight") -> Tensor:
     """float8_e4m3fn [out, in] with fp32 scale_inv [ceil(out/128), ceil(in/128)] -> fp32 (ragged edges ok)."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"FP8 tensor {name} has shape {tuple(weight.shape)}; only 2-D weights are block-scaled")
     out_f, in_f = weight.shape
     want = (math.ceil(out_f / BLOCK), math.ceil(in_f / BLOCK))
     if tuple(scale_inv.shape) != want:
@@ -170,8 +172,11 @@ def _dequantize_all(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, t in tensors.items():
         if key.endswith("_scale_inv"):
-            if key[: -len("_scale_inv")] not in tensors:
+            weight = tensors.get(key[: -len("_scale_inv")])
+            if weight is None:
                 raise CheckpointError(f"{key} has no matching weight {key[: -len('_scale_inv')]}")
+            if weight.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(f"unexpected tensor {key}: its weight is {weight.dtype}, not FP8")
             continue
         if t.dtype == torch.float8_e4m3fn:
             scale = tensors.get(key + "_scale_inv")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .tasks import get_task
+from .tasks import Problem, Task, get_task
 from .tokenizer import EOS, render_chat
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from a disjoint RNG stream
@@ -55,10 +55,23 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
     return out
 
 
-def held_out_problems(task: str, n: int, seed: int):
+def held_out_problems(task: str, n: int, seed: int) -> list[Problem]:
+    """The evaluation problems of a task: training stages run with the same seed keep them out."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     t = get_task(task)
     return [t.sample(rng) for _ in range(n)]
+
+
+def training_problems(task: Task, rng: random.Random, n: int, held_out: set[str]) -> list[Problem]:
+    """n problems from the task's generator, none of whose prompts is held out for evaluation."""
+    out: list[Problem] = []
+    for _ in range(100 * n):
+        p = task.sample(rng)
+        if p.prompt not in held_out:
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"task: {task.name} yields too few problems outside the {len(held_out)} held out for evaluation")
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

@@ -43,7 +43,8 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
     answers are far more often right than the bare ones (two-digit addition: ~70% vs ~15%), but the
     base picks either at random: the gap that GRPO, rewarded for correct answers only, can find."""
     return PretrainConfig(preset=preset, tasks=(cfg.task,), scratchpad=0.5, seq_len=128, bias_gamma=0.001,
-                          batch_size=16, num_docs=cfg.num_docs, eval_every=0, eval_problems=0, **kw)
+                          batch_size=16, num_docs=cfg.num_docs, eval_every=0, eval_problems=0,
+                          held_out=cfg.eval_problems, **kw)
 
 
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
@@ -69,7 +70,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
     t = time.perf_counter()
-    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, max_new_tokens=cfg.max_new_tokens, eval_every=0)
+    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, max_new_tokens=cfg.max_new_tokens, eval_every=0,
+                          eval_problems=cfg.eval_problems)  # the held-out problems GRPO never trains on
     teacher_rl = GRPOTrainer(out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl").train()
     rl_seconds = time.perf_counter() - t
     rl = _eval(out / "rl", cfg, problems)

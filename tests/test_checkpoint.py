@@ -104,6 +104,13 @@ def test_load_fp8_checkpoint(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="q_b_proj.weight_scale_inv has shape"):
         load_model(tmp_path)
+    stray = "model.layers.0.self_attn.o_proj.weight"  # a scale next to a weight that is not FP8
+    save_file({**tensors, name + "_scale_inv": torch.ones(1, 1), stray + "_scale_inv": torch.ones(1, 1)},
+              tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor .*o_proj.weight_scale_inv"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="FP8 tensor norm.weight has shape"):
+        dequantize_fp8(torch.ones(4).to(torch.float8_e4m3fn), torch.ones(1), "norm.weight")
 
 
 @pytest.fixture

@@ -174,6 +174,18 @@ def test_grpo_resume_continues_exactly(tiny_base, tmp_path, mu, beta, ref_reset_
         torch.testing.assert_close(wb[k], wa[k], msg=k)
 
 
+def test_grpo_never_trains_on_its_held_out_evaluation_problems(tiny_base, tmp_path):
+    """The evaluation set is the one pretraining kept out of its corpus (same seed); rollouts avoid it."""
+    from nanoseek.data import held_out_problems
+    from nanoseek.train.loop import TrainConfig
+    trainer = GRPOTrainer(tiny_base, GRPOConfig(task="arithmetic@1", eval_problems=100), TrainConfig(seed=3),
+                          tmp_path / "rl")
+    held = [p.prompt for p in held_out_problems("arithmetic@1", 100, 3)]
+    assert [p.prompt for p in trainer.eval_problems] == held
+    drawn = {p.prompt for step in range(5) for _, p in trainer.sample_prompts(step, 64)}
+    assert len(drawn) > 100 and not drawn & set(held)  # one-digit arithmetic has 300 problems: a third held out
+
+
 def test_grpo_two_gloo_processes_match_one(tiny_base, tmp_path):
     """Each rank rolls out its share of the prompts (seeded by their place in the whole batch) and the loss is
     normalised by the whole batch, so two processes take the steps one would."""

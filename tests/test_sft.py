@@ -9,7 +9,7 @@ import torch
 from nanoseek import LLM, SamplingParams, load_model
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import EOS, render_chat
-from nanoseek.train.distill import SampleConfig, check_same_tokenizer, rejection_sample, training_problems
+from nanoseek.train.distill import SampleConfig, check_same_tokenizer, rejection_sample, distill_problems
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import PretrainConfig, pretrain
 from nanoseek.train.sft import SFTConfig, chat_examples, pack_examples, read_conversations, sft
@@ -94,7 +94,7 @@ class ScriptedTeacher:
 def test_rejection_sampling_keeps_distinct_verified_complete_samples():
     cfg = SampleConfig(task="arithmetic", problems=12, n=5, keep=2)
     teacher = ScriptedTeacher(get_task("arithmetic"))
-    teacher.answers = {p.prompt: p.answer for p in training_problems(get_task("arithmetic"), "arithmetic", 12, 0)}
+    teacher.answers = {p.prompt: p.answer for p in distill_problems(get_task("arithmetic"), "arithmetic", 12, 0)}
     records, rates = rejection_sample(teacher, cfg)
     assert len(records) == 24  # two distinct verified samples per problem, shortest first
     first = records[0]["messages"][1]
@@ -104,10 +104,10 @@ def test_rejection_sampling_keeps_distinct_verified_complete_samples():
     assert all(t["accept_rate"] == pytest.approx(3 / 5) for t in rates.values())  # wrong and cut-off rejected
 
 
-def test_training_problems_avoid_the_held_out_set():
+def test_distill_problems_avoid_the_held_out_set():
     from nanoseek.data import held_out_problems
     held = {p.prompt for p in held_out_problems("arithmetic", 200, 0)}
-    assert not held & {p.prompt for p in training_problems(get_task("arithmetic"), "arithmetic", 500, 0)}
+    assert not held & {p.prompt for p in distill_problems(get_task("arithmetic"), "arithmetic", 500, 0)}
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(tiny_base, tmp_path):
@@ -122,7 +122,7 @@ def test_distill_from_scratch_into_a_dense_student(tiny_base, tmp_path, monkeypa
     import nanoseek.train.distill as distill_mod
     task = get_task("arithmetic")
     teacher = ScriptedTeacher(task)
-    teacher.answers = {p.prompt: p.answer for p in training_problems(task, "arithmetic", 16, 0)}
+    teacher.answers = {p.prompt: p.answer for p in distill_problems(task, "arithmetic", 16, 0)}
     teacher.config = load_model(tiny_base).config
     monkeypatch.setattr(distill_mod, "LLM", lambda path: teacher)
     cfg = distill_mod.DistillConfig(teacher=str(tiny_base), student_preset="dense-small",

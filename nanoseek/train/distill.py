@@ -20,7 +20,7 @@ import torch
 from ..atomic import atomic_write_text
 from ..checkpoint import save_model
 from ..config import ModelConfig
-from ..data import held_out_problems
+from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
 from ..model import DeepSeekV3
 from ..tasks import Problem, Task, full_marks, get_task
@@ -50,17 +50,10 @@ class SampleConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-def training_problems(task: Task, name: str, n: int, seed: int) -> list[Problem]:
-    """Fresh problems from the task's generator, none of them among the held-out evaluation problems."""
+def distill_problems(task: Task, name: str, n: int, seed: int) -> list[Problem]:
+    """The problems rejection sampling draws: fresh ones, none of the 200 held out for evaluation."""
     held_out = {p.prompt for p in held_out_problems(name, 200, seed)}
-    rng, out = random.Random(seed * 7 + 13), []
-    for _ in range(100 * n):
-        p = task.sample(rng)
-        if p.prompt not in held_out:
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise ValueError(f"task: {name} yields too few problems outside the 200 held out for evaluation")
+    return training_problems(task, random.Random(seed * 7 + 13), n, held_out)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -74,7 +67,7 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
     Returns the records and accept rates per difficulty."""
     cfg.validate()
     task = get_task(cfg.task)
-    problems = training_problems(task, cfg.task, cfg.problems, cfg.seed)
+    problems = distill_problems(task, cfg.task, cfg.problems, cfg.seed)
     rewards = RewardSet(task)
     outs = llm.generate([p.prompt for p in problems],
                         SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoint import load_model
+from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
 from ..eval import evaluate
 from ..plots import plot_series
@@ -171,8 +172,9 @@ class GRPOTrainer:
         self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config, every=cfg.mu,
                                extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None)
         self.rollout: Rollout | None = None
-        rng = random.Random(tc.seed + 7)
-        self.eval_problems = [self.task.sample(rng) for _ in range(cfg.eval_problems)]
+        # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
+        self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed)
+        self._held_out = {p.prompt for p in self.eval_problems}
 
     def _reference_state(self) -> dict[str, Tensor]:
         """The reference since its last reset is no longer the initial model: checkpoints keep it."""
@@ -182,7 +184,7 @@ class GRPOTrainer:
     def sample_prompts(self, step: int, count: int, attempt: int = 0) -> list[tuple[int, Problem]]:
         """This rank's share of the step's prompts, with their index in the whole batch."""
         rng = random.Random(hash((self.tc.seed, step, attempt)) & 0xFFFFFFFF)
-        problems = [self.task.sample(rng) for _ in range(count)]
+        problems = training_problems(self.task, rng, count, self._held_out)
         return list(enumerate(problems))[self.d.rank::self.d.world]
 
     @torch.no_grad()

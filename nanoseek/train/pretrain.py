@@ -46,6 +46,7 @@ class PretrainConfig:
     eval_every: int = 50
     val_batches: int = 4
     eval_problems: int = 100  # held-out problems per task family for the final accuracy
+    held_out: int | None = None  # held-out problems per task kept out of the corpus (None: eval_problems)
 
 
 def dense_equivalent(config: ModelConfig) -> ModelConfig:
@@ -73,10 +74,11 @@ def update_gate_biases(model: DeepSeekV3, load: torch.Tensor, gamma: float) -> N
 def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, resume: bool = False):
     """Tokenizer (trained on rank 0 if not given; a resumed run keeps the one it started with), packed
     train/val rows, and held-out problems."""
-    held_out = ({t: held_out_problems(t, pc.eval_problems, seed) for t in pc.tasks}
-                if pc.data == "builtin" and pc.eval_problems else {})
+    kept_out = max(pc.eval_problems, pc.held_out or 0)
+    excluded = {t: held_out_problems(t, kept_out, seed) for t in pc.tasks} if pc.data == "builtin" else {}
+    held_out = {t: ps[:pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
     if pc.data == "builtin":
-        exclude = {p.prompt for ps in held_out.values() for p in ps}
+        exclude = {p.prompt for ps in excluded.values() for p in ps}
         docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
     else:
         docs = read_documents(pc.data)
