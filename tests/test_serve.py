@@ -384,5 +384,14 @@ def test_chat_page_streams_thinking_then_answer(served):
                                    "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 0")
             page.click("#new-chat")
             assert page.locator(".msg").count() == 0
+            page.fill("#max-tokens", "100000")  # refused (beyond the context): the turn is not kept
+            page.fill("#input", "ping")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant .error")
+            page.fill("#max-tokens", "8")
+            with page.expect_request("**/v1/chat/completions") as sent:
+                page.fill("#input", "hi")
+                page.press("#input", "Enter")
+            assert [m["content"] for m in sent.value.post_data_json["messages"]] == ["hi"]
         finally:
             browser.close()

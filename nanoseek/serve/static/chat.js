@@ -54,7 +54,7 @@ async function send(text) {
   controller = new AbortController();
   setBusy(true);
   const started = performance.now();
-  let thinkingDone = false, answer = "";
+  let thinkingDone = false, answer = "", failed = false;
   const endThinking = () => {
     if (thinkingDone || ui.thinking.hidden) return;
     thinkingDone = true;
@@ -114,6 +114,7 @@ async function send(text) {
     }
   } catch (e) {
     if (e.name !== "AbortError") {
+      failed = true;
       const p = document.createElement("div");
       p.className = "error";
       p.textContent = e.message;
@@ -121,7 +122,9 @@ async function send(text) {
     }
   } finally {
     endThinking();
-    turns.push({ role: "assistant", content: answer });
+    // a request that failed before any answer (a bad setting, a wrong key) leaves the conversation as it was
+    if (failed && !answer) turns.pop();
+    else turns.push({ role: "assistant", content: answer });
     controller = null;
     setBusy(false);
   }
