@@ -2,12 +2,16 @@
 
 Each slot holds, per layer, only the `kv_lora_rank + qk_rope_head_dim` latent of absorbed MLA. A full
 block is identified by a chained hash (parent block's hash + its token ids); a hit is confirmed by
-comparing the ids, and the block is shared by reference count. Freed blocks keep their hash and are
+comparing the ids, and the block is shared by reference count. The hash is BLAKE2b, not Python's
+`hash`: a prompt crafted to collide with another's prefix must not read its latents (as vLLM moved to
+sha256 for). Freed blocks keep their hash and are
 reused least-recently-freed first, so a popular prefix survives as long as memory allows.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -16,15 +20,20 @@ from torch import Tensor
 from ..config import ModelConfig
 
 
+def chain_hash(parent: bytes | None, ids: tuple[int, ...]) -> bytes:
+    """The chained hash of a full block: its parent's hash and its token ids."""
+    return hashlib.blake2b((parent or b"") + array("q", ids).tobytes(), digest_size=16).digest()
+
+
 class BlockManager:
     """Allocates cache blocks to sequences; knows nothing of tensors."""
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         self.block_size, self.prefix_caching = block_size, prefix_caching
         self.ref = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.block_ids: list[tuple[int, ...] | None] = [None] * num_blocks
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
     @property
@@ -47,7 +56,7 @@ class BlockManager:
         blocks, h = [], None
         for i in range(len(token_ids) // self.block_size):
             ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((h, ids))
+            h = chain_hash(h, ids)
             block = self.by_hash.get(h)
             if block is None or self.block_ids[block] != ids:
                 break
@@ -66,13 +75,13 @@ class BlockManager:
         return True
 
     def seal(self, table: list[int], token_ids: list[int], done: int = 0,
-             h: int | None = None) -> tuple[int, int | None]:
+             h: bytes | None = None) -> tuple[int, bytes | None]:
         """Register the hashes of the full blocks table[done:] holding `token_ids` (a whole number of
         blocks; block `done`'s parent hash is h); returns the new (done, h) so each block is hashed once."""
         full = len(token_ids) // self.block_size
         for k in range(full if self.prefix_caching else 0):
             ids = tuple(token_ids[k * self.block_size:(k + 1) * self.block_size])
-            h = hash((h, ids))
+            h = chain_hash(h, ids)
             block = table[done + k]
             if self.block_hash[block] is None:
                 self.block_hash[block], self.block_ids[block] = h, ids

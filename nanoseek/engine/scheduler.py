@@ -34,7 +34,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     table: list[int] = field(default_factory=list)
     num_computed: int = 0
-    sealed: tuple[int, int | None] = (0, None)  # blocks hashed for the prefix cache, last hash
+    sealed: tuple[int, bytes | None] = (0, None)  # blocks hashed for the prefix cache, last hash
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     preempted: bool = False  # recomputed blocks of its own are not prefix-cache hits
