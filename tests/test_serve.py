@@ -323,7 +323,7 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypat
     body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
-    assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 1, timeout=2)
+    assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 1)
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
     assert metric(url, 'nanoseek_requests_total{outcome="length"}') == finished
 

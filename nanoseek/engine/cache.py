@@ -3,9 +3,9 @@
 Each slot holds, per layer, only the `kv_lora_rank + qk_rope_head_dim` latent of absorbed MLA. A full
 block is identified by a chained hash (parent block's hash + its token ids); a hit is confirmed by
 comparing the ids, and the block is shared by reference count. The hash is BLAKE2b, not Python's
-`hash`: a prompt crafted to collide with another's prefix must not read its latents (as vLLM moved to
-sha256 for). Freed blocks keep their hash and are
-reused least-recently-freed first, so a popular prefix survives as long as memory allows.
+`hash`, so that a prompt crafted to collide with another's prefix cannot read its latents (vLLM moved to
+sha256 for the same reason). Freed blocks keep their hash and are reused least-recently-freed first,
+so a popular prefix survives as long as memory allows.
 """
 
 from __future__ import annotations

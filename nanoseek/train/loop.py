@@ -175,7 +175,8 @@ class Trainer:
                  extra_state: Callable[[], dict[str, Tensor]] | None = None):
         cfg.validate()
         if cfg.save_every % every:
-            raise ValueError(f"save_every: {cfg.save_every} must be a multiple of {every}, the steps per rollout batch")
+            raise ValueError(f"save_every: {cfg.save_every} must be a multiple of {every} (steps that belong "
+                             "together, e.g. the updates on one GRPO rollout batch)")
         self.cfg, self.out = cfg, Path(out)
         self.every, self.extra_state = every, extra_state
         self.resumed_extra: dict[str, Tensor] = {}

@@ -46,7 +46,7 @@ class PretrainConfig:
     eval_every: int = 50
     val_batches: int = 4
     eval_problems: int = 100  # held-out problems per task family for the final accuracy
-    held_out: int | None = None  # held-out problems per task kept out of the corpus (None: eval_problems)
+    held_out: int = 0  # held-out problems per task kept out of the corpus (at least eval_problems)
 
 
 def dense_equivalent(config: ModelConfig) -> ModelConfig:
@@ -74,7 +74,7 @@ def update_gate_biases(model: DeepSeekV3, load: torch.Tensor, gamma: float) -> N
 def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, resume: bool = False):
     """Tokenizer (trained on rank 0 if not given; a resumed run keeps the one it started with), packed
     train/val rows, and held-out problems."""
-    kept_out = max(pc.eval_problems, pc.held_out or 0)
+    kept_out = max(pc.eval_problems, pc.held_out)
     excluded = {t: held_out_problems(t, kept_out, seed) for t in pc.tasks} if pc.data == "builtin" else {}
     held_out = {t: ps[:pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
     if pc.data == "builtin":
