@@ -1,8 +1,8 @@
 """Pretraining data: the built-in corpus of worked task examples, user files, packing and batches.
 
 Built-in documents are R1-Zero prompts followed by a worked completion; a fraction carry a step-by-step
-scratchpad inside <think>, the rest a short one, so the base model learns the format and RL has room to
-teach it to think more. Documents are packed end to end (separated by EOS) into fixed-length rows.
+scratchpad inside <think>, the rest an empty one, so the base model learns the format and RL has room to
+teach it to think. Documents are packed end to end (separated by EOS) into fixed-length rows.
 """
 
 from __future__ import annotations

@@ -38,10 +38,12 @@ class DemoConfig:
 
 
 def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
-    """The base's corpus: worked examples of the task, half of them with the step-by-step scratchpad
-    and half with the bare answer, in short rows. After a few minutes of pretraining the scratchpad
-    answers are far more often right than the bare ones (two-digit addition: ~70% vs ~15%), but the
-    base picks either at random: the gap that GRPO, rewarded for correct answers only, can find."""
+    """The base's corpus: worked examples of the task in short rows, half of them thinking step by step
+    inside <think> and half answering at once with an empty one. After a few minutes of pretraining the
+    thought-out answers are far more often right than the immediate ones (seed 0: 100% against 8% of
+    sampled answers), but the base thinks only about half the time: the gap that GRPO, rewarded for
+    correct answers only, can find. (With the immediate answers restating the sum, `75 + 32 </think>`,
+    the scratchpad was learnt less reliably: 69% right on seed 0, where GRPO then added 5 to 21 points.)"""
     return PretrainConfig(preset=preset, tasks=(cfg.task,), scratchpad=0.5, seq_len=128, bias_gamma=0.001,
                           batch_size=16, num_docs=cfg.num_docs, eval_every=0, eval_problems=0,
                           held_out=cfg.eval_problems, **kw)
@@ -49,7 +51,9 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
 
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
     """GRPO's optimiser: a constant 1e-4 after a short warm-up. At 3e-4 the policy still learned to
-    use its scratchpad, but the noisy updates also broke the arithmetic: accuracy fell below the base."""
+    use its scratchpad, but the noisy updates also broke the arithmetic: accuracy fell below the base.
+    (Rollouts are sampled at temperature 0.7: at 1.0 more sampled scratchpads misread a digit, which blurs
+    the reward's case for thinking; on one base 30 steps gave 46% greedy at 1.0, 62% at 0.7.)"""
     return TrainConfig(lr=1e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.0, seed=cfg.seed, **kw)
 
 
@@ -70,8 +74,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
     t = time.perf_counter()
-    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, max_new_tokens=cfg.max_new_tokens, eval_every=0,
-                          eval_problems=cfg.eval_problems)  # the held-out problems GRPO never trains on
+    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, temperature=0.7, max_new_tokens=cfg.max_new_tokens,
+                          eval_every=0, eval_problems=cfg.eval_problems)  # the held-out problems GRPO never trains on
     teacher_rl = GRPOTrainer(out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl").train()
     rl_seconds = time.perf_counter() - t
     rl = _eval(out / "rl", cfg, problems)

@@ -14,6 +14,8 @@ def test_worked_solutions_score_full_marks():
             for pad in (True, False):
                 sol = task.solution(p, scratchpad=pad)
                 assert format_ok(p.full_completion(sol)) and task.score(p, sol) == 1.0
+                # without the scratchpad the model is shown answering at once: nothing inside <think>
+                assert (sol.split("</think>")[0].strip() == "") is not pad
     r1 = get_task("arithmetic", template="r1zero").sample(random.Random(0))
     assert r1.prompt.startswith("A conversation between User and Assistant") and r1.prompt.endswith("Assistant:")
     assert format_ok(r1.full_completion(get_task("arithmetic").solution(r1)))

@@ -32,7 +32,7 @@ class Arithmetic(Task):
 
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
-        return problem.completion(_steps(a, b, op) if scratchpad else f"{a} {op} {b}", str(problem.answer))
+        return problem.completion(_steps(a, b, op) if scratchpad else "", str(problem.answer))
 
 
 def _steps(a: int, b: int, op: str) -> str:

@@ -109,7 +109,8 @@ class Task:
         raise NotImplementedError
 
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
-        """A worked completion (used to build the pretraining corpus); `scratchpad` adds the steps."""
+        """A worked completion (used to build the pretraining corpus): with `scratchpad` the steps inside
+        `<think>`, without it an empty `<think> </think>` and the answer, as a model that does not think."""
         raise NotImplementedError
 
     def score(self, problem: Problem, completion: str) -> float:

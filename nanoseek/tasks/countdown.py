@@ -95,5 +95,5 @@ class Countdown(Task):
         return 1.0 if value == problem.answer else 0.1
 
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
-        think = ", ".join(problem.data["steps"]) if scratchpad else "try the numbers"
+        think = ", ".join(problem.data["steps"]) if scratchpad else ""
         return problem.completion(think, problem.data["expression"])
