@@ -177,6 +177,16 @@ def test_bad_sampling_params(kwargs, field):
     assert SamplingParams(temperature=1e-300).greedy  # below 1e-5 the scaled logits would overflow
 
 
+@pytest.mark.parametrize("kwargs,field", [({"max_batched_tokens": 0}, "max_batched_tokens"),
+                                          ({"max_num_seqs": 0}, "max_num_seqs"), ({"block_size": 0}, "block_size"),
+                                          ({"block_size": 2.5}, "block_size"), ({"cache_memory_mb": 0}, "cache_memory_mb"),
+                                          ({"max_num_seqs": True}, "max_num_seqs")])
+def test_bad_engine_settings_are_refused(model, kwargs, field):
+    """A zero budget would never schedule a prompt: generate() would spin forever instead of failing."""
+    with pytest.raises(ValueError, match=field):
+        LLM(model, **kwargs)
+
+
 def test_bad_prompts_leave_the_engine_serving(model):
     llm = LLM(model)
     ok = llm.add_request([1, 2, 3], GREEDY)

@@ -79,6 +79,12 @@ class LLM:
     def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
                  block_size: int = 16, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
                  prefix_caching: bool = True, speculative: bool = False, compile: bool = False):
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_batched_tokens", max_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if isinstance(cache_memory_mb, bool) or not isinstance(cache_memory_mb, (int, float)) or not cache_memory_mb > 0:
+            raise ValueError(f"cache_memory_mb: must be a positive number, got {cache_memory_mb!r}")
         if not isinstance(model, DeepSeekV3):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model)
