@@ -328,6 +328,31 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypat
     assert metric(url, 'nanoseek_requests_total{outcome="length"}') == finished
 
 
+def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(served, client, monkeypatch):
+    """A bug in a step is not the client's fault: a 500 in the OpenAI shape, counted as an error (not as
+    a client's abort), with its cache freed; the next request is served as usual."""
+    url, server = served
+    step, calls = server.llm.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step()
+
+    monkeypatch.setattr(server.llm, "step", failing_once)
+    errors, aborted = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("error", "abort"))
+    with pytest.raises(openai.InternalServerError, match="engine step failed: boom"):
+        client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=8, extra_body={"ignore_eos": True})
+    assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="error"}') == errors + 1)
+    assert metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted
+    assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
+    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+
+
 def test_metrics_report_latency_and_tokens(served, client):
     client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
     url, _ = served

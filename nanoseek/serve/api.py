@@ -152,7 +152,7 @@ class Generation:
         self.arrived, self.first_token_at = time.perf_counter(), None
         self.num_cached = 0
         self.request_id, self.queue = server.submit(prompt_ids, params)
-        self.done = self.closed = False
+        self.done = self.closed = self.failed = False
 
     async def deltas(self, request: Request | None = None) -> AsyncIterator[StreamDelta]:
         """Deltas until every choice finished. Given `request`, also stop when its client goes away (asked
@@ -171,6 +171,7 @@ class Generation:
                 self.done = True
                 return
             if isinstance(item, EngineError):
+                self.failed = True
                 raise APIError(500, str(item), type="server_error")
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
@@ -193,14 +194,14 @@ class Generation:
             self.close()
 
     def close(self) -> None:
-        """Abort if unfinished (client gone or error) and record the request's metrics, once."""
+        """Abort if unfinished (client gone, engine failure) and record the request's metrics, once."""
         if self.closed:
             return
         self.closed = True
         m = self.server.metrics
         if not self.done:
             self.server.engine.abort(self.request_id)
-            m.inc("nanoseek_requests_total", label="abort")
+            m.inc("nanoseek_requests_total", label="error" if self.failed else "abort")
             return
         m.inc("nanoseek_requests_total", label=self.choices[0].finish_reason or "stop")
         m.inc("nanoseek_prompt_tokens_total", len(self.prompt_ids))
