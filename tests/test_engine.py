@@ -180,6 +180,7 @@ def test_bad_sampling_params(kwargs, field):
 @pytest.mark.parametrize("kwargs,field", [({"max_batched_tokens": 0}, "max_batched_tokens"),
                                           ({"max_num_seqs": 0}, "max_num_seqs"), ({"block_size": 0}, "block_size"),
                                           ({"block_size": 2.5}, "block_size"), ({"cache_memory_mb": 0}, "cache_memory_mb"),
+                                          ({"cache_memory_mb": float("inf")}, "cache_memory_mb"),
                                           ({"max_num_seqs": True}, "max_num_seqs")])
 def test_bad_engine_settings_are_refused(model, kwargs, field):
     """A zero budget would never schedule a prompt: generate() would spin forever instead of failing."""

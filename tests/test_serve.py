@@ -328,9 +328,10 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypat
     assert metric(url, 'nanoseek_requests_total{outcome="length"}') == finished
 
 
-def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(served, client, monkeypatch):
-    """A bug in a step is not the client's fault: a 500 in the OpenAI shape, counted as an error (not as
-    a client's abort), with its cache freed; the next request is served as usual."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(served, client, monkeypatch, stream):
+    """A bug in a step is not the client's fault: a 500 in the OpenAI shape (an error event mid-stream),
+    counted as an error (not as a client's abort), with its cache freed; the next request is served."""
     url, server = served
     step, calls = server.llm.step, []
 
@@ -342,9 +343,12 @@ def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(served,
 
     monkeypatch.setattr(server.llm, "step", failing_once)
     errors, aborted = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("error", "abort"))
-    with pytest.raises(openai.InternalServerError, match="engine step failed: boom"):
-        client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=8, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIError, match="engine step failed: boom") as failed:
+        r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=8, stream=stream, extra_body={"ignore_eos": True})
+        for _ in r if stream else ():
+            pass
+    assert stream or isinstance(failed.value, openai.InternalServerError)
     assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="error"}') == errors + 1)
     assert metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)

@@ -9,6 +9,7 @@ The server and the RL trainer drive it through `add_request` / `step` / `abort`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import deque
@@ -83,7 +84,8 @@ class LLM:
                             ("max_batched_tokens", max_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if isinstance(cache_memory_mb, bool) or not isinstance(cache_memory_mb, (int, float)) or not cache_memory_mb > 0:
+        if (isinstance(cache_memory_mb, bool) or not isinstance(cache_memory_mb, (int, float))
+                or not 0 < cache_memory_mb < math.inf):
             raise ValueError(f"cache_memory_mb: must be a positive number, got {cache_memory_mb!r}")
         if not isinstance(model, DeepSeekV3):
             tokenizer = tokenizer or load_tokenizer(model)
