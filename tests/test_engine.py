@@ -120,6 +120,25 @@ def test_n_samples_share_the_prompt_cache(model):
     assert llm.blocks.num_free == len(llm.blocks.ref)
 
 
+def test_n_samples_respect_max_num_seqs(model):
+    """Samples 2..n fork from the first once its prompt is cached; with no decode slot free they wait
+    like any request (and find the prompt in the prefix cache), and still give their seeds' outputs."""
+    llm = LLM(model, block_size=4, max_num_seqs=2)
+    p = prompts(1, seed=12, lo=30, hi=31)[0]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=0, ignore_eos=True)
+    rid, most = llm.add_request(p, params), 0
+    while llm.has_unfinished():
+        llm.step()
+        most = max(most, len(llm.scheduler.running))
+    out = llm._result(rid)
+    assert most == 2
+    for o in out.outputs:
+        lone = LLM(model, block_size=4).generate(p, SamplingParams(temperature=1.0, max_tokens=6, seed=o.index,
+                                                                  ignore_eos=True))[0]
+        assert lone.token_ids == o.token_ids
+    assert out.num_cached_tokens == 0 and llm.blocks.num_free == len(llm.blocks.ref)
+
+
 def test_logprobs_match_full_forward(model):
     llm = LLM(model)
     p = prompts(1, seed=11)[0]

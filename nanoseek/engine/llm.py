@@ -317,9 +317,13 @@ class LLM:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end
         of the forward's step, once the MTP layer has written its latents too)."""
         n = len(parent.prompt_ids)
+        child.num_cached_prompt = parent.num_cached_prompt
+        if len(self.scheduler.running) >= self.scheduler.max_num_seqs:  # no decode slot: wait like any request
+            self.scheduler.requeue(child)  # (and find the prompt's full blocks in the prefix cache)
+            return
         full = n // self.blocks.block_size
         child.table = self.blocks.fork(parent.table[:full])
-        child.num_computed, child.num_cached_prompt, child.admitted = n, parent.num_cached_prompt, True
+        child.num_computed, child.admitted = n, True
         if n % self.blocks.block_size:
             if not self.blocks.grow(child.table, n):  # no room for the tail: recompute this sample later
                 self.scheduler.requeue(child)
