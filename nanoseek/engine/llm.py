@@ -9,7 +9,6 @@ The server and the RL trainer drive it through `add_request` / `step` / `abort`.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections import deque
@@ -23,8 +22,8 @@ from ..checkpoint import load_model
 from ..model import DeepSeekV3
 from ..tokenizer import load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
-from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, processed_probs, sample,
-                       verify_draft)
+from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
+                       processed_probs, sample, verify_draft)
 from .scheduler import Scheduler, Sequence
 
 
@@ -82,11 +81,10 @@ class LLM:
                  prefix_caching: bool = True, speculative: bool = False, compile: bool = False):
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_batched_tokens", max_batched_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if (isinstance(cache_memory_mb, bool) or not isinstance(cache_memory_mb, (int, float))
-                or not 0 < cache_memory_mb < math.inf):
-            raise ValueError(f"cache_memory_mb: must be a positive number, got {cache_memory_mb!r}")
+        if not (is_number(cache_memory_mb) and cache_memory_mb > 0):
+            raise ValueError(f"cache_memory_mb: must be a finite number > 0, got {cache_memory_mb!r}")
         if not isinstance(model, DeepSeekV3):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model)

@@ -34,23 +34,23 @@ class SamplingParams:
         self.stop = [] if self.stop is None else self.stop
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
         checks = [
-            ("n", _int(self.n) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"),
-            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", _int(self.top_k) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
-            ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("n", is_int(self.n) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", is_int(self.top_k) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
+            ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "must be an integer >= 1"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
-            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            ("presence_penalty", is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "must be in [-2, 2]"),
             ("logprobs", isinstance(self.logprobs, bool), "must be true or false"),
-            ("top_logprobs", _int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
             ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
              "must be a string or a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple, set))
-             and all(_int(t) for t in self.stop_token_ids), "must be a list of integers"),
-            ("seed", self.seed is None or (_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n),
+             and all(is_int(t) for t in self.stop_token_ids), "must be a list of integers"),
+            ("seed", self.seed is None or (is_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n),
              "must be an integer in [-2**63, 2**64 - n]"),
         ]
         for name, ok, why in checks:
@@ -63,11 +63,13 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
-def _num(x: object) -> bool:
+def is_number(x: object) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An int that is not a bool (True would pass isinstance(x, int))."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
