@@ -48,11 +48,17 @@ def test_policy_loss_against_float64(loss_type):
     got, stats = policy_loss(logp, old, ref, adv, mask, cfg)
     want = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), cfg)
     assert got.item() == pytest.approx(want, rel=1e-10)
-    assert stats["kl"] >= 0 and 0 < stats["clip_low_frac"] + stats["clip_high_frac"] < 1
-    # in unequal micro-batches (4 + 2 rows), each divided by 2 as gradient accumulation does: the same loss
+    m = mask.double()
+    kl = (torch.exp(ref - logp) - (ref - logp) - 1) * m
+    assert stats["kl"] == pytest.approx(float(kl.sum() / m.sum()), rel=1e-10)
+    assert 0 < stats["clip_low_frac"] + stats["clip_high_frac"] < 1
+    # in unequal micro-batches (4 + 2 rows), each divided by 2 as gradient accumulation does: the same loss,
+    # and stats that average (as the training loop does) to the whole batch's per-token means
     batch = (n, int(mask.sum()), 2)
-    parts = [policy_loss(logp[r], old[r], ref[r], adv[r], mask[r], cfg, batch)[0] / 2 for r in (slice(0, 4), slice(4, 6))]
-    assert sum(parts).item() == pytest.approx(want, rel=1e-10)
+    parts = [policy_loss(logp[r], old[r], ref[r], adv[r], mask[r], cfg, batch) for r in (slice(0, 4), slice(4, 6))]
+    assert sum(loss for loss, _ in parts).item() / 2 == pytest.approx(want, rel=1e-10)
+    for k, v in stats.items():
+        assert sum(s[k] for _, s in parts) / 2 == pytest.approx(v, rel=1e-10), k
 
 
 def test_gradient_is_zero_when_all_rewards_equal():

@@ -91,6 +91,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
     `batch` = (rows, completion tokens, parts) of the whole rollout batch when these tensors are one of
     its `parts` micro-batches: the loss is then normalised by the whole batch, so that the micro-batches'
     losses, each divided by `parts` (as gradient accumulation does), add up to the whole batch's exactly.
+    The stats (KL, clip fractions) are normalised the same way, so their mean over the micro-batches is
+    the whole batch's per-token mean.
     """
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
@@ -109,12 +111,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
         loss = (per_token * mask).sum() * parts / max(tokens, 1)
     else:
         loss = (per_token * mask).sum() * parts / (rows * cfg.max_new_tokens)
-    n = mask.sum().clamp(min=1)
     with torch.no_grad():
-        stats = {"kl": float((kl * mask).sum() / n),
-                 "clip_low_frac": float((((ratio < 1 - cfg.epsilon_low) & (a < 0)) * mask).sum() / n),
-                 "clip_high_frac": float((((ratio > 1 + cfg.epsilon_high) & (a > 0)) * mask).sum() / n)}
+        stats = {"kl": token_mean(kl, mask, tokens, parts),
+                 "clip_low_frac": token_mean((ratio < 1 - cfg.epsilon_low) & (a < 0), mask, tokens, parts),
+                 "clip_high_frac": token_mean((ratio > 1 + cfg.epsilon_high) & (a > 0), mask, tokens, parts)}
     return loss, stats
+
+
+def token_mean(x: Tensor, mask: Tensor, tokens: int, parts: int) -> float:
+    """x's sum over the mask as this micro-batch's share of a per-token mean over `tokens` in `parts` parts."""
+    return float((x * mask).sum()) * parts / max(tokens, 1)
 
 
 @dataclass
@@ -283,9 +289,10 @@ class GRPOTrainer:
         batch = (*r.total, self.tc.grad_accum)
         loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg, batch)
         # normalised by the whole batch: times the ranks, whose gradients DDP averages, gives the whole batch's
+        stats["entropy"] = token_mean(entropy, r.mask[rows], r.total[1], self.tc.grad_accum)
+        # the loop averages stats over micro-batches and ranks: times the ranks, they are the whole batch's
+        stats = {k: 0.0 if empty else v * self.d.world for k, v in stats.items()}
         loss = loss * 0 if empty else loss * self.d.world
-        m = r.mask[rows].float()
-        stats["entropy"] = float((entropy * m).sum() / m.sum().clamp(min=1))
         stats["update_seconds"] = time.perf_counter() - t0
         # rollout metrics are per rollout batch: report them on every micro-batch so averages hold
         return loss, {**r.metrics, **stats}
