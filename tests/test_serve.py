@@ -260,6 +260,11 @@ def test_api_key_and_queue_limit(checkpoint):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         assert httpx.get(url + "/v1/models").status_code == 401
+        # checked before the body is read: a client without the key learns nothing about its request
+        for body in (b"{not json", b"x" * (3 * 2**20)):
+            r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health").status_code == 200  # outside /v1: open
         good = openai.OpenAI(base_url=url + "/v1", api_key="sk-secret", max_retries=0)
         long = good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
                                             max_tokens=400, extra_body={"ignore_eos": True})

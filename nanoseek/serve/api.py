@@ -23,7 +23,7 @@ from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 import uvicorn
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -226,10 +226,10 @@ class Generation:
 class Server:
     """What the routes share: the engine thread, tokenizer, limits and metrics."""
 
-    def __init__(self, llm: LLM, served_model_name: str, api_key: str | None, max_pending: int):
+    def __init__(self, llm: LLM, served_model_name: str, max_pending: int):
         if llm.tokenizer is None:
             raise ValueError("model: serving needs a tokenizer; the checkpoint has no tokenizer.json")
-        self.llm, self.tokenizer, self.name, self.api_key = llm, llm.tokenizer, served_model_name, api_key
+        self.llm, self.tokenizer, self.name = llm, llm.tokenizer, served_model_name
         self.max_pending = max_pending
         self.engine = AsyncEngine(llm)
         self.end_think = self.tokenizer.token_to_id(END_THINK)
@@ -352,6 +352,22 @@ class BodyLimit:
         return await self.app(scope, receive if size is not None else counted, send)
 
 
+class BearerAuth:
+    """401 for a /v1 request without `Authorization: Bearer KEY` (constant-time compare), before its body is
+    read: a client without the key learns nothing about its request (as with OpenAI's API and vLLM)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -359,7 +375,7 @@ def _sse(payload: dict | str) -> str:
 def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | None = None,
                max_pending: int = 256, max_body_bytes: int = 2 * 2**20) -> FastAPI:
     """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
-    server = Server(llm, served_model_name, api_key, max_pending)
+    server = Server(llm, served_model_name, max_pending)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -394,16 +410,8 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         return APIError(500, "internal server error", type="server_error").response()
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-
-    async def authorize(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
-
-    v1 = [Depends(authorize)]
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
 
     @app.get("/health")
     async def health():
@@ -414,12 +422,12 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
                                             "owned_by": "nanoseek", "max_model_len": llm.max_len}]}
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
         prompt = render_chat([m.as_dict() for m in req.messages])
@@ -444,7 +452,7 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         return {**head, "object": "chat.completion", "choices": choices, "usage": gen.usage(),
                 "system_fingerprint": None}
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
         if isinstance(req.prompt, str):
