@@ -136,7 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     llm = LLM(args.checkpoint)
     rows = []
     for name in args.task or sorted(TASKS):
-        r = evaluate(llm, get_task(name), held_out_problems(name, args.n, args.seed), args.max_new_tokens, args.k)
+        problems = held_out_problems(name, args.n, args.seed, args.template)
+        r = evaluate(llm, get_task(name, args.template), problems, args.max_new_tokens, args.k)
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.as_dict().items()))
         rows += [json.dumps({"task": name, **s}) + "\n" for s in r.samples]
     if args.out:
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", choices=["chat", "r1zero"], default="chat", help="the prompt format trained on")
     p.add_argument("--out", help="JSONL of every sample")
     p.set_defaults(func=cmd_eval)
 

@@ -28,7 +28,7 @@ Document = str | tuple[str, ...]  # a text, or pieces tokenised separately (prom
 def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic", "countdown"),
                       scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[tuple[str, str]]:
     """n worked examples (prompt, completion), cycling over tasks (`name@levels` limits the levels drawn);
-    prompts in `exclude` are skipped.
+    problems whose question is in `exclude` are skipped.
 
     Prompt and completion are tokenised separately, as at generation time, so no BPE merge spans the
     boundary the model will see when it is asked to complete the prompt."""
@@ -38,7 +38,7 @@ def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic",
     while len(docs) < n:
         task = objs[len(docs) % len(objs)]
         p = task.sample(rng)
-        if exclude and p.prompt in exclude:
+        if exclude and p.question in exclude:
             continue
         docs.append((p.prompt, task.solution(p, scratchpad=rng.random() < scratchpad) + EOS))
     return docs
@@ -55,19 +55,20 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
     return out
 
 
-def held_out_problems(task: str, n: int, seed: int) -> list[Problem]:
-    """The evaluation problems of a task: training stages run with the same seed keep them out."""
+def held_out_problems(task: str, n: int, seed: int, template: str = "chat") -> list[Problem]:
+    """The evaluation problems of a task: training stages run with the same seed keep their questions out
+    (whatever the template)."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
-    t = get_task(task)
+    t = get_task(task, template)
     return [t.sample(rng) for _ in range(n)]
 
 
 def training_problems(task: Task, rng: random.Random, n: int, held_out: set[str]) -> list[Problem]:
-    """n problems from the task's generator, none of whose prompts is held out for evaluation."""
+    """n problems from the task's generator, none of whose questions is held out for evaluation."""
     out: list[Problem] = []
     for _ in range(100 * n):
         p = task.sample(rng)
-        if p.prompt not in held_out:
+        if p.question not in held_out:
             out.append(p)
             if len(out) == n:
                 return out

@@ -7,9 +7,9 @@ from nanoseek.data import Batches, builtin_documents, document_ids, held_out_pro
 
 
 def test_builtin_corpus_excludes_held_out_problems():
-    held = {p.prompt for p in held_out_problems("arithmetic", 300, seed=0)}
-    docs = builtin_documents(3000, seed=0, tasks=("arithmetic",), exclude=held)
-    assert not any(prompt in held for prompt, _ in docs)
+    held = held_out_problems("arithmetic", 300, seed=0)
+    docs = builtin_documents(3000, seed=0, tasks=("arithmetic",), exclude={p.question for p in held})
+    assert not {prompt for prompt, _ in docs} & {p.prompt for p in held}
     assert sum("," in completion for _, completion in docs) > 300  # some carry a scratchpad
 
 

@@ -120,7 +120,9 @@ def test_overlong_penalty():
 
 
 @pytest.mark.parametrize("changes,msg", [({"group_size": 1}, "group_size"), ({"task": "chess"}, "unknown task"),
-                                         ({"loss_type": "ppo"}, "loss_type")])
+                                         ({"loss_type": "ppo"}, "loss_type"), ({"temperature": 0.0}, "temperature"),
+                                         ({"top_p": 0.0}, "top_p"), ({"epsilon_low": 1.0}, "epsilon_low"),
+                                         ({"overlong_cache": 64}, "overlong_cache"), ({"beta": -0.1}, "beta")])
 def test_config_errors_before_training(changes, msg):
     with pytest.raises(ValueError, match=msg):
         GRPOConfig(**changes).validate(world=1)
@@ -180,15 +182,18 @@ def test_grpo_resume_continues_exactly(tiny_base, tmp_path, mu, beta, ref_reset_
         torch.testing.assert_close(wb[k], wa[k], msg=k)
 
 
-def test_grpo_never_trains_on_its_held_out_evaluation_problems(tiny_base, tmp_path):
-    """The evaluation set is the one pretraining kept out of its corpus (same seed); rollouts avoid it."""
+@pytest.mark.parametrize("template", ["chat", "r1zero"])
+def test_grpo_never_trains_on_its_held_out_evaluation_problems(tiny_base, tmp_path, template):
+    """The evaluation set is the one pretraining kept out of its corpus (same seed, same questions whatever
+    the template), in the template trained on; rollouts avoid it."""
     from nanoseek.data import held_out_problems
     from nanoseek.train.loop import TrainConfig
-    trainer = GRPOTrainer(tiny_base, GRPOConfig(task="arithmetic@1", eval_problems=100), TrainConfig(seed=3),
-                          tmp_path / "rl")
-    held = [p.prompt for p in held_out_problems("arithmetic@1", 100, 3)]
-    assert [p.prompt for p in trainer.eval_problems] == held
-    drawn = {p.prompt for step in range(5) for _, p in trainer.sample_prompts(step, 64)}
+    cfg = GRPOConfig(task="arithmetic@1", eval_problems=100, template=template)
+    trainer = GRPOTrainer(tiny_base, cfg, TrainConfig(seed=3), tmp_path / "rl")
+    held = [p.question for p in held_out_problems("arithmetic@1", 100, 3)]  # pretraining's (chat) set
+    assert [p.question for p in trainer.eval_problems] == held
+    assert {p.template for p in trainer.eval_problems} == {template}
+    drawn = {p.question for step in range(5) for _, p in trainer.sample_prompts(step, 64)}
     assert len(drawn) > 100 and not drawn & set(held)  # one-digit arithmetic has 300 problems: a third held out
 
 
@@ -235,3 +240,37 @@ def test_demo_writes_report_and_summary(tmp_path):
     assert "| base (pretrained) |" in report and f"nanoseek serve {tmp_path / 'rl'}" in report  # this run's model
     for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
         assert (tmp_path / f).exists(), f
+
+
+def test_evaluate_greedy_pass1_and_consensus_against_hand_counts():
+    """Two problems, k = 3: pass@1 is the mean solved share of the samples, cons@k grades the majority answer."""
+    import random
+    from nanoseek.eval import evaluate
+    task = get_task("arithmetic@1")
+    p, q = task.sample(random.Random(0)), task.sample(random.Random(1))
+
+    def out(*completions):
+        outs = [CompletionOutput(i, [0] * (i + 1), c, "stop") for i, c in enumerate(completions)]
+        return RequestOutput("r", [], outs, 0)
+
+    right = lambda x: x.completion("", str(x.answer))  # noqa: E731
+    wrong = lambda x, d=1: x.completion("", str(x.answer + d))  # noqa: E731
+    canned = {0: [out(right(p)), out(wrong(q))],  # greedy: 1 of 2
+              3: [out(right(p), wrong(p), right(p)), out(wrong(q), wrong(q), right(q))]}
+    llm = SimpleNamespace(generate=lambda prompts, sp: canned[sp.n if sp.temperature else 0])
+    res = evaluate(llm, task, [p, q], k=3)
+    assert res.greedy == 0.5 and res.mean_len == 1.0
+    assert res.pass1 == pytest.approx((2 / 3 + 1 / 3) / 2) and res.cons == 0.5  # q's majority is wrong
+    assert [s["mode"] for s in res.samples].count("sample") == 6
+
+
+def test_eval_cli_with_the_r1zero_template(tiny_base, tmp_path):
+    import json
+    from nanoseek.data import held_out_problems
+    r = cli("eval", str(tiny_base), "--task", "arithmetic@1", "--n", "3", "--k", "2", "--max-new-tokens", "4",
+            "--template", "r1zero", "--out", str(tmp_path / "s.jsonl"), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "arithmetic@1: greedy" in r.stdout and "pass@1" in r.stdout
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 3 * 2
+    assert [x["prompt"] for x in rows[:3]] == [p.question for p in held_out_problems("arithmetic@1", 3, 0)]

@@ -106,8 +106,8 @@ def test_rejection_sampling_keeps_distinct_verified_complete_samples():
 
 def test_distill_problems_avoid_the_held_out_set():
     from nanoseek.data import held_out_problems
-    held = {p.prompt for p in held_out_problems("arithmetic", 200, 0)}
-    assert not held & {p.prompt for p in distill_problems(get_task("arithmetic"), "arithmetic", 500, 0)}
+    held = {p.question for p in held_out_problems("arithmetic", 200, 0)}
+    assert not held & {p.question for p in distill_problems(get_task("arithmetic"), "arithmetic", 500, 0)}
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(tiny_base, tmp_path):

@@ -52,7 +52,7 @@ class SampleConfig:
 
 def distill_problems(task: Task, name: str, n: int, seed: int) -> list[Problem]:
     """The problems rejection sampling draws: fresh ones, none of the 200 held out for evaluation."""
-    held_out = {p.prompt for p in held_out_problems(name, 200, seed)}
+    held_out = {p.question for p in held_out_problems(name, 200, seed)}
     return training_problems(task, random.Random(seed * 7 + 13), n, held_out)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -68,6 +69,19 @@ class GRPOConfig:
             raise ValueError(f"loss_type: must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
         if self.mu < 1 or self.micro_batch_size < 1:
             raise ValueError("mu and micro_batch_size must be >= 1")
+        # log-probs are taken at the rollout temperature: 0 would divide the logits by zero (a NaN loss)
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature: rollouts must sample (> 0), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError(f"epsilon_low / epsilon_high: need 0 <= low < 1 and high >= 0, got "
+                             f"{self.epsilon_low} / {self.epsilon_high}")
+        if self.max_new_tokens < 1 or not 0 <= self.overlong_cache <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens / overlong_cache: need max_new_tokens >= 1 and an overlong buffer "
+                             f"within it, got {self.max_new_tokens} / {self.overlong_cache}")
+        if self.beta < 0:
+            raise ValueError(f"beta: the KL weight must be >= 0, got {self.beta}")
         get_task(self.task)  # unknown task: error before any training
 
 
@@ -179,8 +193,8 @@ class GRPOTrainer:
                                extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None)
         self.rollout: Rollout | None = None
         # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
-        self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed)
-        self._held_out = {p.prompt for p in self.eval_problems}
+        self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed, cfg.template)
+        self._held_out = {p.question for p in self.eval_problems}
 
     def _reference_state(self) -> dict[str, Tensor]:
         """The reference since its last reset is no longer the initial model: checkpoints keep it."""

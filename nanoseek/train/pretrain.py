@@ -78,7 +78,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, 
     excluded = {t: held_out_problems(t, kept_out, seed) for t in pc.tasks} if pc.data == "builtin" else {}
     held_out = {t: ps[:pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
     if pc.data == "builtin":
-        exclude = {p.prompt for ps in excluded.values() for p in ps}
+        exclude = {p.question for ps in excluded.values() for p in ps}
         docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
     else:
         docs = read_documents(pc.data)
