@@ -142,6 +142,8 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -217,10 +219,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     state = _from_hf(config, {k: tensors[k] for k in expected})
     with torch.device("meta"):
         model = DeepSeekV3(config)
-    if dtype is not None:
-        state = {k: (v if k.endswith("gate.weight") or k.endswith("e_score_correction_bias") else v.to(dtype))
+    if dtype is not None:  # the router stays at least fp32 (its bias moves in steps of 1e-3)
+        router = torch.promote_types(dtype, torch.float32)
+        state = {k: v.to(router if k.endswith(("gate.weight", "e_score_correction_bias")) else dtype)
                  for k, v in state.items()}
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:  # assign=True gave the head a Parameter of its own
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config)[0].to(device)
     return model.eval()
 

@@ -62,6 +62,25 @@ def test_round_trip_sharded_keeps_mtp_and_bias(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_tied_embeddings_stay_tied_and_the_router_stays_fp32(tmp_path, saved_dtype):
+    m = random_model(ModelConfig.preset("tiny").replace(tie_word_embeddings=True))
+    save_model(m, tmp_path, dtype=saved_dtype)
+    back = load_model(tmp_path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # one Parameter: training updates both
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in m.parameters())
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    assert back.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], {"model.norm.weight": 5}])
+def test_malformed_shard_index(tmp_path, weight_map):
+    save_model(random_model(ModelConfig.preset("tiny")), tmp_path, max_shard_size="200KB")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+        load_model(tmp_path)
+
+
 def quantize_fp8(w):
     """Reference block quantisation in float64: scale = amax / 448 per 128x128 block."""
     out_f, in_f = w.shape
