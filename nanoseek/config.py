@@ -109,11 +109,26 @@ class ModelConfig:
                     f"config field '{f.name}' must be {_type_name(hints[f.name])}, "
                     f"got {type(value).__name__} {value!r}"
                 )
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
+        if self.n_routed_experts:
+            positive += ["moe_intermediate_size", "n_group", "num_experts_per_tok"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
+        for name in ["num_nextn_predict_layers", "n_shared_experts", "n_routed_experts", "qk_nope_head_dim",
+                     "first_k_dense_replace"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"config field 'q_lora_rank' must be > 0 or null, got {self.q_lora_rank}")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
+            if kind not in ("yarn", "default"):  # anything else would be silently ignored: wrong positions
+                raise ValueError(f"config field 'rope_scaling': only YaRN is supported, got type {kind!r}")
+            factor = self.rope_scaling.get("factor")
+            if kind == "yarn" and not (_matches(factor, float) and factor > 0):
+                raise ValueError(f"config field 'rope_scaling': YaRN needs a numeric factor > 0, got {factor!r}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"config field 'qk_rope_head_dim' must be even, got {self.qk_rope_head_dim}")
         if self.n_routed_experts:

@@ -87,3 +87,16 @@ def test_config_bad_json_and_bad_preset(tmp_path):
         ModelConfig.preset("huge")
     with pytest.raises(ValueError, match="n_group"):
         ModelConfig.preset("tiny").replace(n_group=3)
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"n_group": 0}, "n_group"), ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+    ({"n_shared_experts": -1}, "n_shared_experts"), ({"q_lora_rank": 0}, "q_lora_rank"),
+    ({"rope_scaling": {"type": "yarn"}}, "YaRN needs a numeric factor"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only YaRN"),
+])
+def test_impossible_values_are_named(changes, field):
+    """Right types, impossible values: a ValueError naming the field, not a ZeroDivisionError or KeyError
+    when the model is built (or a scaling silently ignored)."""
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.preset("tiny").replace(**changes)
