@@ -129,7 +129,7 @@ def test_chat_non_streaming_splits_reasoning(client):
 def test_chat_streaming_reasoning_first_then_content_then_usage(served):
     url, _ = served
     body = {"messages": [{"role": "user", "content": "ping"}], "temperature": 0, "max_tokens": 40, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "logprobs": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -141,6 +141,17 @@ def test_chat_streaming_reasoning_first_then_content_then_usage(served):
     assert "".join(d.get("reasoning_content", "") for d in deltas) == REASONING
     assert "".join(d.get("content") or "" for d in deltas) == ANSWER
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    # every token's logprob once, in a chunk of the part it belongs to, also for tokens whose text is held
+    # back (split characters or tags: sampled hot, the emoji's bytes come up)
+    body.update({"n": 8, "temperature": 2.0, "seed": 5, "max_tokens": 12, "ignore_eos": True})
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens"] == 8 * 12
+    for i in range(8):
+        with_lp = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i and c["choices"][0]["logprobs"]]
+        assert sum(len(c["logprobs"]["content"]) for c in with_lp) == 12
+        parts = ["content" if "content" in c["delta"] else "reasoning_content" for c in with_lp]
+        assert parts == sorted(parts, key=lambda k: k == "content"), parts
 
 
 def test_streaming_with_openai_client_and_length_inside_thinking(client):
@@ -227,7 +238,7 @@ def test_malformed_bodies_never_500(served):
     hi = {"role": "user", "content": "hi"}
     for body, param in [({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),  # a lone surrogate
                         ({"messages": [{"role": "user", "content": "hi " * 200_000}]}, "messages"),  # can't fit
-                        ({"messages": [hi], "stop": ["x"] * 17}, "stop")]:
+                        ({"messages": [hi], "stop": ["x"] * 17}, "stop"), ({"messages": [hi], "stop": "y" * 257}, "stop")]:
         r = post(content=json.dumps(body).encode(), headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     # null means unset (the openai client sends it); a temperature too small to scale by is greedy
@@ -239,6 +250,8 @@ def test_malformed_bodies_never_500(served):
     unknown_fields = post(json={"messages": [{"role": "user", "content": "hi", "x": 1}], "max_tokens": 2,
                                 "frobnicate": True})
     assert unknown_fields.status_code == 200
+    long_stop = post(json={"messages": [hi], "max_tokens": 2, "stop": "Human: please stop here"})  # 23 characters
+    assert long_stop.status_code == 200, long_stop.text
 
 
 def test_without_max_tokens_a_request_gets_what_the_cache_holds(checkpoint):

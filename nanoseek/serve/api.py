@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from ..engine import LLM, SamplingParams
@@ -106,8 +106,7 @@ class _Sampling(_Lenient):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    # the DeepSeek API's limit; each is searched for after every token
-    stop: str | list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=16)
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
@@ -117,6 +116,15 @@ class _Sampling(_Lenient):
     top_k: int = Field(0, ge=-1)  # extensions, as in vLLM's server
     min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """The DeepSeek API's limit of 16 (one string is one stop); each is searched for after every token."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 16 or any(len(s) > 256 for s in stops):
+            raise ValueError("at most 16 stop sequences of at most 256 characters each")
+        return stop
 
 
 class ChatCompletionRequest(_Sampling):
@@ -495,8 +503,10 @@ async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIter
         logprobs = server.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs)
         if reasoning:
             yield chunk(d.index, {"reasoning_content": reasoning}, logprobs=None if content else logprobs)
-        if content or (logprobs and not reasoning):
+        if content:
             yield chunk(d.index, {"content": content}, logprobs=logprobs)
+        elif logprobs and not reasoning:  # tokens whose text is held back: logprobs go with the part they are in
+            yield chunk(d.index, {"reasoning_content" if c.parser.in_reasoning else "content": ""}, logprobs=logprobs)
         if d.finish_reason is not None:
             yield chunk(d.index, {}, d.finish_reason)
 
