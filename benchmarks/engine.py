@@ -200,9 +200,9 @@ def main() -> None:
         tok = batch * args.new_tokens
         print(f"{batch:>6}{tok / t_ours:>16.1f}{tok / t_hf:>20.1f}{t_hf / t_ours:>7.2f}x")
 
-    ours_b = LatentStore.bytes_per_token(cfg, torch.float32)
-    main_b = cfg.num_hidden_layers * cfg.latent_dim * 4
-    print(f"\ncache bytes/token (fp32): nanoseek {main_b} main layers (+{ours_b - main_b} MTP layer) = "
+    ours_b = LatentStore.bytes_per_token(cfg, torch.float32, mtp=True)
+    main_b = LatentStore.bytes_per_token(cfg, torch.float32)
+    print(f"\ncache bytes/token (fp32): nanoseek {main_b} main layers (+{ours_b - main_b} MTP layer when speculating) = "
           f"{cfg.num_hidden_layers} x {cfg.latent_dim} x 4, the MLA minimum; transformers "
           f"{hf_cache_bytes_per_token(hf, vocab):.0f}; decompressed K/V would be "
           f"{cfg.num_hidden_layers * cfg.decompressed_cache_dim * 4}")

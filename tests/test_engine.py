@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanoseek import LLM, ModelConfig, SamplingParams
+from nanoseek.engine.cache import LatentStore
 
 from conftest import random_model, require_cxx_compiler
 
@@ -65,8 +66,9 @@ def test_preemption_under_tiny_cache_is_exact(model):
     ps = prompts(6, seed=7, lo=20, hi=30)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     roomy = LLM(model, block_size=4).generate(ps, params)
-    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
+    per_token = LatentStore.bytes_per_token(model.config, torch.float32)
     tight = LLM(model, block_size=4, cache_memory_mb=70 * per_token / 2**20)  # room for ~1.2 sequences
+    assert tight.capacity == 68 and tight.store.data.shape[0] == model.config.num_hidden_layers  # no MTP layer
     outs = tight.generate(ps, params)
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
@@ -312,8 +314,9 @@ def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
     roomy = LLM(model, block_size=4, speculative=True).generate(ps, params)
     alone = LLM(model, block_size=4, speculative=True).generate([ps[3]], params)[0]
     assert alone.token_ids == roomy[3].token_ids
-    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
+    per_token = LatentStore.bytes_per_token(model.config, torch.float32, mtp=True)
     tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20)
+    assert tight.capacity == 68 and tight.store.data.shape[0] == model.config.num_hidden_layers + 1
     greedy = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
     assert [o.token_ids for o in tight.generate(ps, greedy)] == \
         [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
@@ -484,12 +487,12 @@ def test_compiled_decode_matches_eager(model):
     cache too small for them all (preemption), and frees every block."""
     require_cxx_compiler()
     ps = prompts(4, seed=17, lo=20)
-    per_token = (model.config.num_hidden_layers + 1) * model.config.latent_dim * 4
-    tight = 90 * per_token / 2**20  # room for about two of the eight samples
-    for params, memory in ((SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True), 256),
-                           (SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5, n=2),
-                            tight)):
-        for speculative in (False, True):
+    for params, tight in ((SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True), False),
+                          (SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5, n=2),
+                           True)):
+        for speculative in (False, True):  # a tight cache has room for about two of the eight samples
+            per_token = LatentStore.bytes_per_token(model.config, torch.float32, speculative)
+            memory = 90 * per_token / 2**20 if tight else 256
             llms = [LLM(model, block_size=4, cache_memory_mb=memory, speculative=speculative, compile=c)
                     for c in (False, True)]
             eager, compiled = (llm.generate(ps, params) for llm in llms)
@@ -497,5 +500,5 @@ def test_compiled_decode_matches_eager(model):
                 assert [o.token_ids for o in c.outputs] == [o.token_ids for o in e.outputs]
                 assert c.outputs[0].logprobs == pytest.approx(e.outputs[0].logprobs, abs=1e-4)
             assert llms[1].blocks.num_free == len(llms[1].blocks.ref)
-            if memory == tight:
+            if tight:
                 assert llms[1].scheduler.num_preemptions > 0

@@ -109,17 +109,18 @@ class BlockManager:
 
 
 class LatentStore:
-    """The cache tensor: [layers (main + MTP), num_blocks * block_size slots, latent_dim]."""
+    """The cache tensor: [layers (main, + MTP when speculating), num_blocks * block_size slots, latent_dim]."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+                 device: torch.device | str = "cpu", mtp: bool = False):
+        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
         self.data = torch.zeros(n_layers, num_blocks * block_size, config.latent_dim, dtype=dtype, device=device)
         self.block_size = block_size
 
     @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
+        """Per token: one latent per main layer (the MLA minimum), plus the MTP layers' when they draft."""
+        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
         return n_layers * config.latent_dim * torch.empty((), dtype=dtype).element_size()
 
     def copy_block(self, src: int, dst: int) -> None:

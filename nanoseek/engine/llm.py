@@ -89,13 +89,13 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_model(model)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        dtype = model.lm_head.weight.dtype
-        per_block = LatentStore.bytes_per_token(self.config, dtype) * block_size
-        num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
-        self.store = LatentStore(self.config, num_blocks, block_size, dtype, model.device)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         if speculative and not model.mtp:
             raise ValueError("speculative: the model has no MTP module to draft with")
+        dtype = model.lm_head.weight.dtype
+        per_block = LatentStore.bytes_per_token(self.config, dtype, speculative) * block_size
+        num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
+        self.store = LatentStore(self.config, num_blocks, block_size, dtype, model.device, speculative)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.speculative = speculative
         # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
         # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Prefill
