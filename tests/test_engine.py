@@ -215,7 +215,8 @@ def test_bad_prompts_leave_the_engine_serving(model):
     for prompt, params, field in [([], GREEDY, "prompt"), ([1] * 600, GREEDY, "prompt"),
                                   ([1, 999], GREEDY, "prompt"), ([-1], GREEDY, "prompt"),
                                   ("text", GREEDY, "tokenizer"), ([1], SamplingParams(stop=["x"]), "stop"),
-                                  ([1], SamplingParams(max_tokens=10_000), "max_tokens")]:
+                                  ([1], SamplingParams(max_tokens=10_000), "max_tokens"),
+                                  (torch.tensor(5), GREEDY, "must be a string or a list of token ids")]:
         with pytest.raises(ValueError, match=field):
             llm.add_request(prompt, params)
     while llm.has_unfinished():

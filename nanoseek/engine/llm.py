@@ -123,7 +123,10 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids or a checkpoint with tokenizer.json")
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        ids = list(prompt)
+        try:
+            ids = list(prompt)
+        except TypeError:  # e.g. one 0-d tensor out of a tensor of ids passed as a batch
+            raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}") from None
         if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {self.config.vocab_size})")
         return ids
