@@ -274,3 +274,27 @@ def test_eval_cli_with_the_r1zero_template(tiny_base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(rows) == 3 + 3 * 2
     assert [x["prompt"] for x in rows[:3]] == [p.question for p in held_out_problems("arithmetic@1", 3, 0)]
+
+
+def test_dynamic_sampling_drops_groups_with_equal_rewards_and_refills(tiny_base, tmp_path):
+    """Groups whose rewards are all equal carry no signal: they are dropped and more prompts are drawn until
+    the step has its prompts; zero_std_frac reports the share of sampled groups that were dropped."""
+    from nanoseek.train.loop import TrainConfig
+
+    class Rewards:  # even answers: every sample scores 0; odd answers: all samples score differently
+        errors, calls, answers = 0, 0, []
+
+        def __call__(self, problem, text):
+            self.calls += 1
+            if self.calls % 4 == 1:
+                self.answers.append(problem.answer)
+            r = 0.0 if problem.answer % 2 == 0 else self.calls % 97 / 97
+            return r, {"accuracy": r}
+
+    rewards = Rewards()
+    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=8, max_new_tokens=4, dynamic_sampling=True)
+    r = GRPOTrainer(tiny_base, cfg, TrainConfig(steps=1), tmp_path / "rl", rewards=rewards).make_rollout(0)
+    assert r.ids.shape[0] == 8 * 4 and bool((r.adv != 0).all())  # refilled with groups that have a signal
+    assert len(rewards.answers) > 8  # more than one draw was needed
+    dropped = sum(a % 2 == 0 for a in rewards.answers) / len(rewards.answers)
+    assert 0 < r.metrics["zero_std_frac"] == pytest.approx(dropped)

@@ -269,7 +269,8 @@ class GRPOTrainer:
             [n, float(mask.sum()), float(rw.sum()), float((rw ** 2).sum())], dtype=torch.float64)).tolist()
         batch_std = torch.tensor(max(r_sq - r_sum ** 2 / total_rows, 0.0) / max(total_rows - 1, 1)).sqrt()
         adv = advantages(rw, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)  # per group: in sampled order
-        zero_std = float((rw.view(-1, cfg.group_size).std(-1) == 0).float().mean())
+        # over every group sampled: with dynamic sampling, the share it dropped
+        zero_std = float((torch.tensor(all_rewards).view(-1, cfg.group_size).std(-1) == 0).float().mean())
         tokens = sum(comps)
         metrics = {"reward_mean": float(rw.mean()), "reward_std": float(rw.std()), "accuracy": sum(accs) / n,
                    "format_rate": sum(fmts) / n, "zero_std_frac": zero_std, "mean_len": tokens / n,
@@ -286,11 +287,9 @@ class GRPOTrainer:
         if micro == 0 and step % cfg.mu == 0:
             self.rollout = self.make_rollout(step // cfg.mu)
             if cfg.mu > 1:  # stored old log-probs for the later updates on this batch
-                with torch.no_grad():
-                    self.rollout.old_logp = token_logprobs(self.model, self.rollout, slice(None), cfg.temperature)[0]
+                self.rollout.old_logp = self._logprobs(self.model)
             if self.ref is not None:
-                with torch.no_grad():
-                    self.rollout.ref_logp = token_logprobs(self.ref, self.rollout, slice(None), cfg.temperature)[0]
+                self.rollout.ref_logp = self._logprobs(self.ref)
         r = self.rollout
         t0 = time.perf_counter()
         n, size = r.ids.shape[0], cfg.micro_batch_size
@@ -310,6 +309,14 @@ class GRPOTrainer:
         stats["update_seconds"] = time.perf_counter() - t0
         # rollout metrics are per rollout batch: report them on every micro-batch so averages hold
         return loss, {**r.metrics, **stats}
+
+    @torch.no_grad()
+    def _logprobs(self, model) -> Tensor:
+        """The rollout's log-probs under `model`, in the update's micro-batches (one forward over the whole
+        rollout would hold its [rows, length, vocab] logits at once)."""
+        r, size = self.rollout, self.cfg.micro_batch_size
+        return torch.cat([token_logprobs(model, r, slice(i, i + size), self.cfg.temperature)[0]
+                          for i in range(0, r.ids.shape[0], size)])
 
     def after_step(self, step: int, record: dict) -> None:
         if self.ref is not None and self.cfg.ref_reset_every and (step + 1) % self.cfg.ref_reset_every == 0:
