@@ -84,7 +84,8 @@ class Countdown(Task):
                                                      "expression": expr[1:-1] if expr.startswith("(") else expr})
 
     def check(self, problem: Problem, answer: str) -> float:
-        """1.0 for a correct equation; 0.1 for a well-formed one that is wrong (TinyZero); 0 otherwise."""
+        """1.0 for a correct equation; 0.1 (TinyZero's format score) for any other answer written only in the
+        equation alphabet (digits, + - * / ( ) and spaces), even one that does not parse; 0 otherwise."""
         expr = answer.split("=")[0].strip()
         try:
             value, used = evaluate(expr)
