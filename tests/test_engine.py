@@ -112,8 +112,16 @@ def test_seeded_sampling_reproducible_regardless_of_batch(model):
 def test_n_samples_share_the_prompt_cache(model):
     llm = LLM(model, block_size=4)
     p = prompts(1, seed=10, lo=30, hi=31)[0]
+    schedule, prefilled = llm.scheduler.schedule, []
+
+    def counting():
+        batch = schedule()
+        prefilled.extend(n for _, n in batch.prefills)
+        return batch
+    llm.scheduler.schedule = counting
     out = llm.generate(p, SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=0, ignore_eos=True))[0]
     assert len(out.outputs) == 4 and len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert sum(prefilled) == len(p)  # the prompt is computed once, not once per sample
     # each sample is what a lone request with that sample's seed gives (seed + index)
     for o in out.outputs:
         lone = LLM(model, block_size=4).generate(p, SamplingParams(temperature=1.0, max_tokens=10, seed=o.index,
@@ -503,3 +511,60 @@ def test_compiled_decode_matches_eager(model):
             assert llms[1].blocks.num_free == len(llms[1].blocks.ref)
             if tight:
                 assert llms[1].scheduler.num_preemptions > 0
+
+
+def test_penalties_and_truncations_against_hand_computed_values():
+    """presence/frequency penalties (OpenAI's formula), top-k, top-p and min-p on known distributions."""
+    from nanoseek.engine.sampling import apply_penalties, processed_probs
+    got = apply_penalties(torch.zeros(6), [1, 1, 3], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert got.tolist() == [0.0, -0.5 - 2 * 0.25, 0.0, -0.5 - 0.25, 0.0, 0.0]
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    logits = probs.log()
+    keep = lambda **kw: (processed_probs(logits, SamplingParams(temperature=1.0, **kw)) > 0).tolist()  # noqa: E731
+    assert keep(top_k=2) == [True, True, False, False, False]
+    assert keep(top_p=0.8) == [True, True, True, False, False]  # 0.4 + 0.3 < 0.8: the third one reaches it
+    assert keep(min_p=0.3) == [True, True, True, False, False]  # >= 0.3 x 0.4 = 0.12
+    renorm = processed_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    torch.testing.assert_close(renorm[:2].double(), torch.tensor([0.4, 0.3], dtype=torch.float64) / 0.7)
+
+
+def test_penalties_and_stop_token_ids_change_what_the_engine_generates(model):
+    p = prompts(1, seed=21, lo=12, hi=13)[0]
+    llm = LLM(model)
+    plain = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    assert len(set(plain)) < len(plain)  # the random model repeats itself: penalties have work to do
+    strict = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                            presence_penalty=2.0, frequency_penalty=2.0))[0].token_ids
+    assert strict != plain and len(set(strict)) > len(set(plain))
+    stop = plain[5]
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                         stop_token_ids=[stop]))[0].outputs[0]
+    assert out.token_ids == plain[:plain.index(stop) + 1] and out.finish_reason == "stop"
+
+
+def test_a_prefix_hash_collision_is_caught_by_comparing_the_ids(model, monkeypatch):
+    """Every block hashing alike: a prompt that shares no tokens finds the hash but must not reuse the block."""
+    from nanoseek.engine import cache
+    monkeypatch.setattr(cache, "chain_hash", lambda parent, ids: b"same")
+    a, b = prompts(2, seed=23, lo=12, hi=13)
+    llm = LLM(model, block_size=4)
+    llm.generate(a, GREEDY)
+    out = llm.generate(b, GREEDY)[0]
+    assert out.num_cached_tokens == 0 and out.token_ids == naive_greedy(model, b, GREEDY.max_tokens)
+    assert llm.generate(a, GREEDY)[0].num_cached_tokens == 4  # the first block still matches (ids equal)
+
+
+def test_a_full_cache_preempts_the_newest_request(model):
+    per_token = LatentStore.bytes_per_token(model.config, torch.float32)
+    llm = LLM(model, block_size=4, cache_memory_mb=48 * per_token / 2**20)  # room for one and a half
+    a, b = prompts(2, seed=25, lo=20, hi=21)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    first = llm.add_request(a, params)
+    llm.step()
+    second = llm.add_request(b, params)
+    while llm.has_unfinished():
+        llm.step()
+    (old,), (new,) = llm._requests[first], llm._requests[second]
+    assert new.preempted and not old.preempted and llm.scheduler.num_preemptions >= 1
+    assert llm._result(first).token_ids == naive_greedy(model, a, 24)
+    assert llm._result(second).token_ids == naive_greedy(model, b, 24)
