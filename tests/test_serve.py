@@ -448,3 +448,46 @@ def test_chat_page_streams_thinking_then_answer(served):
             assert [m["content"] for m in sent.value.post_data_json["messages"]] == ["hi"]
         finally:
             browser.close()
+
+
+# ---- the command lines -----------------------------------------------------------------------------
+def test_generate_and_serve_command_lines(checkpoint):
+    """`nanoseek generate` streams the answer; `nanoseek serve` binds 127.0.0.1 by default and honours
+    --api-key, --served-model-name and --max-concurrency."""
+    import socket
+    import subprocess
+    import sys
+    from conftest import ONE_THREAD, cli
+    prompt = render_chat([{"role": "user", "content": "hello there"}])
+    r = cli("generate", str(checkpoint), "--prompt", prompt, "--max-tokens", "40", env=ONE_THREAD)
+    assert r.returncode == 0 and r.stdout.strip() == REASONING + "</think>" + ANSWER, r.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", str(checkpoint), "--port", str(port),
+                             "--api-key", "sk-cli", "--served-model-name", "cli-model", "--max-concurrency", "1",
+                             "--max-queue", "0", "--log-level", "warning"], env=ONE_THREAD,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["cli-model"]
+        long = client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        next(iter(long))
+        with pytest.raises(openai.RateLimitError):  # one running, no queue
+            client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}])
+        long.close()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"chat page at http://127.0.0.1:{port}/" in out
