@@ -388,7 +388,37 @@ def test_metrics_report_latency_and_tokens(served, client):
     assert metric(url, "nanoseek_time_per_output_token_seconds_count") >= 1
     assert metric(url, "nanoseek_generation_tokens_total") >= 8
     assert metric(url, "nanoseek_prompt_tokens_total") > 0
-    assert "nanoseek_requests_waiting" in httpx.get(url + "/metrics").text
+    hits = metric(url, "nanoseek_prompt_cache_hit_tokens_total")
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "metrics"}]
+    for _ in range(2):
+        r = client.chat.completions.create(model="nanoseek-test", messages=messages, max_tokens=2)
+    assert r.usage.prompt_cache_hit_tokens > 0
+    assert wait_for(lambda: metric(url, "nanoseek_prompt_cache_hit_tokens_total") >= hits + r.usage.prompt_cache_hit_tokens)
+
+
+def test_latency_histogram_buckets_are_cumulative():
+    from nanoseek.serve.metrics import Histogram
+    h = Histogram((0.01, 0.1, 1.0))
+    for v in (0.003, 0.01, 0.05, 5.0):
+        h.observe(v)
+    assert h.lines("t") == ['t_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 3', 't_bucket{le="1.0"} 3',
+                            't_bucket{le="+Inf"} 4', "t_sum 5.063000", "t_count 4"]
+
+
+def test_queue_depth_gauge(checkpoint, monkeypatch):
+    app = create_app(LLM(str(checkpoint), max_num_seqs=1), served_model_name="m")
+    slow_steps(app.state.server, monkeypatch)
+    with background_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=400, stream=True,
+                    extra_body={"ignore_eos": True})
+        first, second = client.chat.completions.create(**chat), client.chat.completions.create(**chat)
+        next(iter(first))  # one decoding, the other waiting for the one sequence slot
+        assert wait_for(lambda: metric(url, "nanoseek_requests_waiting") == 1)
+        assert metric(url, "nanoseek_requests_running") == 1
+        first.close()
+        second.close()
+        assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
 
 
 # ---- the chat page in a real browser -------------------------------------------------------------------
