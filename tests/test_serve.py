@@ -521,3 +521,23 @@ def test_generate_and_serve_command_lines(checkpoint):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"chat page at http://127.0.0.1:{port}/" in out
+
+
+def test_request_fields_developer_role_and_earlier_reasoning(served, client):
+    url, _ = served
+    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "developer", "content": SYSTEM},
+                                                                        {"role": "user", "content": "hi"}],
+                                       max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # earlier turns' reasoning is dropped from the prompt, as the DeepSeek API does
+    turn = lambda reasoning: [{"role": "user", "content": "hi"},  # noqa: E731
+                              {"role": "assistant", "content": ANSWER, "reasoning_content": reasoning},
+                              {"role": "user", "content": "and now?"}]
+    short, long = (client.chat.completions.create(model="nanoseek-test", messages=turn(x), max_tokens=1)
+                   for x in ("", "a long chain of thought " * 20))
+    assert short.usage.prompt_tokens == long.usage.prompt_tokens
+    # no usage chunk unless asked for
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert chunks and all(c["choices"] and c.get("usage") is None for c in chunks)
