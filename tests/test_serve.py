@@ -480,6 +480,34 @@ def test_chat_page_streams_thinking_then_answer(served):
             browser.close()
 
 
+def test_chat_page_shows_thinking_while_it_streams_and_stops(served, monkeypatch):
+    """Engine steps slowed to 0.5 s: the block reads "Thinking…" while reasoning arrives; Stop ends the
+    turn (the summary then gives the time) and the server frees the request's cache."""
+    sync_playwright = _browser_or_skip()
+    url, server = served
+    step = server.llm.step
+    monkeypatch.setattr(server.llm, "step", lambda: (time.sleep(0.5), step())[1])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#temperature", "0")
+            page.fill("#input", "hello there")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('.reasoning')?.textContent.length > 0", timeout=30000)
+            assert page.inner_text("details.thinking summary") == "Thinking…"
+            assert page.is_visible("#stop") and not page.is_visible("#send")
+            page.click("#stop")
+            page.wait_for_function("document.querySelector('details.thinking summary').textContent.startsWith('Thought')")
+            assert page.is_visible("#send") and not page.is_visible("#stop")
+            assert page.text_content(".msg.assistant .answer") != ANSWER  # cut off before the answer finished
+            assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=3)
+        finally:
+            browser.close()
+
+
 # ---- the command lines -----------------------------------------------------------------------------
 def test_generate_and_serve_command_lines(checkpoint):
     """`nanoseek generate` streams the answer; `nanoseek serve` binds 127.0.0.1 by default and honours
