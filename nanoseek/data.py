@@ -57,10 +57,19 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
 
 def held_out_problems(task: str, n: int, seed: int, template: str = "chat") -> list[Problem]:
     """The evaluation problems of a task: training stages run with the same seed keep their questions out
-    (whatever the template)."""
+    (whatever the template). Of a finite set (a user's JSONL) at most a fifth is held out, each question
+    once: drawn with replacement, 100 draws from 60 records would hold out 45 and leave 15 to train on."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     t = get_task(task, template)
-    return [t.sample(rng) for _ in range(n)]
+    if t.size is None:
+        return [t.sample(rng) for _ in range(n)]
+    n, distinct = min(n, max(t.size // 5, 1)), {}
+    for _ in range(100 * n):
+        p = t.sample(rng)
+        distinct.setdefault(p.question, p)
+        if len(distinct) == n:
+            break
+    return list(distinct.values())
 
 
 def training_problems(task: Task, rng: random.Random, n: int, held_out: set[str]) -> list[Problem]:

@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -157,3 +158,14 @@ def test_task_levels_suffix(tmp_path):
     f = tmp_path / "a@b.jsonl"  # an @ inside a path is not a level suffix
     f.write_text('{"prompt": "p", "answer": "1", "difficulty": 2}\n')
     assert get_task(f"jsonl:{f}").difficulties == (2,)
+
+
+def test_a_small_jsonl_task_holds_out_a_fifth_of_its_questions(tmp_path):
+    from nanoseek.data import held_out_problems, training_problems
+    f = tmp_path / "sixty.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"what is {i} + 1?", "answer": i + 1}) + "\n" for i in range(60)))
+    held = held_out_problems(f"jsonl:{f}", 100, seed=0)
+    assert len(held) == 12 == len({p.question for p in held})
+    train = training_problems(get_task(f"jsonl:{f}"), random.Random(1), 500, {p.question for p in held})
+    assert len({p.question for p in train}) == 48  # the other four fifths, all of them used
+    assert len(held_out_problems("arithmetic", 100, seed=0)) == 100  # a generator: as many as asked

@@ -86,6 +86,10 @@ class JsonlTask(Task):
             raise ValueError(f"{self.path}: no records")
         self.difficulties = tuple(sorted({int(r.get("difficulty", 1)) for r in self.records}))
 
+    @property
+    def size(self) -> int:
+        return len({r["prompt"] for r in self.records if int(r.get("difficulty", 1)) in self.difficulties})
+
     def make(self, rng: random.Random, difficulty: int) -> Problem:
         rec = rng.choice([r for r in self.records if int(r.get("difficulty", 1)) == difficulty])
         return Problem(rec["prompt"], str(rec["answer"]), difficulty)
