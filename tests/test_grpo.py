@@ -298,3 +298,26 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards_and_refills(tiny_base,
     assert len(rewards.answers) > 8  # more than one draw was needed
     dropped = sum(a % 2 == 0 for a in rewards.answers) / len(rewards.answers)
     assert 0 < r.metrics["zero_std_frac"] == pytest.approx(dropped)
+
+
+def test_truncation_masking_overlong_penalty_and_reward_errors_in_the_trainer(tiny_base, tmp_path):
+    """With 4 new tokens the random tiny model is cut off: mask_truncated leaves those rows out of the loss,
+    the overlong penalty is each row's reward, and a reward function that raises is counted, not fatal."""
+    from nanoseek.train.loop import TrainConfig
+
+    def boom(problem, text):
+        raise RuntimeError("a user's reward function failing")
+
+    def rollout(**kw):
+        cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=4, **kw)
+        rewards = RewardSet(get_task("arithmetic"), {"accuracy": 0.0, "format": 0.0}, extra={"boom": boom})
+        return GRPOTrainer(tiny_base, cfg, TrainConfig(), tmp_path / str(len(kw)), rewards=rewards).make_rollout(0)
+
+    plain, masked = rollout(), rollout(mask_truncated=True, overlong_cache=2)
+    assert plain.metrics["reward_errors"] == 16 and plain.metrics["reward_mean"] == 0.0  # one error per completion
+    comps = (masked.lens - masked.prompt_lens).tolist()
+    assert masked.metrics["reward_mean"] == pytest.approx(sum(overlong_penalty(c, 4, 2) for c in comps) / 16)
+    assert plain.mask.sum(1).tolist() == (plain.lens - plain.prompt_lens).tolist()  # every token counts
+    assert masked.metrics["truncation_rate"] > 0.5
+    assert int(masked.mask.sum()) < int(plain.mask.sum())  # same samples (same seeds), the cut-off rows masked
+    assert all(row.sum() in (0, c) for row, c in zip(masked.mask, comps))  # whole rows, in or out
