@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -304,7 +306,7 @@ def test_speculative_sampling_preserves_distribution():
     params = SamplingParams(temperature=1.0)
     p = torch.softmax(logits, -1)
     q = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
-    g = torch.Generator().manual_seed(0)
+    g = random.Random(0)
     counts = torch.zeros(5)
     n = 20000
     for _ in range(n):
@@ -374,18 +376,18 @@ def test_batch_sample_draws_what_sample_draws():
     params = [SamplingParams(temperature=t, top_p=p) for t, p in
               [(0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 1.0), (1.0, 0.95)] * 2]
     for trial in range(5):
-        rows = [SimpleNamespace(params=p, draft=[], generator=torch.Generator().manual_seed(100 * trial + i))
+        rows = [SimpleNamespace(params=p, draft=[], generator=random.Random(100 * trial + i))
                 for i, p in enumerate(params)]
-        batched = batch_sample(list(zip(rows, logits)))
+        batched = batch_sample(rows, logits)
         for i, (row, p) in enumerate(zip(rows, params)):
-            alone = sample(logits[i], p, [], torch.Generator().manual_seed(100 * trial + i))
+            alone = sample(logits[i], p, [], random.Random(100 * trial + i))
             assert batched[id(row)].token == alone.token, (trial, i)
     # rows the batch path leaves to `sample`: penalties, top-k, logprobs, drafts to verify
     special = [SimpleNamespace(params=SamplingParams(temperature=1.0, presence_penalty=0.5), draft=[]),
                SimpleNamespace(params=SamplingParams(temperature=1.0, top_k=5), draft=[]),
                SimpleNamespace(params=SamplingParams(temperature=0, logprobs=True), draft=[]),
                SimpleNamespace(params=SamplingParams(temperature=0), draft=[3])]
-    assert batch_sample([(r, logits[0]) for r in special]) == {}
+    assert batch_sample(special, logits[:4]) == {}
 
 
 # ---- text: incremental detokenisation, UTF-8 and stop strings ------------------------------------------
@@ -410,6 +412,12 @@ def test_streamed_text_is_the_full_decode_and_never_ends_in_a_broken_character(t
     for out, text in zip(outs, streamed.values()):
         assert text == out.text == text_llm.tokenizer.decode(out.token_ids, skip_special_tokens=False)
     assert any(ord(c) > 127 for out in outs for c in out.text)  # multi-byte characters were exercised
+    # generate() decodes once at the end, stream() as it goes: the same text, without a stop token's
+    stop = SamplingParams(temperature=1.5, max_tokens=60, seed=0, stop_token_ids=[outs[0].token_ids[7]])
+    whole = text_llm.generate(prompts_[0], stop)[0]
+    assert whole.outputs[0].finish_reason == "stop"
+    assert whole.text == "".join(d.text for d in text_llm.stream(prompts_[0], stop)) == \
+        text_llm.tokenizer.decode(whole.token_ids[:-1], skip_special_tokens=False)
 
 
 def test_stop_string_spanning_tokens_is_cut_and_never_streamed(text_llm):
@@ -458,14 +466,14 @@ def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
     pieces = {i: tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())}
     split = next(i for i, p in pieces.items() if len(p) > 1 and p.endswith("\ufffd") and "\ufffd" not in p[:-1])
     stop = pieces[split][:-1]
-    seq = Sequence("r", 0, [1, 2], SamplingParams(max_tokens=8, stop=[stop]), torch.Generator())
+    seq = Sequence("r", 0, [1, 2], SamplingParams(max_tokens=8, stop=[stop]), random.Random())
     seq.output_ids = [split]
     assert text_llm._update_text(seq) == "" and seq.finish_reason == "stop" and seq.text == ""
 
 
 def test_sequence_window_is_a_slice_of_tokens_and_drafts():
     from nanoseek.engine.scheduler import Sequence
-    seq = Sequence("r", 0, [1, 2, 3], GREEDY, torch.Generator(), output_ids=[4, 5], draft=[6, 7])
+    seq = Sequence("r", 0, [1, 2, 3], GREEDY, random.Random(), output_ids=[4, 5], draft=[6, 7])
     whole = seq.tokens + seq.draft
     for start in range(len(whole) + 1):
         for n in range(len(whole) + 2 - start):

@@ -9,6 +9,7 @@ The server and the RL trainer drive it through `add_request` / `step` / `abort`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections import deque
@@ -165,7 +166,7 @@ class LLM:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seqs = [Sequence(request_id, i, ids, params, torch.Generator().manual_seed(base_seed + i))
+        seqs = [Sequence(request_id, i, ids, params, random.Random(base_seed + i))
                 for i in range(params.n)]
         self._requests[request_id] = seqs
         self.scheduler.add(seqs[0])
@@ -218,10 +219,11 @@ class LLM:
                     emitting.append((i, seq, n))
             if emitting:  # one head matmul for every position that is sampled (the drafts' and the last)
                 k = [1 + len(seq.draft) for _, seq, _ in emitting]
-                h = torch.cat([hidden[i, n - kk:n] for (i, _, n), kk in zip(emitting, k)])
-                logits = self.model.lm_head(h).float().cpu().split(k)
-                fast = batch_sample([(seq, lg[-1]) for (_, seq, _), lg in zip(emitting, logits)])
-                for (_, seq, n), lg in zip(emitting, logits):
+                at = [(i, p) for (i, _, n), kk in zip(emitting, k) for p in range(n - kk, n)]
+                logits = self.model.lm_head(hidden[[i for i, _ in at], [p for _, p in at]]).float().cpu()
+                last = logits[[end - 1 for end in itertools.accumulate(k)]] if len(at) > len(k) else logits
+                fast = batch_sample([seq for _, seq, _ in emitting], last)
+                for (_, seq, n), lg in zip(emitting, logits.split(k)):
                     deltas += self._emit(seq, lg, n, fast.get(id(seq)))
             for seq in seqs:
                 if not seq.finished:
@@ -347,10 +349,13 @@ class LLM:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
-            text_delta += self._update_text(seq)  # token by token: a stop string may end it before a draft's
+            if seq.stream_text or p.stop:  # token by token: a stop string may end it before a draft's
+                text_delta += self._update_text(seq)
             if seq.finished:
                 break
         if seq.finished:
+            if not (seq.stream_text or p.stop) and self.tokenizer is not None:
+                seq.text = self.tokenizer.decode(self._text_ids(seq), skip_special_tokens=False)
             self.scheduler.finish(seq)
         return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
                            seq.logprobs[-len(new):] if p.logprobs else [],
@@ -365,7 +370,7 @@ class LLM:
         characters until the sequence finishes."""
         if self.tokenizer is None:
             return ""
-        ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids  # no stop token text
+        ids = self._text_ids(seq)
         before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=False)
         after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=False)
         if len(after) > len(before):
@@ -388,6 +393,11 @@ class LLM:
                         break
         delta, seq.sent_text = seq.text[seq.sent_text:safe], max(seq.sent_text, safe)
         return delta
+
+    @staticmethod
+    def _text_ids(seq: Sequence) -> list[int]:
+        """The output tokens that make its text: all but a stop (or EOS) token."""
+        return seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
 
     # ---- batch and streaming fronts --------------------------------------------------------------
     def stream(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
@@ -422,6 +432,8 @@ class LLM:
         try:
             for p, sp in zip(prompts, plist):
                 ids.append(self.add_request(p, sp))
+                for seq in self._requests[ids[-1]]:
+                    seq.stream_text = False
             while any(not s.finished for r in ids for s in self._requests[r]):
                 self.step()
             return [self._result(r) for r in ids]

@@ -9,6 +9,7 @@ freed and it is recomputed later from its prompt plus what it has generated so f
 from __future__ import annotations
 
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ class Sequence:
     index: int  # which of the request's n samples
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    generator: random.Random  # the sample's own randomness: seed + index
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -40,6 +41,7 @@ class Sequence:
     preempted: bool = False  # recomputed blocks of its own are not prefix-cache hits
     finish_reason: str | None = None
     text: str = ""
+    stream_text: bool = True  # detokenise as tokens arrive; generate() needs the text only at the end
     sent_text: int = 0  # characters already streamed
     prefix_offset: int = 0  # output tokens [prefix_offset, read_offset) decode to the end of `text`
     read_offset: int = 0
