@@ -57,8 +57,8 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
 
 def held_out_problems(task: str, n: int, seed: int, template: str = "chat") -> list[Problem]:
     """The evaluation problems of a task: training stages run with the same seed keep their questions out
-    (whatever the template). Of a finite set (a user's JSONL) at most a fifth is held out, each question
-    once: drawn with replacement, 100 draws from 60 records would hold out 45 and leave 15 to train on."""
+    (whatever the template). Of a finite set (a user's JSONL) a fifth at most (one at least) is held out,
+    each question once: drawn with replacement, 100 draws from 60 records would hold out 45 and leave 15."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     t = get_task(task, template)
     if t.size is None:

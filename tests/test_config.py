@@ -91,6 +91,7 @@ def test_config_bad_json_and_bad_preset(tmp_path):
 
 @pytest.mark.parametrize("changes,field", [
     ({"n_group": 0}, "n_group"), ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+    ({"moe_intermediate_size": 0}, "moe_intermediate_size"),
     ({"n_shared_experts": -1}, "n_shared_experts"), ({"q_lora_rank": 0}, "q_lora_rank"),
     ({"rope_scaling": {"type": "yarn"}}, "YaRN needs a numeric factor"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only YaRN"),

@@ -109,6 +109,12 @@ def test_seeded_sampling_reproducible_regardless_of_batch(model):
     other = LLM(model).generate([ps[2]], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15,
                                                         seed=124, ignore_eos=True))[0].token_ids
     assert other != alone
+    # negative seeds are seeds of their own (modulo 2**64): -1's three samples and 7 vs -7 all differ
+    hot = dict(temperature=1.5, max_tokens=15, ignore_eos=True)
+    three = [o.token_ids for o in LLM(model).generate([ps[2]], SamplingParams(n=3, seed=-1, **hot))[0].outputs]
+    assert len({tuple(t) for t in three}) == 3
+    assert LLM(model).generate([ps[2]], SamplingParams(seed=7, **hot))[0].token_ids != \
+        LLM(model).generate([ps[2]], SamplingParams(seed=-7, **hot))[0].token_ids
 
 
 def test_n_samples_share_the_prompt_cache(model):

@@ -166,7 +166,8 @@ class LLM:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seqs = [Sequence(request_id, i, ids, params, random.Random(base_seed + i))
+        # modulo 2**64, as torch's manual_seed: random.Random would seed -k like k
+        seqs = [Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
                 for i in range(params.n)]
         self._requests[request_id] = seqs
         self.scheduler.add(seqs[0])

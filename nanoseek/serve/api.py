@@ -499,6 +499,7 @@ async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIter
         yield chunk(i, {"role": "assistant", "content": ""})
     async for d in gen.deltas():
         c = gen.choices[d.index]
+        thinking = c.parser.in_reasoning  # these tokens' part: `</think>` itself still counts as reasoning
         reasoning, content = c.parser.feed(d.text, final=d.finish_reason is not None)
         logprobs = server.chat_logprobs(d.token_ids, d.logprobs, d.top_logprobs)
         if reasoning:
@@ -506,7 +507,7 @@ async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIter
         if content:
             yield chunk(d.index, {"content": content}, logprobs=logprobs)
         elif logprobs and not reasoning:  # tokens whose text is held back: logprobs go with the part they are in
-            yield chunk(d.index, {"reasoning_content" if c.parser.in_reasoning else "content": ""}, logprobs=logprobs)
+            yield chunk(d.index, {"reasoning_content" if thinking else "content": ""}, logprobs=logprobs)
         if d.finish_reason is not None:
             yield chunk(d.index, {}, d.finish_reason)
 

@@ -69,9 +69,10 @@ class GRPOConfig:
             raise ValueError(f"loss_type: must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
         if self.mu < 1 or self.micro_batch_size < 1:
             raise ValueError("mu and micro_batch_size must be >= 1")
-        # log-probs are taken at the rollout temperature: 0 would divide the logits by zero (a NaN loss)
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature: rollouts must sample (> 0), got {self.temperature}")
+        # log-probs are taken at the rollout temperature: 0 would divide the logits by zero (a NaN loss), and
+        # below 1e-5 the engine decodes greedily (every group's samples alike: no advantage)
+        if not (self.temperature >= 1e-5 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature: rollouts must sample (>= 1e-5), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
@@ -105,8 +106,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
     `batch` = (rows, completion tokens, parts) of the whole rollout batch when these tensors are one of
     its `parts` micro-batches: the loss is then normalised by the whole batch, so that the micro-batches'
     losses, each divided by `parts` (as gradient accumulation does), add up to the whole batch's exactly.
-    The stats (KL, clip fractions) are normalised the same way, so their mean over the micro-batches is
-    the whole batch's per-token mean.
+    The stats (KL, clip fractions) are per-token means whatever the loss type, each micro-batch reporting
+    its share of the whole batch's, so that their mean over the micro-batches is the whole batch's.
     """
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
@@ -301,9 +302,9 @@ class GRPOTrainer:
         ref = r.ref_logp[rows] if r.ref_logp is not None else None
         batch = (*r.total, self.tc.grad_accum)
         loss, stats = policy_loss(logp, old, ref, r.adv[rows], r.mask[rows], cfg, batch)
-        # normalised by the whole batch: times the ranks, whose gradients DDP averages, gives the whole batch's
         stats["entropy"] = token_mean(entropy, r.mask[rows], r.total[1], self.tc.grad_accum)
-        # the loop averages stats over micro-batches and ranks: times the ranks, they are the whole batch's
+        # both normalised by the whole batch: times the ranks, over which DDP averages the gradients and the
+        # loop the stats, they are the whole batch's
         stats = {k: 0.0 if empty else v * self.d.world for k, v in stats.items()}
         loss = loss * 0 if empty else loss * self.d.world
         stats["update_seconds"] = time.perf_counter() - t0
