@@ -226,6 +226,8 @@ def test_malformed_bodies_never_500(served):
            post(json=[1, 2]), post(json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}),
            post(content=b"x" * (3 * 2**20), headers={"content-type": "application/json"})]
     assert [r.status_code for r in bad] == [400] * 5 + [413]
+    untyped = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}]}')
+    assert untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
     assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in bad)
     assert httpx.get(url + "/v1/nothing-here").json()["error"]["code"] == "not_found"
     chunked = post(content=(b"x" * 2**20 for _ in range(3)), headers={"content-type": "application/json"})

@@ -406,6 +406,9 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
             return APIError(400, "the request body is not valid JSON").response()
         param = _loc(tuple(err.get("loc", ()))[1:]) or None
         msg = "the request body must be a JSON object" if param is None else f"{param}: {err.get('msg')}"
+        kind = request.headers.get("content-type", "")
+        if param is None and "json" not in kind:  # FastAPI reads a body as JSON only when it says so
+            msg += f" sent with Content-Type: application/json (got {kind or 'none'!r})"
         return APIError(400, msg, param=param).response()
 
     @app.exception_handler(HTTPException)
