@@ -57,8 +57,9 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
 
 def held_out_problems(task: str, n: int, seed: int, template: str = "chat") -> list[Problem]:
     """The evaluation problems of a task: training stages run with the same seed keep their questions out
-    (whatever the template). Of a finite set (a user's JSONL) a fifth at most (one at least) is held out,
-    each question once: drawn with replacement, 100 draws from 60 records would hold out 45 and leave 15."""
+    (whatever the template). Of a task that knows its size (a user's JSONL, arithmetic) a fifth at most
+    (one at least) is held out, each question once: drawn with replacement, 100 draws from 60 JSONL
+    records would hold out 45 and leave 15, and from `addition@1`'s 100 questions 62."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     t = get_task(task, template)
     if t.size is None:

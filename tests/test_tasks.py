@@ -168,4 +168,6 @@ def test_a_small_jsonl_task_holds_out_a_fifth_of_its_questions(tmp_path):
     assert len(held) == 12 == len({p.question for p in held})
     train = training_problems(get_task(f"jsonl:{f}"), random.Random(1), 500, {p.question for p in held})
     assert len({p.question for p in train}) == 48  # the other four fifths, all of them used
-    assert len(held_out_problems("arithmetic", 100, seed=0)) == 100  # a generator: as many as asked
+    assert len(held_out_problems("arithmetic", 100, seed=0)) == 100  # plenty of questions: as many as asked
+    assert get_task("addition@1").size == 100 and get_task("arithmetic@1").size == 100 + 100 + 10 * 8
+    assert len({p.question for p in held_out_problems("addition@1", 100, seed=0)}) == 20

@@ -17,12 +17,21 @@ class Arithmetic(Task):
 
     def make(self, rng: random.Random, difficulty: int) -> Problem:
         op = rng.choice(self.ops)
-        lo, hi = 10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1
+        (lo, hi), (flo, fhi) = _operands(difficulty)
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if op == "*":  # keep products of manageable length: the second factor has one or two digits
-            b = rng.randint(2, 9 if difficulty < 3 else 99)
+        if op == "*":
+            b = rng.randint(flo, fhi)
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         return Problem(f"What is {a} {op} {b}", value, difficulty, {"a": a, "b": b, "op": op})
+
+    @property
+    def size(self) -> int:
+        """Distinct questions at these difficulties: `addition@1` has only 100."""
+        total = 0
+        for d in self.difficulties:
+            (lo, hi), (flo, fhi) = _operands(d)
+            total += sum((hi - lo + 1) * ((fhi - flo + 1) if op == "*" else (hi - lo + 1)) for op in self.ops)
+        return total
 
     def check(self, problem: Problem, answer: str) -> float:
         text = answer.replace(",", "").replace(" ", "")
@@ -33,6 +42,12 @@ class Arithmetic(Task):
     def solution(self, problem: Problem, scratchpad: bool = True) -> str:
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
         return problem.completion(_steps(a, b, op) if scratchpad else "", str(problem.answer))
+
+
+def _operands(difficulty: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The range of a d-digit operand, and of the second factor of a product (one or two digits, to keep
+    products of manageable length)."""
+    return (10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1), (2, 9 if difficulty < 3 else 99)
 
 
 def _steps(a: int, b: int, op: str) -> str:

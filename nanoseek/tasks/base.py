@@ -90,7 +90,7 @@ class Task:
     name = "task"
     difficulties: tuple[int, ...] = (1,)  # what the bare task name draws
     levels: tuple[int, ...] | None = None  # every level `make` supports, if more than that (`name@LEVELS`)
-    size: int | None = None  # distinct problems at these difficulties, for a finite set (None: a generator)
+    size: int | None = None  # distinct questions at these difficulties, if known (caps the held-out share)
 
     def __init__(self, template: str = "chat"):
         if template not in ("chat", "r1zero"):
