@@ -319,24 +319,33 @@ def test_32_concurrent_streams_match_each_request_alone(served):
     assert all(t.count("|") >= 1 for t in together)
 
 
-def slow_steps(server, monkeypatch) -> None:
-    """20 ms more per engine step: a 400-token request then takes 8 s, so only an abort frees it in 4."""
-    step = server.llm.step
-    monkeypatch.setattr(server.llm, "step", lambda: (time.sleep(0.02), step())[1])
+def slow_steps(server, monkeypatch, seconds: float = 0.02) -> list[int]:
+    """Engine steps made slower by `seconds`, and counted (the one-item list's value): a request freed in
+    fewer steps than it had tokens to generate was aborted, however slow or busy the machine."""
+    step, count = server.llm.step, [0]
+
+    def slow():
+        count[0] += 1
+        time.sleep(seconds)
+        return step()
+    monkeypatch.setattr(server.llm, "step", slow)
+    return count
 
 
 def test_disconnecting_clients_free_their_cache(served, monkeypatch):
     url, server = served
-    slow_steps(server, monkeypatch)
+    steps = slow_steps(server, monkeypatch)
     aborted = metric(url, 'nanoseek_requests_total{outcome="abort"}')
     body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "stream": True,
             "ignore_eos": True}
     for _ in range(5):
+        start = steps[0]
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             for _ in range(6):
                 next(lines)  # a few chunks in, then the client goes away
-        assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=4)
+        assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=30)
+        assert steps[0] - start < 400  # freed long before its 400 tokens: aborted
     assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 5)
     assert server.engine.num_requests == 0 and not server.llm.has_unfinished()
 
@@ -344,12 +353,13 @@ def test_disconnecting_clients_free_their_cache(served, monkeypatch):
 def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypatch):
     """Tokens keep arriving, so the handler never idles: it still notices the client has gone."""
     url, server = served
-    slow_steps(server, monkeypatch)
+    steps = slow_steps(server, monkeypatch)
     aborted, finished = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("abort", "length"))
     body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
-    assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=4)
+    assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=30)
+    assert steps[0] < 400  # freed long before its 400 tokens: aborted
     assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted + 1)
     assert metric(url, 'nanoseek_requests_total{outcome="length"}') == finished
 
@@ -428,86 +438,79 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
-def _browser_or_skip():
+@pytest.fixture
+def chat_page(served):
+    """The chat page in headless Chromium, at temperature 0, with "hello there" sent."""
     absent = []
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         absent.append("the playwright package")
-        sync_playwright = None
     if not os.path.exists(CHROMIUM):
         absent.append(CHROMIUM + " (apt-get install -y chromium)")
     if absent:
         missing("browser test needs " + " and ".join(absent))
-    return sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(served[0] + "/")
+            page.fill("#temperature", "0")
+            page.fill("#input", "hello there")
+            page.press("#input", "Enter")
+            yield page
+        finally:
+            browser.close()
 
 
-def test_chat_page_streams_thinking_then_answer(served):
-    sync_playwright = _browser_or_skip()
-    url, _ = served
+def test_chat_page_streams_thinking_then_answer(chat_page):
+    page = chat_page
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .answer')?.textContent === 'Hello from nanoseek!'", timeout=30000)
+    assert page.inner_text(".msg.user") == "hello there"
+    assert page.text_content(".reasoning") == REASONING
+    assert re.fullmatch(r"Thought for \d+\.\d s", page.inner_text("details.thinking summary"))
+    page.wait_for_function("document.querySelector('.usage')?.textContent.includes('cache hit')")
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        try:
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.fill("#temperature", "0")
-            page.fill("#input", "hello there")
-            page.press("#input", "Enter")
-            page.wait_for_function(
-                "document.querySelector('.msg.assistant .answer')?.textContent === 'Hello from nanoseek!'",
-                timeout=30000)
-            assert page.inner_text(".msg.user") == "hello there"
-            assert page.text_content(".reasoning") == REASONING
-            assert re.fullmatch(r"Thought for \d+\.\d s", page.inner_text("details.thinking summary"))
-            page.wait_for_function("document.querySelector('.usage')?.textContent.includes('cache hit')")
-            page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
-            page.fill("#input", "how are you")  # a second turn keeps the history
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelectorAll('.msg.assistant .answer').length === 2 && "
-                                   "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 0")
-            page.click("#new-chat")
-            assert page.locator(".msg").count() == 0
-            page.fill("#max-tokens", "100000")  # refused (beyond the context): the turn is not kept
-            page.fill("#input", "ping")
-            page.press("#input", "Enter")
-            page.wait_for_selector(".msg.assistant .error")
-            page.fill("#max-tokens", "8")
-            with page.expect_request("**/v1/chat/completions") as sent:
-                page.fill("#input", "hi")
-                page.press("#input", "Enter")
-            assert [m["content"] for m in sent.value.post_data_json["messages"]] == ["hi"]
-        finally:
-            browser.close()
+    page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
+    page.fill("#input", "how are you")  # a second turn keeps the history
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .answer').length === 2 && "
+                           "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 0")
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.fill("#max-tokens", "100000")  # refused (beyond the context): the turn is not kept
+    page.fill("#input", "ping")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .error")
+    page.fill("#max-tokens", "8")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+    assert [m["content"] for m in sent.value.post_data_json["messages"]] == ["hi"]
 
 
-def test_chat_page_shows_thinking_while_it_streams_and_stops(served, monkeypatch):
-    """Engine steps slowed to 0.5 s: the block reads "Thinking…" while reasoning arrives; Stop ends the
-    turn (the summary then gives the time) and the server frees the request's cache."""
-    sync_playwright = _browser_or_skip()
-    url, server = served
-    step = server.llm.step
-    monkeypatch.setattr(server.llm, "step", lambda: (time.sleep(0.5), step())[1])
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        try:
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.fill("#temperature", "0")
-            page.fill("#input", "hello there")
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelector('.reasoning')?.textContent.length > 0", timeout=30000)
-            assert page.inner_text("details.thinking summary") == "Thinking…"
-            assert page.is_visible("#stop") and not page.is_visible("#send")
-            page.click("#stop")
-            page.wait_for_function("document.querySelector('details.thinking summary').textContent.startsWith('Thought')")
-            assert page.is_visible("#send") and not page.is_visible("#stop")
-            assert page.text_content(".msg.assistant .answer") != ANSWER  # cut off before the answer finished
-            assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=3)
-        finally:
-            browser.close()
+@pytest.fixture
+def slow_server(served, monkeypatch):
+    """Engine steps slowed to 0.5 s (set before the chat page sends its message): the thinking lasts seconds."""
+    return served[0], slow_steps(served[1], monkeypatch, seconds=0.5), served[1]
+
+
+def test_chat_page_shows_thinking_while_it_streams_and_stops(slow_server, chat_page):
+    """The block reads "Thinking…" while reasoning arrives; Stop ends the turn (the summary then gives the
+    time) and the server frees the request's cache before it could have finished it."""
+    url, steps, server = slow_server
+    page = chat_page
+    page.wait_for_function("document.querySelector('.reasoning')?.textContent.length > 0", timeout=30000)
+    assert page.inner_text("details.thinking summary") == "Thinking…"
+    assert page.is_visible("#stop") and not page.is_visible("#send")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('details.thinking summary').textContent.startsWith('Thought')")
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=60)
+    whole = len(server.tokenizer.encode(REASONING + "</think>" + ANSWER, add_special_tokens=False).ids) + 1  # + EOS
+    assert steps[0] < whole and page.text_content(".msg.assistant .answer") != ANSWER  # aborted, not finished
 
 
 # ---- the command lines -----------------------------------------------------------------------------

@@ -113,15 +113,19 @@ class LatentStore:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", mtp: bool = False):
-        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
-        self.data = torch.zeros(n_layers, num_blocks * block_size, config.latent_dim, dtype=dtype, device=device)
+        self.data = torch.zeros(LatentStore.num_layers(config, mtp), num_blocks * block_size, config.latent_dim,
+                                dtype=dtype, device=device)
         self.block_size = block_size
+
+    @staticmethod
+    def num_layers(config: ModelConfig, mtp: bool) -> int:
+        """The main layers, plus the MTP layers when they draft."""
+        return config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
         """Per token: one latent per main layer (the MLA minimum), plus the MTP layers' when they draft."""
-        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if mtp else 0)
-        return n_layers * config.latent_dim * torch.empty((), dtype=dtype).element_size()
+        return LatentStore.num_layers(config, mtp) * config.latent_dim * torch.empty((), dtype=dtype).element_size()
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size

@@ -320,18 +320,17 @@ class LLM:
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end
         of the forward's step, once the MTP layer has written its latents too)."""
-        n = len(parent.prompt_ids)
+        full, tail = divmod(len(parent.prompt_ids), self.blocks.block_size)
         child.num_cached_prompt = parent.num_cached_prompt
-        if len(self.scheduler.running) >= self.scheduler.max_num_seqs:  # no decode slot: wait like any request
-            self.scheduler.requeue(child)  # (and find the prompt's full blocks in the prefix cache)
+        if len(self.scheduler.running) >= self.scheduler.max_num_seqs or (tail and not self.blocks.num_free):
+            # no decode slot, or no block for its copy of the tail: wait like any request (and find the
+            # prompt's full blocks in the prefix cache)
+            self.scheduler.requeue(child)
             return
-        full = n // self.blocks.block_size
         child.table = self.blocks.fork(parent.table[:full])
-        child.num_computed, child.admitted = n, True
-        if n % self.blocks.block_size:
-            if not self.blocks.grow(child.table, n):  # no room for the tail: recompute this sample later
-                self.scheduler.requeue(child)
-                return
+        child.num_computed, child.admitted = len(parent.prompt_ids), True
+        if tail:
+            self.blocks.grow(child.table, child.num_computed)  # the one free block checked above
             self._tail_copies.append((parent.table[full], child.table[full], child))
         self.scheduler.running.append(child)
 
@@ -339,6 +338,7 @@ class LLM:
         """Append sampled tokens up to the first stop condition, and return what to stream."""
         p = seq.params
         new, text_delta = [], ""
+        incremental = seq.stream_text or bool(p.stop)  # a stop string may end the text before a draft's token
         for s in samples:
             seq.output_ids.append(s.token)
             new.append(s.token)
@@ -350,12 +350,12 @@ class LLM:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
-            if seq.stream_text or p.stop:  # token by token: a stop string may end it before a draft's
+            if incremental:
                 text_delta += self._update_text(seq)
             if seq.finished:
                 break
         if seq.finished:
-            if not (seq.stream_text or p.stop) and self.tokenizer is not None:
+            if not incremental and self.tokenizer is not None:
                 seq.text = self.tokenizer.decode(self._text_ids(seq), skip_special_tokens=False)
             self.scheduler.finish(seq)
         return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,

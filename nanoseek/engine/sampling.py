@@ -117,7 +117,8 @@ def draw(probs: Tensor, generator: random.Random) -> int:
 
 def _inverse_cdf(probs: Tensor, generators: list[random.Random]) -> list[int]:
     """One token per row of probs [R, V], each row drawn with one uniform from its own generator (a Python
-    `random.Random` per sequence: a draw costs 0.1 µs against some 5 µs for a `torch.Generator`'s)."""
+    `random.Random` per sequence: 256 uniforms and their tensor take 0.10 ms, against 1.37 ms from
+    `torch.Generator`s)."""
     cdf = probs.cumsum(-1)
     u = torch.tensor([g.random() for g in generators], dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
@@ -166,11 +167,11 @@ def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
             out[id(seqs[i])] = Sample(t)
-    drawn = [seqs[i] for i in plain if not seqs[i].params.greedy]
-    if drawn:
-        rows = logits if len(drawn) == len(seqs) else logits[[i for i in plain if not seqs[i].params.greedy]]
+    rows = [i for i in plain if not seqs[i].params.greedy]
+    if rows:
+        drawn = [seqs[i] for i in rows]
         temps = torch.tensor([seq.params.temperature for seq in drawn], dtype=torch.float32)[:, None]
-        probs = torch.softmax(rows / temps, dim=-1)
+        probs = torch.softmax((logits if len(rows) == len(seqs) else logits[rows]) / temps, dim=-1)
         top_p = torch.tensor([seq.params.top_p for seq in drawn], dtype=torch.float32)[:, None]
         if bool((top_p < 1).any()):  # rows at 1.0 keep everything, as in `processed_probs`
             probs = _top_p(probs, top_p.masked_fill(top_p >= 1, float("inf")))
