@@ -170,6 +170,23 @@ def test_logprobs_match_full_forward(model):
     assert [t for t, _ in out.top_logprobs[0]] == want[0].topk(3).indices.tolist()
 
 
+def test_prefill_runs_the_last_layer_only_where_it_samples(model):
+    """Only sampled positions need the last layer's output (its latents come from its input): a prompt
+    prefilled in chunks runs it once, at the last prompt token; with MTP drafting every position needs it."""
+    p = prompts(1, seed=12, lo=50, hi=51)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for speculative, want in ((False, [1, 1, 1]), (True, [16, 16, 16, 2])):
+        llm = LLM(model, block_size=4, max_batched_tokens=16, speculative=speculative)
+        seen = []
+        hook = model.model.layers[-1].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        try:
+            out = llm.generate(p, params)[0]
+        finally:
+            hook.remove()
+        assert out.token_ids == naive_greedy(model, p, 3)
+        assert seen[:len(want)] == want  # the prefill's calls; then one or two tokens per decode step
+
+
 def test_interleaved_streams_each_get_all_their_deltas(model):
     llm = LLM(model, block_size=4)
     a, b = prompts(2, seed=15)
