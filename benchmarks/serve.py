@@ -1,6 +1,6 @@
 """`nanoseek serve` under load, `vllm bench serve`-style: random prompts, fixed concurrency, streaming.
 
-    python benchmarks/serve.py [--checkpoint runs/demo/rl] [--requests 32] [--input-len 128] [--output-len 64]
+    python benchmarks/serve.py [--checkpoint runs/demo/rl] [--requests 32] [--input-len 128] [--output-len 64] [--compile]
 
 The engine alone (`LLM.generate` in this process, the bound), then `nanoseek serve` in its own process,
 as a deployment runs it, loaded by this client at concurrency 1 and 16 — in alternating rounds, since a
@@ -99,18 +99,20 @@ def build_model(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 @contextmanager
-def server_process(path: str, concurrency: int, max_pending: int, threads: int | None, batched_tokens: int):
+def server_process(path: str, concurrency: int, max_pending: int, threads: int | None, batched_tokens: int,
+                   compile: bool):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", path, "--port", str(port),
                              "--max-concurrency", str(concurrency), "--max-queue", str(max_pending),
                              "--max-num-batched-tokens", str(batched_tokens),
-                             "--log-level", "warning", *(["--threads", str(threads)] if threads else [])],
+                             "--log-level", "warning", *(["--threads", str(threads)] if threads else []),
+                            *(["--compile"] if compile else [])],
                             stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(3000):  # up to 5 minutes: a compiling server builds its graphs before it listens
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
@@ -134,24 +136,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating engine / server runs (medians)")
     ap.add_argument("--max-batched-tokens", type=int, default=2048, help="per engine step, engine and server alike")
     ap.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode steps, engine and server alike")
     args = ap.parse_args()
     path, _tmp = build_model(args)
-    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=args.max_batched_tokens)
+    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=args.max_batched_tokens, compile=args.compile)
     vocab = llm.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[list[int]]:  # fresh random ids: no accidental prefix hits
         return torch.randint(16, vocab, (n, length), generator=g).tolist()
 
-    print(f"model {path}: {llm.config.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads; "
+    print(f"model {path}: {llm.config.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads, "
+          f"{'compiled' if args.compile else 'eager'} decoding; "
           f"{args.requests} requests, input {args.input_len}, output {args.output_len} tokens")
     print(f"{'run':<28}" + "".join(f"{h:>10}" for h in ("tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                          "ITL p50", "ITL p99")) + "   (ms)")
-    llm.generate(prompts(2, args.input_len), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    llm.warm_up()  # and the compiled graphs, as the server builds them before it listens
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     c = args.concurrency
     engine, served = [], {1: [], c: []}
-    with server_process(path, c, args.requests, args.server_threads, args.max_batched_tokens) as url:
+    with server_process(path, c, args.requests, args.server_threads, args.max_batched_tokens, args.compile) as url:
         # a shared CPU drifts by tens of percent within minutes: alternate the runs, compare medians
         for _ in range(args.rounds):
             t = time.perf_counter()

@@ -172,18 +172,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
-    from .engine import LLM, SamplingParams
+    from .engine import LLM
     from .serve.api import create_app
     # the engine thread's torch ops and the HTTP event loop share the CPU: leave the loop a core of its
     # own, or every stall of the loop also stalls all of torch's worker threads at their next barrier
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
               cache_memory_mb=args.cache_memory_mb, speculative=args.speculative, compile=args.compile)
-    if args.compile:  # build the graphs (one row, several rows) now rather than during the first requests
+    if args.compile:
         print(COMPILING, flush=True)
-        warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        llm.generate([[1, 2, 3]], warm)
-        llm.generate([[1, 2, 3], [4, 5, 6, 7]], warm)
+        llm.warm_up()
     app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_pending=args.max_concurrency + args.max_queue)
     print(f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/")

@@ -544,6 +544,20 @@ def test_compiled_decode_matches_eager(model):
                 assert llms[1].scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_warm_up_builds_every_decode_graph(model, monkeypatch, speculative):
+    """After `warm_up` a compiled engine never compiles again, whatever the batch: one row, rows of one
+    length (no attention bias), rows of different lengths. Dynamo's `eager` backend keeps this cheap: it
+    checks which graphs are needed, not their code."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    llm = LLM(model, block_size=4, compile=True, speculative=speculative)
+    llm.warm_up()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for ps in (prompts(1, seed=21), prompts(5, seed=22, lo=9, hi=10), prompts(6, seed=23)):
+            assert [o.token_ids for o in llm.generate(ps, GREEDY)] == [naive_greedy(model, p, 12) for p in ps]
+
+
 def test_penalties_and_truncations_against_hand_computed_values():
     """presence/frequency penalties (OpenAI's formula), top-k, top-p and min-p on known distributions."""
     from nanoseek.engine.sampling import apply_penalties, processed_probs

@@ -448,6 +448,14 @@ class LLM:
                 self.abort(r)
                 self._inboxes.pop(r, None)
 
+    def warm_up(self) -> None:
+        """Run every kind of decode batch once — one row; several rows of one length (no attention bias);
+        several of different lengths — so that with compile=True their graphs are built now rather than
+        during the first requests (a graph built mid-load stalls every stream for seconds)."""
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for batch in ([[1, 2, 3]], [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6, 7]]):
+            self.generate(batch, params)
+
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for a batch of prompts (one SamplingParams for all, or one each); outputs in prompt order."""
