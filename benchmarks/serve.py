@@ -108,7 +108,7 @@ def server_process(path: str, concurrency: int, max_pending: int, threads: int |
                              "--max-concurrency", str(concurrency), "--max-queue", str(max_pending),
                              "--max-num-batched-tokens", str(batched_tokens),
                              "--log-level", "warning", *(["--threads", str(threads)] if threads else []),
-                            *(["--compile"] if compile else [])],
+                             *(["--compile"] if compile else [])],
                             stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
