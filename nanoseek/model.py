@@ -294,20 +294,29 @@ class MLA(nn.Module):
         """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
         [d, H*rank] with W_UV folded in), or None where folding would grow the weights too much.
 
-        Cached; recomputed when a source weight is replaced or changed in place, as its version counter
-        tells (fused optimizers do not move it: `train.loop.make_optimizer` does; edits through `.data`
-        never do). For inference: no gradient flows through them."""
+        Cached: rebuilt when a source weight is replaced (or changes dtype or device), refolded into the
+        same tensors when one is changed in place, as its version counter tells (fused optimizers do not
+        move it: `train.loop.make_optimizer` does; edits through `.data` never do). A compiled graph reads
+        the cached tensors as they are, so they stay graph inputs instead of being refolded every step:
+        the engine calls this eagerly before each compiled step. For inference: no gradient flows through them."""
         if not self.fold:
             return None
         sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        # no version counter to watch (inference tensors; a compiled graph cannot read them): fold afresh
-        if torch.compiler.is_compiling() or any(w.is_inference() for w in sources):
+        if torch.compiler.is_compiling():
+            return self._folded[2] if self._folded is not None else self._fold(*sources)
+        if any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
             return self._fold(*sources)
         versions = [w._version for w in sources]
         cached = self._folded
-        if cached is None or cached[1] != versions or any(a is not w for a, w in zip(cached[0], sources)):
-            self._folded = cached = (sources, versions, self._fold(*sources))
-        return cached[2]
+        if (cached is None or any(a is not w for a, w in zip(cached[0], sources))
+                or (cached[2][0].dtype, cached[2][0].device) != (sources[0].dtype, sources[0].device)):
+            self._folded = (sources, versions, self._fold(*sources))
+        elif cached[1] != versions:
+            with torch.no_grad():
+                for dst, src in zip(cached[2], self._fold(*sources)):
+                    dst.copy_(src)
+            cached[1][:] = versions
+        return self._folded[2]
 
     def _fold(self, q_w: Tensor, kv_w: Tensor, o_w: Tensor) -> tuple[Tensor, Tensor]:
         h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank

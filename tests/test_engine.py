@@ -558,6 +558,27 @@ def test_warm_up_builds_every_decode_graph(model, monkeypatch, speculative):
             assert [o.token_ids for o in llm.generate(ps, GREEDY)] == [naive_greedy(model, p, 12) for p in ps]
 
 
+def test_compiled_engine_follows_weights_changed_in_place(monkeypatch):
+    """A compiled step reads MLA's folded weights as graph inputs, refreshed eagerly before each step (not
+    refolded inside the graph): a weight changed in place, as a trainer changes it, must change what the
+    compiled engine generates exactly as it changes the eager engine's output."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    torch.manual_seed(2)
+    m = random_model(ModelConfig.preset("tiny"))
+    compiled, eager = LLM(m, compile=True), LLM(m)
+    compiled.generate(prompts(2, seed=30, lo=2, hi=10), GREEDY)  # short prefills fold every layer's weights
+    ps = prompts(3, seed=31, lo=50, hi=60)  # long ones take the decompressed path, which folds nothing
+    before = [o.token_ids for o in compiled.generate(ps, GREEDY)]
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+    for llm in (compiled, eager):
+        llm.reset_prefix_cache()
+    after = [o.token_ids for o in compiled.generate(ps, GREEDY)]
+    assert after == [o.token_ids for o in eager.generate(ps, GREEDY)] != before
+
+
 def test_penalties_and_truncations_against_hand_computed_values():
     """presence/frequency penalties (OpenAI's formula), top-k, top-p and min-p on known distributions."""
     from nanoseek.engine.sampling import apply_penalties, processed_probs

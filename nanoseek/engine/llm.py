@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_model
-from ..model import DeepSeekV3
+from ..model import MLA, DeepSeekV3
 from ..tokenizer import load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
 from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
@@ -106,6 +106,8 @@ class LLM:
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        # a compiled step reads MLA's folded weights as they are: refresh them eagerly before each step
+        self._folds = [m for m in model.modules() if isinstance(m, MLA)] if compile else []
         self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
@@ -202,6 +204,8 @@ class LLM:
         """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
+        for mla in self._folds:
+            mla.folded_weights()
         decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
         for rows, prefill in ((decodes, False), (batch.prefills, True)):
             if not rows:
