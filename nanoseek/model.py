@@ -460,12 +460,10 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat)
         out = self.shared_experts(flat).to(flat.dtype) if self.shared_experts is not None else torch.zeros_like(flat)
         if stats is None and not torch.is_grad_enabled():
-            if torch.compiler.is_compiling() and self.expert_linear is F.linear:
-                cpu = flat.device.type == "cpu"
-                if flat.shape[0] <= (self.compiled_direct_max_tokens if cpu else self.direct_max_tokens):
-                    return self._gathered(flat, weights, idx, out).view(b, s, d)
-            elif flat.shape[0] <= self.direct_max_tokens:
-                return self._direct(flat, weights, idx, out).view(b, s, d)
+            gathered = torch.compiler.is_compiling() and self.expert_linear is F.linear
+            fused = gathered and flat.device.type == "cpu"
+            if flat.shape[0] <= (self.compiled_direct_max_tokens if fused else self.direct_max_tokens):
+                return (self._gathered if gathered else self._direct)(flat, weights, idx, out).view(b, s, d)
         flat_idx = idx.reshape(-1)
         # not bincount: its output's shape depends on the data, which torch.compile cannot trace
         counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))

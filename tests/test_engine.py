@@ -544,13 +544,19 @@ def test_compiled_decode_matches_eager(model):
                 assert llms[1].scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_warm_up_builds_every_decode_graph(model, monkeypatch, speculative):
-    """After `warm_up` a compiled engine never compiles again, whatever the batch: one row, rows of one
-    length (no attention bias), rows of different lengths. Dynamo's `eager` backend keeps this cheap: it
-    checks which graphs are needed, not their code."""
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's `eager` backend: traces and guards as the engine's graphs do, without
+    inductor's code generation (seconds instead of minutes), for tests of which graphs exist and what
+    they read."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_warm_up_builds_every_decode_graph(model, eager_compile, speculative):
+    """After `warm_up` a compiled engine never compiles again, whatever the batch: one row, rows of one
+    length (no attention bias), rows of different lengths."""
     llm = LLM(model, block_size=4, compile=True, speculative=speculative)
     llm.warm_up()
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -558,12 +564,10 @@ def test_warm_up_builds_every_decode_graph(model, monkeypatch, speculative):
             assert [o.token_ids for o in llm.generate(ps, GREEDY)] == [naive_greedy(model, p, 12) for p in ps]
 
 
-def test_compiled_engine_follows_weights_changed_in_place(monkeypatch):
+def test_compiled_engine_follows_weights_changed_in_place(eager_compile):
     """A compiled step reads MLA's folded weights as graph inputs, refreshed eagerly before each step (not
     refolded inside the graph): a weight changed in place, as a trainer changes it, must change what the
     compiled engine generates exactly as it changes the eager engine's output."""
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
     torch.manual_seed(2)
     m = random_model(ModelConfig.preset("tiny"))
     compiled, eager = LLM(m, compile=True), LLM(m)
