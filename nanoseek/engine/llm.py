@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_model
-from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
+from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from ..tokenizer import load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
 from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
@@ -455,12 +455,15 @@ class LLM:
                 self._inboxes.pop(r, None)
 
     def warm_up(self) -> None:
-        """Run every kind of decode batch once — one row; several rows of one length (no attention bias);
-        several of different lengths — so that with compile=True their graphs are built now rather than
-        during the first requests (a graph built mid-load stalls every stream for seconds)."""
+        """Run every kind of decode batch once — one row; a few rows and more than a few (`linear` has a
+        graph for each), of one length (no attention bias) and of different lengths — so that with
+        compile=True their graphs are built now rather than during the first requests (a graph built
+        mid-load stalls every stream for seconds)."""
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        for batch in ([[1, 2, 3]], [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6, 7]]):
-            self.generate(batch, params)
+        self.generate([[1, 2, 3]], params)
+        for rows in (2, FUSED_LINEAR_MAX_ROWS + 1):
+            for extra in (0, 1):
+                self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
 
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
