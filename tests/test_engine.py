@@ -268,23 +268,26 @@ def test_mtp_speculation_greedy_identical(model):
     assert spec_llm.blocks.num_free == len(spec_llm.blocks.ref)
 
 
-def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model):
-    """Every draft is the argmax of `model(ids, mtp=True)`'s MTP logits at the last position, through
-    rejections (the MTP cache slots past a rejected draft are rewritten) and batches of mixed lengths."""
+@pytest.mark.parametrize("penalty", [0.0, 1.0])
+def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model, penalty):
+    """Every draft is the argmax of `model(ids, mtp=True)`'s (penalised) MTP logits at the last position,
+    through rejections (the MTP cache slots past a rejected draft are rewritten) and batches of mixed
+    lengths: greedy rows draft inside the verifying forward, rows with penalties in a forward of their own."""
+    from nanoseek.engine.sampling import apply_penalties
     llm = LLM(model, block_size=4, speculative=True)
-    draft, checked = llm._draft, []
-
-    def spy(seqs, *rest):
-        draft(seqs, *rest)
-        for seq in seqs:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, presence_penalty=penalty)
+    for p in prompts(5, seed=3):
+        llm.add_request(p, params)
+    checked = []
+    while llm.has_unfinished():
+        llm.step()
+        for seq in llm.scheduler.running:
             if seq.draft:
                 with torch.no_grad():
                     logits = model(torch.tensor([seq.tokens]), mtp=True).mtp_logits[0][0, -1]
+                logits = apply_penalties(logits, seq.output_ids, params)
                 assert logits[seq.draft[0]] >= logits.max() - 1e-4
                 checked.append(seq.draft[0])
-
-    llm._draft = spy
-    llm.generate(prompts(5, seed=3), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert len(checked) >= 5 * 10 and llm.spec_stats["accepted"] < llm.spec_stats["drafted"]  # rejections seen
 
 
@@ -300,18 +303,26 @@ def test_forked_samples_get_the_prompts_mtp_latents_too(model):
     torch.testing.assert_close(llm.store.data[:, tail[1]], llm.store.data[:, tail[0]], rtol=0, atol=0)
 
 
+def oracle_drafts(llm: LLM, ref: list[int]) -> LLM:
+    """Make `llm` draft the true continuation `ref`: its MTP drafts are replaced after every step."""
+    step = llm.step
+
+    def oracle_step():
+        deltas = step()
+        for s in llm.scheduler.running:
+            if s.draft and len(s.output_ids) < len(ref):
+                s.draft = [ref[len(s.output_ids)]]
+        return deltas
+
+    llm.step = oracle_step
+    return llm
+
+
 def test_mtp_speculation_with_perfect_drafts_emits_two_tokens_per_step(model):
     """Oracle drafts (the true next tokens) are all accepted: half the steps, same output, exact cache."""
     p = [3, 1, 4, 1, 5]
     ref = naive_greedy(model, p, 20)
-    llm = LLM(model, block_size=4, speculative=True)
-
-    def oracle(seqs, starts, hidden, cache):
-        for s in seqs:
-            if not s.finished and s.num_computed == len(s.tokens) - 1 and len(s.output_ids) < len(ref):
-                s.draft = [ref[len(s.output_ids)]]
-
-    llm._draft = oracle
+    llm = oracle_drafts(LLM(model, block_size=4, speculative=True), ref)
     rid = llm.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     steps = 0
     while llm.has_unfinished():
@@ -462,14 +473,7 @@ def test_a_stop_string_in_the_first_of_two_speculated_tokens_ends_the_output_the
     string, exactly as without speculation."""
     model, tok = text_llm.model, text_llm.tokenizer
     free = text_llm.generate("the", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
-    spec = LLM(model, tok, speculative=True)
-
-    def oracle(seqs, starts, hidden, cache):
-        for s in seqs:
-            if not s.finished and s.num_computed == len(s.tokens) - 1 and 0 < len(s.output_ids) < 30:
-                s.draft = [free.token_ids[len(s.output_ids)]]
-
-    spec._draft = oracle
+    spec = oracle_drafts(LLM(model, tok, speculative=True), free.token_ids)
     checked = 0
     for i in range(3, 20):
         piece = tok.decode(free.token_ids[i:i + 1], skip_special_tokens=False)
@@ -556,12 +560,14 @@ def eager_compile(monkeypatch):
 @pytest.mark.parametrize("speculative", [False, True])
 def test_warm_up_builds_every_decode_graph(model, eager_compile, speculative):
     """After `warm_up` a compiled engine never compiles again, whatever the batch: one row, rows of one
-    length (no attention bias), rows of different lengths."""
+    length (no attention bias), rows of different lengths, greedy or sampled."""
     llm = LLM(model, block_size=4, compile=True, speculative=speculative)
     llm.warm_up()
+    sampled = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=1)
     with torch.compiler.set_stance("fail_on_recompile"):
         for ps in (prompts(1, seed=21), prompts(5, seed=22, lo=9, hi=10), prompts(6, seed=23)):
             assert [o.token_ids for o in llm.generate(ps, GREEDY)] == [naive_greedy(model, p, 12) for p in ps]
+            assert all(len(o.token_ids) == 12 for o in llm.generate(ps, sampled))
 
 
 def test_compiled_engine_follows_weights_changed_in_place(eager_compile):

@@ -109,6 +109,8 @@ class LLM:
         # a compiled step reads MLA's folded weights as they are: refresh them eagerly before each step
         self._folds = [m for m in model.modules() if isinstance(m, MLA)] if compile else []
         self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
+        self._greedy_spec_forward = (torch.compile(self._verify_and_draft, dynamic=True) if compile
+                                     else self._verify_and_draft)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
@@ -221,17 +223,21 @@ class LLM:
             k = [1 + len(seq.draft) for _, seq, _ in emitting]
             at = [(i, p) for (i, _, n), kk in zip(emitting, k) for p in range(n - kk, n)]
             ids = self._ids(tokens)
+            sampled_at = [i for i, _ in at], [p for _, p in at]
+            drafts = None
             if prefill and not self.speculative:  # MTP drafting needs every position's final state
                 sampled = self._prefill_last(ids, cache, seqs, starts, at)
+            elif not prefill and self.speculative and all(_greedy_plain(seq.params) for seq in seqs):
+                all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
             else:
                 hidden = (self.model.hidden_states if prefill else self._decode_forward)(ids, cache.positions, cache)
-                sampled = hidden[[i for i, _ in at], [p for _, p in at]]
+                sampled = hidden[sampled_at]
             cache.commit()
             for (seq, n), end in zip(rows, ends):
                 if not end:
                     seq.num_computed += n
             if emitting:  # one head matmul for every position that is sampled
-                logits = self.model.lm_head(sampled).float().cpu()
+                logits = (self.model.lm_head(sampled) if drafts is None else all_logits[sampled_at]).float().cpu()
                 last = logits[[end - 1 for end in itertools.accumulate(k)]] if len(at) > len(k) else logits
                 fast = batch_sample([seq for _, seq, _ in emitting], last)
                 for (_, seq, n), lg in zip(emitting, logits.split(k)):
@@ -239,8 +245,12 @@ class LLM:
             for seq in seqs:
                 if not seq.finished:
                     self.scheduler.seal(seq)
-            if self.speculative:
-                self._draft(seqs, starts, hidden, cache)
+            if drafts is not None:
+                drafts = drafts.cpu()
+                for i, seq in self._drafting(seqs, starts):
+                    seq.draft, seq.draft_probs = [int(drafts[i, seq.num_computed - 1 - starts[i]])], None
+            elif self.speculative:
+                self._draft(seqs, starts, hidden, cache, prefill)
             for src, dst, child in self._tail_copies:  # now that every layer (MTP too) wrote this step's latents
                 if not child.finished:
                     self.store.copy_block(src, dst)
@@ -282,7 +292,8 @@ class LLM:
         block = layer.block if isinstance(layer, MTPLayer) else layer  # the MTP input is already combined
         return block(x[rows, [p for _, p in at]][:, None], self.model.rope(one.positions), one)[:, 0]
 
-    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor, cache: PagedBatch) -> None:
+    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor, cache: PagedBatch,
+               prefill: bool) -> None:
         """MTP (V3 report §2.2): fill the MTP layer's cache at the positions the main forward just
         computed, from (h_i, token_{i+1}), and draft the next-next token of every decoding sequence.
 
@@ -291,18 +302,15 @@ class LLM:
         s = hidden.shape[1]
         nexts = self._ids([(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)])  # drafts spent
         mtp = self.model.mtp[0]
-        # nothing to draft while prefilling or finished, before the first token (sampled plainly, whatever
-        # the chunking), or where a draft survived preemption (verified as it was, for seeded sampling)
-        rows = [(i, seq) for i, seq in enumerate(seqs)
-                if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids and not seq.draft]
-        if s <= 2:  # decoding (a token and its draft): run the layer over all, as the main forward did
+        rows = self._drafting(seqs, starts)
+        if not prefill:  # a token and its draft: run the layer over both, as the main forward did
             normed = self._draft_forward(hidden, nexts, cache.positions, cache)
             cache.commit()
             if not rows:
                 return
             logits = self.model.lm_head(torch.stack([normed[i, seq.num_computed - 1 - starts[i]] for i, seq in rows]))
-        else:  # prefill: every position needs its latent but only a row's last one a query, so that one alone
-            # runs the layer (the whole layer over a long prompt costs a quarter of its TTFT)
+        else:  # every position needs its latent but only a row's last one a query, so that one alone runs
+            # the layer (the whole layer over a long prompt costs a quarter of its TTFT)
             x = mtp.combine(hidden, self.model.model.embed_tokens(nexts))
             at = [(i, seq.num_computed - 1 - starts[i]) for i, seq in rows]
             last = self._layer_at(mtp, x, self.model.rope(cache.positions), cache, seqs, starts, at)
@@ -316,6 +324,24 @@ class LLM:
             else:
                 seq.draft_probs = processed_probs(lg, seq.params)
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
+
+    @staticmethod
+    def _drafting(seqs: list[Sequence], starts: list[int]) -> list[tuple[int, Sequence]]:
+        """(row, sequence) of those to draft for after a forward: nothing while prefilling or finished, before
+        the first token (sampled plainly, whatever the chunking), or where a draft survived preemption
+        (verified as it was, for seeded sampling). A row's draft follows its last computed position."""
+        return [(i, seq) for i, seq in enumerate(seqs)
+                if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids and not seq.draft]
+
+    def _verify_and_draft(self, ids: Tensor, positions: Tensor, cache: PagedBatch) -> tuple[Tensor, Tensor]:
+        """A speculative decode step of greedy rows as one forward (one compiled graph instead of two, and no
+        trip to Python between them): logits [B, S, V] at every position, and the MTP draft [B, S] that
+        follows each. Greedy decoding emits each position's argmax, so the MTP layer can be fed it here; at
+        the last accepted position, the one a draft is read from, it is the token `_draft` would feed."""
+        hidden = self.model.hidden_states(ids, positions, cache)
+        logits = self.model.lm_head(hidden).float()
+        normed = self._mtp_forward(hidden, logits.argmax(-1), positions, cache)
+        return logits, self.model.lm_head(normed).argmax(-1)
 
     def _mtp_forward(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, cache: PagedBatch) -> Tensor:
         """The MTP module's normed output [B, S, d] at a step's positions (the head is applied only where a
@@ -456,14 +482,17 @@ class LLM:
 
     def warm_up(self) -> None:
         """Run every kind of decode batch once — one row; a few rows and more than a few (`linear` has a
-        graph for each), of one length (no attention bias) and of different lengths — so that with
-        compile=True their graphs are built now rather than during the first requests (a graph built
-        mid-load stalls every stream for seconds)."""
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        self.generate([[1, 2, 3]], params)
-        for rows in (2, FUSED_LINEAR_MAX_ROWS + 1):
-            for extra in (0, 1):
-                self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
+        graph for each), of one length (no attention bias) and of different lengths; speculative greedy
+        and sampled rows (which draft in forwards of their own) — so that with compile=True their graphs
+        are built now rather than during the first requests (a graph built mid-load stalls every stream
+        for seconds)."""
+        kinds = [SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
+                 for t in ((0.0, 1.0) if self.speculative else (0.0,))]
+        for params in kinds:
+            self.generate([[1, 2, 3]], params)
+            for rows in (2, FUSED_LINEAR_MAX_ROWS + 1):
+                for extra in (0, 1):
+                    self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
 
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -490,6 +519,11 @@ class LLM:
         outs = [CompletionOutput(s.index, list(s.output_ids), s.text, s.finish_reason, list(s.logprobs),
                                  list(s.top_logprobs)) for s in seqs]
         return RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
+
+
+def _greedy_plain(params: SamplingParams) -> bool:
+    """Greedy without penalties: the token emitted at a position is its logits' argmax."""
+    return params.greedy and not params.presence_penalty and not params.frequency_penalty
 
 
 def _as_list(prompts) -> list:
