@@ -123,7 +123,8 @@ def mtp_speedup(model: DeepSeekV3, args) -> None:
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     llms = {"plain": LLM(model, tokenizer, compile=args.compile),
             "MTP": LLM(model, tokenizer, speculative=True, compile=args.compile)}
-    for name, llm in llms.items():  # warm-up (and compilation)
+    for llm in llms.values():  # compile every kind of decode batch first
+        llm.warm_up()
         timed_stream(llm, prompts[0], params)
     decode = {k: [] for k in llms}
     total = {k: [] for k in llms}
@@ -228,7 +229,7 @@ def main() -> None:
         mtp_speedup(model, args)
 
     llm = LLM(model, compile=args.compile)
-    ours_generate(llm, torch.randint(0, vocab, (32, 64)).tolist(), 4)  # warm-up (and compilation)
+    llm.warm_up()  # every kind of decode batch the run will see, compiled before it starts
     latency_table(llm, vocab, n=32, new_tokens=args.new_tokens)
 
 

@@ -488,11 +488,13 @@ class LLM:
         for seconds)."""
         kinds = [SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
                  for t in ((0.0, 1.0) if self.speculative else (0.0,))]
+        stats = dict(self.spec_stats)  # drafts for made-up prompts say nothing about the model
         for params in kinds:
             self.generate([[1, 2, 3]], params)
             for rows in (2, FUSED_LINEAR_MAX_ROWS + 1):
                 for extra in (0, 1):
                     self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
+        self.spec_stats.update(stats)
 
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
