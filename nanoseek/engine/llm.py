@@ -224,11 +224,12 @@ class LLM:
             at = [(i, p) for (i, _, n), kk in zip(emitting, k) for p in range(n - kk, n)]
             ids = self._ids(tokens)
             sampled_at = [i for i, _ in at], [p for _, p in at]
-            drafts = None
+            logits = drafts = None  # (the greedy speculative forward returns both)
             if prefill and not self.speculative:  # MTP drafting needs every position's final state
                 sampled = self._prefill_last(ids, cache, seqs, starts, at)
             elif not prefill and self.speculative and all(_greedy_plain(seq.params) for seq in seqs):
                 all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
+                logits = all_logits[sampled_at]
             else:
                 hidden = (self.model.hidden_states if prefill else self._decode_forward)(ids, cache.positions, cache)
                 sampled = hidden[sampled_at]
@@ -237,7 +238,7 @@ class LLM:
                 if not end:
                     seq.num_computed += n
             if emitting:  # one head matmul for every position that is sampled
-                logits = (self.model.lm_head(sampled) if drafts is None else all_logits[sampled_at]).float().cpu()
+                logits = (self.model.lm_head(sampled) if logits is None else logits).float().cpu()
                 last = logits[[end - 1 for end in itertools.accumulate(k)]] if len(at) > len(k) else logits
                 fast = batch_sample([seq for _, seq, _ in emitting], last)
                 for (_, seq, n), lg in zip(emitting, logits.split(k)):
@@ -247,8 +248,8 @@ class LLM:
                     self.scheduler.seal(seq)
             if drafts is not None:
                 drafts = drafts.cpu()
-                for i, seq in self._drafting(seqs, starts):
-                    seq.draft, seq.draft_probs = [int(drafts[i, seq.num_computed - 1 - starts[i]])], None
+                for i, pos, seq in self._drafting(seqs, starts):
+                    seq.draft, seq.draft_probs = [int(drafts[i, pos])], None
             elif self.speculative:
                 self._draft(seqs, starts, hidden, cache, prefill)
             for src, dst, child in self._tail_copies:  # now that every layer (MTP too) wrote this step's latents
@@ -308,16 +309,16 @@ class LLM:
             cache.commit()
             if not rows:
                 return
-            logits = self.model.lm_head(torch.stack([normed[i, seq.num_computed - 1 - starts[i]] for i, seq in rows]))
+            logits = self.model.lm_head(normed[[i for i, _, _ in rows], [p for _, p, _ in rows]])
         else:  # every position needs its latent but only a row's last one a query, so that one alone runs
             # the layer (the whole layer over a long prompt costs a quarter of its TTFT)
             x = mtp.combine(hidden, self.model.model.embed_tokens(nexts))
-            at = [(i, seq.num_computed - 1 - starts[i]) for i, seq in rows]
+            at = [(i, p) for i, p, _ in rows]
             last = self._layer_at(mtp, x, self.model.rope(cache.positions), cache, seqs, starts, at)
             if not rows:
                 return
             logits = self.model.lm_head(mtp.shared_head.norm(last))
-        for (_, seq), lg in zip(rows, logits.float().cpu()):
+        for (_, _, seq), lg in zip(rows, logits.float().cpu()):
             lg = apply_penalties(lg, seq.output_ids, seq.params)
             if seq.params.greedy:
                 seq.draft, seq.draft_probs = [int(lg.argmax())], None
@@ -326,11 +327,12 @@ class LLM:
                 seq.draft = [draw(seq.draft_probs, seq.generator)]
 
     @staticmethod
-    def _drafting(seqs: list[Sequence], starts: list[int]) -> list[tuple[int, Sequence]]:
-        """(row, sequence) of those to draft for after a forward: nothing while prefilling or finished, before
-        the first token (sampled plainly, whatever the chunking), or where a draft survived preemption
-        (verified as it was, for seeded sampling). A row's draft follows its last computed position."""
-        return [(i, seq) for i, seq in enumerate(seqs)
+    def _drafting(seqs: list[Sequence], starts: list[int]) -> list[tuple[int, int, Sequence]]:
+        """(row, position in the forward, sequence) of those to draft for after a forward, the position being
+        the last computed one, which a draft follows: nothing while prefilling or finished, before the first
+        token (sampled plainly, whatever the chunking), or where a draft survived preemption (verified as it
+        was, for seeded sampling)."""
+        return [(i, seq.num_computed - 1 - st, seq) for i, (seq, st) in enumerate(zip(seqs, starts))
                 if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids and not seq.draft]
 
     def _verify_and_draft(self, ids: Tensor, positions: Tensor, cache: PagedBatch) -> tuple[Tensor, Tensor]:
