@@ -2,11 +2,13 @@
 
     python benchmarks/serve.py [--checkpoint runs/demo/rl] [--requests 32] [--input-len 128] [--output-len 64] [--compile]
 
-The engine alone (`LLM.generate` in this process, the bound), then `nanoseek serve` in its own process,
-as a deployment runs it, loaded by this client at concurrency 1 and 16 — in alternating rounds, since a
-shared CPU drifts — then with a repeated 1k-token system prompt (prefix-cache hits) against fresh ones
-(misses). Prints TTFT / TPOT / ITL p50/p99 and output tokens/s per run, and the median ratios the README
-quotes.
+The engine alone (`LLM.generate` in this process, the bound) on every core and on the server's torch
+threads, then `nanoseek serve` in its own process, as a deployment runs it, loaded by this client at
+concurrency 1 and 16 — in alternating rounds, since a shared CPU drifts — then with a repeated 1k-token
+system prompt (prefix-cache hits) against fresh ones (misses). Prints TTFT / TPOT / ITL p50/p99 and output
+tokens/s per run, and the median ratios the README quotes. The server leaves a core to its HTTP event loop
+(and here to this client), so the overhead is given against both engine-alone runs: the first is the
+cost of serving on this machine, the second the cost of the HTTP layer itself.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -151,17 +154,25 @@ def main() -> None:
           f"{args.requests} requests, input {args.input_len}, output {args.output_len} tokens")
     print(f"{'run':<28}" + "".join(f"{h:>10}" for h in ("tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                                                          "ITL p50", "ITL p99")) + "   (ms)")
-    llm.warm_up()  # and the compiled graphs, as the server builds them before it listens
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     c = args.concurrency
-    engine, served = [], {1: [], c: []}
+    cores = torch.get_num_threads()
+    server_threads = args.server_threads or max(1, (os.cpu_count() or 2) - 1)  # `nanoseek serve`'s default
+    engine: dict[int, list[float]] = {cores: [], server_threads: []}
+    for threads in engine:  # as the server builds its graphs before it listens; the thread count is a guard
+        torch.set_num_threads(threads)
+        llm.warm_up()
+    served: dict[int, list[float]] = {1: [], c: []}
     with server_process(path, c, args.requests, args.server_threads, args.max_batched_tokens, args.compile) as url:
         # a shared CPU drifts by tens of percent within minutes: alternate the runs, compare medians
         for _ in range(args.rounds):
-            t = time.perf_counter()
-            llm.generate(prompts(args.requests, args.input_len), params)
-            engine.append(args.requests * args.output_len / (time.perf_counter() - t))
-            print(f"{'engine alone (LLM.generate)':<28}{engine[-1]:>10.1f}")
+            for threads, rates in engine.items():
+                torch.set_num_threads(threads)
+                t = time.perf_counter()
+                llm.generate(prompts(args.requests, args.input_len), params)
+                rates.append(args.requests * args.output_len / (time.perf_counter() - t))
+                print(f"{f'engine alone, {threads} thread(s)':<28}{rates[-1]:>10.1f}")
+            torch.set_num_threads(cores)
             for conc in (1, c):
                 records, dur = asyncio.run(run_load(url, prompts(args.requests, args.input_len), args.output_len, conc))
                 served[conc].append(summarise(f"server, concurrency {conc}", records, dur)["tok/s"])
@@ -169,11 +180,12 @@ def main() -> None:
         asyncio.run(run_load(url, [system + prompts(1, 16)[0]], 4, 1))  # put the shared system prompt in cache
         miss, _ = asyncio.run(run_load(url, [p + q for p, q in zip(prompts(8, args.system_len), prompts(8, 16))], 4, 1))
         hit, _ = asyncio.run(run_load(url, [system + q for q in prompts(8, 16)], 4, 1))
-    e, one, many = (statistics.median(x) for x in (engine, served[1], served[c]))
-    print(f"\nmedians of {args.rounds} rounds: engine alone {e:.1f}, server at concurrency 1 {one:.1f} and "
-          f"{c} {many:.1f} output tok/s")
+    e, e_server, one, many = (statistics.median(x) for x in (engine[cores], engine[server_threads], served[1], served[c]))
+    print(f"\nmedians of {args.rounds} rounds: engine alone {e:.1f} ({cores} threads), {e_server:.1f} ({server_threads}, "
+          f"as in the server); server at concurrency 1 {one:.1f} and {c} {many:.1f} output tok/s")
     print(f"concurrency {c} vs 1: {many / one:.2f}x output tokens/s")
-    print(f"server overhead vs the engine alone at concurrency {c}: {1 - many / e:.1%}")
+    print(f"server overhead at concurrency {c} vs the engine alone: {1 - many / e:.1%} on {cores} threads, "
+          f"{1 - many / e_server:.1%} on the server's {server_threads}")
     ttft_miss = statistics.median(r.chunks[0] - r.start for r in miss)
     ttft_hit = statistics.median(r.chunks[0] - r.start for r in hit)
     print(f"{args.system_len}-token system prompt, median TTFT: miss {ttft_miss * 1e3:.1f} ms, hit "
