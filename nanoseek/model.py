@@ -21,8 +21,9 @@ from .config import ModelConfig
 
 
 # A compiled CPU graph calls an external matmul for every F.linear. For the few rows of a decode step a
-# multiply-sum is cheaper: inductor fuses it with the ops around it, reading the weight once for all rows
-# (decode steps of 1 to 4 rows 1.2-1.5x faster); at 6 to 8 rows the two were even, at 32 the library wins.
+# multiply-sum is cheaper: inductor fuses it into the kernel of the ops around it, with no library call (decode
+# steps of 1 to 4 rows 1.2-1.5x faster); at 6 to 8 rows the two were even, at 32 the library wins. The fused
+# loops are split across threads by row, so a one-row step leaves the other threads idle in them.
 FUSED_LINEAR_MAX_ROWS = 4
 
 

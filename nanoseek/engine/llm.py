@@ -227,7 +227,7 @@ class LLM:
             logits = drafts = None  # (the greedy speculative forward returns both)
             if prefill and not self.speculative:  # MTP drafting needs every position's final state
                 sampled = self._prefill_last(ids, cache, seqs, starts, at)
-            elif not prefill and self.speculative and all(_greedy_plain(seq.params) for seq in seqs):
+            elif not prefill and self.speculative and all(s.params.greedy and not s.params.penalised for s in seqs):
                 all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
                 logits = all_logits[sampled_at]
             else:
@@ -523,11 +523,6 @@ class LLM:
         outs = [CompletionOutput(s.index, list(s.output_ids), s.text, s.finish_reason, list(s.logprobs),
                                  list(s.top_logprobs)) for s in seqs]
         return RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
-
-
-def _greedy_plain(params: SamplingParams) -> bool:
-    """Greedy without penalties: the token emitted at a position is its logits' argmax."""
-    return params.greedy and not params.presence_penalty and not params.frequency_penalty
 
 
 def _as_list(prompts) -> list:

@@ -63,6 +63,11 @@ class SamplingParams:
         """Below vLLM's 1e-5, a temperature only overflows the scaled logits: such requests are greedy."""
         return self.temperature < 1e-5
 
+    @property
+    def penalised(self) -> bool:
+        """Presence or frequency penalties: the logits depend on the tokens generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
 
 def is_number(x: object) -> bool:
     """A finite int or float (not a bool)."""
@@ -76,7 +81,7 @@ def is_int(x: object) -> bool:
 
 def apply_penalties(logits: Tensor, output_ids: list[int], params: SamplingParams) -> Tensor:
     """OpenAI presence/frequency penalties over the tokens generated so far (one row of logits)."""
-    if not output_ids or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+    if not output_ids or not params.penalised:
         return logits
     counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
@@ -151,7 +156,7 @@ def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], genera
 
 def _plain(params: SamplingParams, vocab: int) -> bool:
     """Sampling that `batch_sample` does for many rows at once: no penalties, top-k, min-p or logprobs."""
-    return (not params.presence_penalty and not params.frequency_penalty and not params.min_p
+    return (not params.penalised and not params.min_p
             and not 0 < params.top_k < vocab and not params.logprobs and not params.top_logprobs)
 
 
