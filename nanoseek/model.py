@@ -461,6 +461,24 @@ def _grouped_mm_backward(ctx, grad: Tensor) -> tuple:
 _opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+class _GatherRows(torch.autograd.Function):
+    """x[perm // k]: a permutation of x's rows each repeated k times. Its backward gathers too (by the
+    inverse permutation, then sums each row's k copies), where index_select's backward would scatter-add:
+    atomic adds in compiled CPU code, about 4 ms a MoE layer in a `small` training step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, perm // k if k > 1 else perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        (inv,) = ctx.saved_tensors
+        grad = grad.index_select(0, inv)
+        return (grad.view(-1, ctx.k, grad.shape[-1]).sum(1) if ctx.k > 1 else grad), None, None, None
+
+
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
 
@@ -496,10 +514,16 @@ class MoE(nn.Module):
         # not bincount: its output's shape depends on the data, which torch.compile cannot trace
         counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
-        token = order // self.top_k
-        xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
-        ys = self._experts(xs, counts) * weights.reshape(-1).index_select(0, order)[:, None].to(xs.dtype)
-        out = out.index_add(0, token, ys)
+        if torch.compiler.is_compiling():  # gathers both ways: a compiled scatter-add is atomic (_GatherRows)
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+            xs = _GatherRows.apply(flat, order, inverse, self.top_k)  # each token once per slot, by expert
+            ys = _GatherRows.apply(self._experts(xs, counts), inverse, order, 1)  # back in token order
+            out = out + (ys.view(b * s, self.top_k, d) * weights[..., None].to(ys.dtype)).sum(1)
+        else:  # eagerly one scatter-add pass beats a gather, a product and a sum (0.6 vs 0.95 ms, 1000 tokens)
+            token = order // self.top_k
+            xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
+            ys = self._experts(xs, counts) * weights.reshape(-1).index_select(0, order)[:, None].to(xs.dtype)
+            out = out.index_add(0, token, ys)
         if stats is not None:
             stats.load.append(counts)
             stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))

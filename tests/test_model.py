@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,25 +90,37 @@ def test_group_limited_routing_keeps_topk_groups():
 @pytest.mark.parametrize("shape", [(2, 9), (1, 1), (1, 2)])  # decode-sized batches run their experts directly
 @pytest.mark.parametrize("grad", [True, False])
 def test_moe_matches_per_token_reference(shape, grad):
+    """Output, and with grad on every gradient (the rows' permutation to and from expert order is undone by
+    gathers in the backward), against a float64 loop over tokens and their experts."""
     c = ModelConfig.preset("tiny")
+    d, inter = c.hidden_size, c.moe_intermediate_size
     moe = MoE(c)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(*shape, c.hidden_size)
+    ref_moe = copy.deepcopy(moe).double()
+    x = torch.randn(*shape, d, requires_grad=grad)
+    x64 = x.detach().double().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        y = moe(x)
-    flat = x.reshape(-1, c.hidden_size).double()
-    w, idx, _ = moe.gate(x.reshape(-1, c.hidden_size))
-    ref = torch.zeros_like(flat)
-    gu, dn = moe.experts.gate_up.double(), moe.experts.down.double()
-    inter = c.moe_intermediate_size
-    for t in range(flat.shape[0]):
-        for k in range(c.num_experts_per_tok):
-            e = idx[t, k]
-            h = F.silu(gu[e, :inter] @ flat[t]) * (gu[e, inter:] @ flat[t])
-            ref[t] += w[t, k].double() * (dn[e] @ h)
-    ref += moe.shared_experts.double()(flat)
-    torch.testing.assert_close(y.reshape(-1, c.hidden_size).double(), ref, rtol=1e-4, atol=1e-5)
+        y = moe(x).reshape(-1, d)
+        flat = x64.reshape(-1, d)
+        w, idx, _ = ref_moe.gate(flat)
+        gu, dn = ref_moe.experts.gate_up, ref_moe.experts.down
+        rows = []
+        for t in range(flat.shape[0]):
+            row = ref_moe.shared_experts(flat[t])
+            for k in range(c.num_experts_per_tok):
+                e = idx[t, k]
+                row = row + w[t, k] * (dn[e] @ (F.silu(gu[e, :inter] @ flat[t]) * (gu[e, inter:] @ flat[t])))
+            rows.append(row)
+        ref = torch.stack(rows)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    if grad:
+        g = torch.randn_like(ref)
+        y.backward(g.float())
+        ref.backward(g)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+        for (name, p), p64 in zip(moe.named_parameters(), ref_moe.parameters()):
+            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
