@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import LatentCache, ModelConfig
-from nanoseek.model import MLA, Gate, MoE
+from nanoseek.model import MLA, Gate, MoE, blocked_causal_attention
 
 from conftest import random_model, require_cxx_compiler
 
@@ -216,6 +216,25 @@ def test_packed_segments_equal_separate_documents():
     torch.testing.assert_close(out.mtp_logits[0][:, 7:], alone_b.mtp_logits[0], atol=1e-5, rtol=1e-5)
     positions, mask = segment_positions_and_mask(segments)
     assert positions.tolist() == [list(range(7)) + list(range(9))] and not mask[0, 0, 8, 3]
+
+
+def test_blocked_causal_attention_matches_float64():
+    """Blocks of queries (the last one short) against their keys only: output and every gradient as a
+    float64 causal softmax attention, with a value head narrower than q's."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 37, 12, requires_grad=True), torch.randn(2, 3, 37, 12, requires_grad=True)
+    v = torch.randn(2, 3, 37, 8, requires_grad=True)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    q64, k64, v64 = leaves64
+    scores = (q64 @ k64.transpose(-1, -2)) * 0.3
+    ref = scores.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v64
+    out = blocked_causal_attention(q, k, v, 0.3, block=16)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    for t, t64 in zip((q, k, v), leaves64):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_training_step_matches_eager():
