@@ -15,10 +15,10 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek import DeepSeekV3, ModelConfig, save_model
 from nanoseek.train.loop import make_optimizer
+from nanoseek.train.pretrain import next_token_loss
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
@@ -33,12 +33,11 @@ def matmul_flops(n: int = 1024, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def make_step(model, logits_of):
+def make_step(model, logits_of, loss_of=next_token_loss):
     opt = make_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # the trainer's, for both
 
     def step(ids):
-        logits = logits_of(model, ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = loss_of(logits_of(model, ids[:, :-1]), ids, None, None, 1)  # the pretraining loss, for both
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -64,7 +63,8 @@ def main() -> None:
         twin = DeepSeekV3(cfg).train()
         twin.load_state_dict(ours.state_dict())
         compiled = torch.compile(twin)
-        runners["nanoseek compiled"] = make_step(twin, lambda m, x: compiled(x))
+        # as `nanoseek pretrain --compile` trains: the loss compiled too
+        runners["nanoseek compiled"] = make_step(twin, lambda m, x: compiled(x), torch.compile(next_token_loss))
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
         with tempfile.TemporaryDirectory() as d:

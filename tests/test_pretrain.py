@@ -13,9 +13,9 @@ from nanoseek import ModelConfig, load_model
 from nanoseek.cost import training_cost
 from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, lr_at
-from nanoseek.train.pretrain import PretrainConfig, moe_gates, pretrain, update_gate_biases
+from nanoseek.train.pretrain import PretrainConfig, moe_gates, next_token_loss, pretrain, update_gate_biases
 
-from conftest import ONE_THREAD, TORCHRUN, cli, torchrun, weights
+from conftest import ONE_THREAD, TORCHRUN, cli, require_cxx_compiler, torchrun, weights
 
 TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400", "--vocab-size", "400",
         "--eval-problems", "2", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"]
@@ -220,6 +220,32 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         pretrain(pc, tc, tmp_path / "run", progress=False)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-0000002"]  # no half-written step-4, no temp directory left
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_next_token_loss_averages_kept_targets_inside_a_document(compiled):
+    """The mean of -log p(ids[i + k]) over targets that are kept and in logits[:, i]'s document, against
+    float64 by hand; compiled (as `--compile` trains) it agrees, gradient included."""
+    if compiled:
+        require_cxx_compiler()
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5, requires_grad=True)
+    ids = torch.randint(0, 5, (2, 8))
+    keep = torch.rand(2, 8) > 0.3
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 2, 2]])
+    loss_of = torch.compile(next_token_loss) if compiled else next_token_loss
+    loss = loss_of(logits, ids, keep, seg, 2)
+    logp = logits.detach().double().log_softmax(-1)
+    terms = [-logp[b, i, ids[b, i + 2]] for b in range(2) for i in range(6)
+             if keep[b, i + 2] and seg[b, i + 2] == seg[b, i]]
+    assert len(terms) > 2
+    torch.testing.assert_close(loss.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    plain = logits.detach().clone().requires_grad_()
+    next_token_loss(plain, ids, keep, seg, 2).backward()
+    torch.testing.assert_close(logits.grad, plain.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_of(logits, ids, None, None, 1).double(),
+                               -logp[:, :6].gather(-1, ids[:, 1:7, None]).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_bias_update_moves_toward_mean_load():
