@@ -129,25 +129,30 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-# ---- the latent KV cache protocol ------------------------------------------------------------------
-def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int = 64) -> Tensor:
+def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None,
+                             block: int = 64) -> Tensor:
     """Causal attention [B, H, S, d] as matmuls, each block of queries against the keys up to its own end
     only, for compiled CPU training: fused, it skips the masked upper triangle that the CPU fused kernel
     computes anyway, and v needs no padding to q's head size. The kernel's backward is the slow part: one
-    layer of the `small` preset at 8 x 256 tokens, forward + backward, 7.6 vs 10.9 ms (forward alone about
-    equal, so inference keeps the kernel). Keeps every block's probabilities for the backward (S^2 / 2 per
-    head), where the kernel keeps one value per query."""
+    layer of the `small` preset at 8 x 256 tokens, forward + backward, 8.7 vs 12.6 ms (forward alone about
+    equal, so inference keeps the kernel). `mask` [B|1, 1, S, S] (bool, True = attend) narrows the causal
+    mask, e.g. to packed documents. Keeps every block's probabilities for the backward (S^2 / 2 per head),
+    where the kernel keeps one value per query; under bf16 autocast the scores are rounded to bf16 before
+    the float softmax, as in eager attention."""
     s = q.shape[-2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # than strided views: a `small` step 1.03-1.06x faster
     out = []
     for start in range(0, s, block):
         end = min(start + block, s)
         scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
-        future = torch.arange(end, device=q.device) > torch.arange(start, end, device=q.device)[:, None]
-        out.append(scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype) @ v[..., :end, :])
+        hide = torch.arange(end, device=q.device) > torch.arange(start, end, device=q.device)[:, None]
+        if mask is not None:
+            hide = hide | ~mask[..., start:end, :end]
+        out.append(scores.masked_fill(hide, float("-inf")).softmax(-1).to(v.dtype) @ v[..., :end, :])
     return torch.cat(out, dim=-2)
 
 
+# ---- the latent KV cache protocol ------------------------------------------------------------------
 class LatentCacheLike(Protocol):
     """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
 
@@ -269,10 +274,10 @@ class MLA(nn.Module):
 
     def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
                 mask: Tensor | None = None) -> Tensor:
-        """`mask` [B, 1, S, S] (True = attend) replaces the causal mask, e.g. to keep packed documents apart."""
+        """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents apart."""
         q_in, latent = self._project(x, freqs)
         if cache is None:
-            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None))
+            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None, training=True))
         context = cache.update(self.layer_idx, latent)
         if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
             if cache.causal:  # plain causal: the kernel skips half the work
@@ -288,10 +293,11 @@ class MLA(nn.Module):
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
 
     def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
-                      causal: bool) -> Tensor:
-        """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then fused
-        attention; mask [B|1, 1, S, T] (bool, True = attend; or an additive bias) or None, or `causal`
-        (S == T). -> [B, S, H * v]."""
+                      causal: bool, training: bool = False) -> Tensor:
+        """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then the
+        fused kernel (or, compiled CPU training, `blocked_causal_attention`); mask [B|1, 1, S, T] (bool, True =
+        attend; or an additive bias) or None, or `causal` (S == T); `training`: no cache, and a mask only
+        narrows the causal one. -> [B, S, H * v]."""
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
         q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
@@ -300,8 +306,9 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1).transpose(1, 2)
-        if causal and self._blocked(q):
-            return blocked_causal_attention(q, k, v.transpose(1, 2), self.scale).transpose(1, 2).reshape(b, s, -1)
+        if training and self._blocked(q):
+            o = blocked_causal_attention(q, k, v.transpose(1, 2), self.scale, mask)
+            return o.transpose(1, 2).reshape(b, s, -1)
         pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
         v = F.pad(v, (0, pad)) if pad > 0 else v
         if mask is not None and mask.is_floating_point():
@@ -546,7 +553,7 @@ class MoE(nn.Module):
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
             xs = _GatherRows.apply(flat, order, inverse, self.top_k)  # each token once per slot, by expert
             ys = _GatherRows.apply(self._experts(xs, counts), inverse, order, 1)  # back in token order
-            out = out + (ys.view(b * s, self.top_k, d) * weights[..., None].to(ys.dtype)).sum(1)
+            out = self._weighted_sum(out, ys.view(b * s, self.top_k, d), weights)
         else:  # eagerly one scatter-add pass beats a gather, a product and a sum (0.6 vs 0.95 ms, 1000 tokens)
             token = order // self.top_k
             xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
@@ -563,6 +570,11 @@ class MoE(nn.Module):
         materialised (on CUDA they would be, so there only for a token or two)."""
         g, u = torch.einsum("td,tkid->tki", flat, self.experts.gate_up[idx]).chunk(2, dim=-1)
         y = torch.einsum("tki,tkdi->tkd", F.silu(g) * u, self.experts.down[idx])
+        return self._weighted_sum(out, y, weights)
+
+    @staticmethod
+    def _weighted_sum(out: Tensor, y: Tensor, weights: Tensor) -> Tensor:
+        """out + each token's K expert outputs y [T, K, d] weighted by the router weights [T, K]."""
         return out + (y * weights[..., None].to(y.dtype)).sum(1)
 
     def _direct(self, flat: Tensor, weights: Tensor, idx: Tensor, out: Tensor) -> Tensor:

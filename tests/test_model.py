@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanoseek.model as model_module
 from nanoseek import LatentCache, ModelConfig
-from nanoseek.model import MLA, Gate, MoE, blocked_causal_attention
+from nanoseek.model import MLA, Gate, MoE, blocked_causal_attention, segment_positions_and_mask
 
 from conftest import random_model, require_cxx_compiler
 
@@ -89,9 +90,12 @@ def test_group_limited_routing_keeps_topk_groups():
 
 @pytest.mark.parametrize("shape", [(2, 9), (1, 1), (1, 2)])  # decode-sized batches run their experts directly
 @pytest.mark.parametrize("grad", [True, False])
-def test_moe_matches_per_token_reference(shape, grad):
-    """Output, and with grad on every gradient (the rows' permutation to and from expert order is undone by
-    gathers in the backward), against a float64 loop over tokens and their experts."""
+@pytest.mark.parametrize("compiling", [False, True])  # the paths a compiled graph takes, run eagerly
+def test_moe_matches_per_token_reference(shape, grad, compiling, monkeypatch):
+    """Output, and with grad on every gradient, against a float64 loop over tokens and their experts: eagerly
+    (index_select / index_add) and as compiled (rows to and from expert order by gathers, gathering in the
+    backward too; or each token's experts gathered)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     c = ModelConfig.preset("tiny")
     d, inter = c.hidden_size, c.moe_intermediate_size
     moe = MoE(c)
@@ -204,7 +208,6 @@ def test_forward_rejects_bad_shapes():
 
 def test_packed_segments_equal_separate_documents():
     """Two documents packed in one row with `segments` give the logits (and MTP logits) of each alone."""
-    from nanoseek.model import segment_positions_and_mask
     model = random_model(ModelConfig.preset("tiny"))
     a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 9))
     packed = torch.cat([a, b], dim=1)
@@ -218,17 +221,20 @@ def test_packed_segments_equal_separate_documents():
     assert positions.tolist() == [list(range(7)) + list(range(9))] and not mask[0, 0, 8, 3]
 
 
-def test_blocked_causal_attention_matches_float64():
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_causal_attention_matches_float64(packed):
     """Blocks of queries (the last one short) against their keys only: output and every gradient as a
-    float64 causal softmax attention, with a value head narrower than q's."""
+    float64 causal softmax attention, with a value head narrower than q's, within packed documents too."""
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 37, 12, requires_grad=True), torch.randn(2, 3, 37, 12, requires_grad=True)
     v = torch.randn(2, 3, 37, 8, requires_grad=True)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     q64, k64, v64 = leaves64
     scores = (q64 @ k64.transpose(-1, -2)) * 0.3
-    ref = scores.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v64
-    out = blocked_causal_attention(q, k, v, 0.3, block=16)
+    mask = segment_positions_and_mask(torch.tensor([[0] * 20 + [1] * 17, [0] * 37]))[1] if packed else None
+    hide = torch.ones(37, 37, dtype=torch.bool).triu(1) if mask is None else ~mask
+    ref = scores.masked_fill(hide, float("-inf")).softmax(-1) @ v64
+    out = blocked_causal_attention(q, k, v, 0.3, mask, block=16)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
     out.backward(g.float())
@@ -237,23 +243,32 @@ def test_blocked_causal_attention_matches_float64():
         torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_training_step_matches_eager(packed, monkeypatch):
     """torch.compile(model) trains: loss and every gradient (the routed experts' through the grouped matmul
-    made opaque to the compiler, with its own backward) match the eager model, MTP and router stats on."""
+    made opaque to the compiler, with its own backward; attention as blocked matmuls over two blocks and a
+    short one, packed documents too) match the eager model, MTP and router stats on."""
     require_cxx_compiler()
     torch.manual_seed(0)
     model = random_model(ModelConfig.preset("tiny")).train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    ids = torch.randint(0, model.config.vocab_size, (2, 150))
+    segments = torch.tensor([[0] * 70 + [1] * 80, [0] * 150]) if packed else None
+    traced = []
+    blocked = model_module.blocked_causal_attention
+    monkeypatch.setattr(model_module, "blocked_causal_attention",
+                        lambda *a, **kw: traced.append(a[4] is not None) or blocked(*a, **kw))
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)
-        out = forward(ids, mtp=True, router_stats=True)
+        out = forward(ids, mtp=True, router_stats=True, segments=segments)
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.mtp_logits[0].mean() + out.balance_loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     eager_loss, eager = loss_and_grads(model)
+    assert not traced  # eagerly, the fused kernel
     compiled_loss, compiled = loss_and_grads(torch.compile(model))
+    assert traced and set(traced) == {packed}
     assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
     assert compiled.keys() == eager.keys() and any("experts.gate_up" in n for n in eager)
     for n in eager:

@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
     max_seconds: float = 0.0  # stop (and finish normally) after this much wall time; 0 = no limit
-    compile: bool = False  # torch.compile the (wrapped) model's forward and backward
+    compile: bool = False  # torch.compile the (wrapped) model's forward and backward (pretraining: the loss too)
 
     def validate(self) -> None:
         if self.steps < 1:

@@ -28,9 +28,10 @@ from .loop import Trainer, TrainConfig, setup_distributed
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None, seg: torch.Tensor | None,
                     k: int) -> torch.Tensor:
-    """Cross-entropy of logits[:, i] against ids[:, i + k] over kept targets inside one document. The others
-    are ignored rather than indexed away, so shapes stay static: compiled with the model's training
-    (`TrainConfig.compile`), log-softmax and its backward fuse: a `small` step 1.03x faster."""
+    """Cross-entropy of logits[:, i] against ids[:, i + k]; with `keep`, only over kept targets inside
+    logits[:, i]'s document (`seg`). The others are ignored rather than indexed away, so shapes stay static:
+    compiled with the model's training (`TrainConfig.compile`), log-softmax and its backward fuse (a `small`
+    step 1.03x faster)."""
     s = logits.shape[1]
     target = ids[:, k:k + s]
     if keep is not None:
