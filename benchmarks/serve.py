@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import torch
 
 from nanoseek import LLM, DeepSeekV3, ModelConfig, SamplingParams, save_model
 from nanoseek.data import builtin_documents
+from nanoseek.serve.async_engine import server_threads
 from nanoseek.tokenizer import save_tokenizer, train_tokenizer
 
 
@@ -157,8 +157,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     c = args.concurrency
     cores = torch.get_num_threads()
-    server_threads = args.server_threads or max(1, (os.cpu_count() or 2) - 1)  # `nanoseek serve`'s default
-    engine: dict[int, list[float]] = {cores: [], server_threads: []}
+    threads_served = server_threads(args.server_threads)  # as `nanoseek serve` sets them
+    engine: dict[int, list[float]] = {cores: [], threads_served: []}
     for threads in engine:  # as the server builds its graphs before it listens; the thread count is a guard
         torch.set_num_threads(threads)
         llm.warm_up()
@@ -180,12 +180,13 @@ def main() -> None:
         asyncio.run(run_load(url, [system + prompts(1, 16)[0]], 4, 1))  # put the shared system prompt in cache
         miss, _ = asyncio.run(run_load(url, [p + q for p, q in zip(prompts(8, args.system_len), prompts(8, 16))], 4, 1))
         hit, _ = asyncio.run(run_load(url, [system + q for q in prompts(8, 16)], 4, 1))
-    e, e_server, one, many = (statistics.median(x) for x in (engine[cores], engine[server_threads], served[1], served[c]))
-    print(f"\nmedians of {args.rounds} rounds: engine alone {e:.1f} ({cores} threads), {e_server:.1f} ({server_threads}, "
-          f"as in the server); server at concurrency 1 {one:.1f} and {c} {many:.1f} output tok/s")
+    e, e_server, one, many = (statistics.median(x)
+                              for x in (engine[cores], engine[threads_served], served[1], served[c]))
+    print(f"\nmedians of {args.rounds} rounds: engine alone {e:.1f} ({cores} threads), {e_server:.1f} "
+          f"({threads_served}, as in the server); server at concurrency 1 {one:.1f} and {c} {many:.1f} output tok/s")
     print(f"concurrency {c} vs 1: {many / one:.2f}x output tokens/s")
     print(f"server overhead at concurrency {c} vs the engine alone: {1 - many / e:.1%} on {cores} threads, "
-          f"{1 - many / e_server:.1%} on the server's {server_threads}")
+          f"{1 - many / e_server:.1%} on the server's {threads_served}")
     ttft_miss = statistics.median(r.chunks[0] - r.start for r in miss)
     ttft_hit = statistics.median(r.chunks[0] - r.start for r in hit)
     print(f"{args.system_len}-token system prompt, median TTFT: miss {ttft_miss * 1e3:.1f} ms, hit "

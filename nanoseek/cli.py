@@ -167,16 +167,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
     import torch
     import uvicorn
 
     from .engine import LLM
     from .serve.api import create_app
-    # the engine thread's torch ops and the HTTP event loop share the CPU: leave the loop a core of its
-    # own, or every stall of the loop also stalls all of torch's worker threads at their next barrier
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    from .serve.async_engine import server_threads
+    torch.set_num_threads(server_threads(args.threads))
     llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
               cache_memory_mb=args.cache_memory_mb, speculative=args.speculative, compile=args.compile)
     if args.compile:

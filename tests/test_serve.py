@@ -574,3 +574,11 @@ def test_request_fields_developer_role_and_earlier_reasoning(served, client):
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
         chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
     assert chunks and all(c["choices"] and c.get("usage") is None for c in chunks)
+
+
+def test_server_threads_leave_the_event_loop_a_core(monkeypatch):
+    from nanoseek.serve.async_engine import server_threads
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert (server_threads(), server_threads(3)) == (7, 3)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert server_threads() == 1

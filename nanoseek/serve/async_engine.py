@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +19,13 @@ from ..engine import LLM, SamplingParams
 from ..engine.llm import StreamDelta
 
 log = logging.getLogger("nanoseek.serve")
+
+
+def server_threads(requested: int | None = None) -> int:
+    """Torch threads for the engine thread of a server: `requested`, or all cores but one. The engine's torch
+    ops and the HTTP event loop share the CPU: leave the loop a core of its own, or every stall of the loop
+    also stalls all of torch's worker threads at their next barrier."""
+    return requested or max(1, (os.cpu_count() or 2) - 1)
 
 
 class EngineError(RuntimeError):
