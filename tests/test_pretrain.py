@@ -139,6 +139,30 @@ def test_two_gloo_processes_match_one(tmp_path):
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
 
 
+def test_exit_waits_for_collective_workers_to_free_reduced_tensors():
+    """A tensor a gloo worker still holds when the caller has dropped it must be freed before the interpreter
+    finalises (freeing it needs the GIL): `_leave_group` waits for it. Stand-in for the worker: an autograd
+    graph holding the tensor, dropped by a thread 0.2 s later."""
+    import threading
+    import weakref
+
+    from nanoseek.train import loop
+    held = torch.ones(2) * 1
+    graph = torch.ones(2, requires_grad=True) * held  # C++ now holds `held` too
+    loop._reduced.append(weakref.ref(held))
+    del held
+    box = [graph]
+    del graph
+    threading.Timer(0.2, box.clear).start()
+    loop._leave_group(timeout=30)
+    assert loop._reduced[-1]() is None  # freed before it returned
+    keep = torch.ones(1)  # still referenced from Python: it gives up at the timeout instead of hanging
+    loop._reduced.append(weakref.ref(keep))
+    loop._leave_group(timeout=0.2)
+    assert loop._reduced[-1]() is keep
+    loop._reduced.clear()
+
+
 @pytest.mark.parametrize("fsdp,whom", [(False, "one rank"), (True, "process group")])
 def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
     """Ctrl-C in a terminal reaches every process of the group (and torchrun forwards it once more); a
