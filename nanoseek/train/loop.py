@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -228,7 +229,10 @@ class Trainer:
                 fully_shard(layer)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, broadcast_buffers=False)
+        # every rank updates the buffers (the gate biases) alike, from all-reduced loads: no sync per forward.
+        # Newer torch renamed the flag and warns on the old name (the new one still syncs once, at start).
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        return DistributedDataParallel(model, **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
     # ---- state --------------------------------------------------------------------------------
     def full_model(self) -> DeepSeekV3 | None:
