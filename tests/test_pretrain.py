@@ -139,28 +139,27 @@ def test_two_gloo_processes_match_one(tmp_path):
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
 
 
-def test_exit_waits_for_collective_workers_to_free_reduced_tensors():
-    """A tensor a gloo worker still holds when the caller has dropped it must be freed before the interpreter
-    finalises (freeing it needs the GIL): `_leave_group` waits for it. Stand-in for the worker: an autograd
-    graph holding the tensor, dropped by a thread 0.2 s later."""
+def test_exit_waits_for_collective_workers_to_free_reduced_tensors(monkeypatch):
+    """A tensor a collective's worker still holds when the caller has dropped it must be freed before the
+    interpreter finalises (freeing it needs the GIL): `Dist.all_reduce` tracks it and `_leave_group` waits
+    for it. Stand-in for the worker: an autograd graph holding the tensor, dropped by a thread 0.2 s later."""
     import threading
-    import weakref
 
-    from nanoseek.train import loop
-    held = torch.ones(2) * 1
-    graph = torch.ones(2, requires_grad=True) * held  # C++ now holds `held` too
-    loop._reduced.append(weakref.ref(held))
+    import nanoseek.train.loop as loop
+    monkeypatch.setattr(loop, "_reduced", [])
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op: None)
+    held = torch.ones(2)
+    assert loop.Dist(0, 2).all_reduce(held) is held and loop._reduced[-1]() is held
+    box = [torch.ones(2, requires_grad=True) * held]  # C++ (the graph) now holds `held` too
     del held
-    box = [graph]
-    del graph
+    assert loop._reduced[-1]() is not None  # kept alive for C++, as a worker's tensor is
     threading.Timer(0.2, box.clear).start()
     loop._leave_group(timeout=30)
     assert loop._reduced[-1]() is None  # freed before it returned
     keep = torch.ones(1)  # still referenced from Python: it gives up at the timeout instead of hanging
-    loop._reduced.append(weakref.ref(keep))
+    loop.Dist(0, 2).all_reduce(keep)
     loop._leave_group(timeout=0.2)
-    assert loop._reduced[-1]() is keep
-    loop._reduced.clear()
+    assert loop._reduced == [loop._reduced[-1]] and loop._reduced[-1]() is keep
 
 
 @pytest.mark.parametrize("fsdp,whom", [(False, "one rank"), (True, "process group")])
