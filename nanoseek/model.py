@@ -277,7 +277,7 @@ class MLA(nn.Module):
         """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents apart."""
         q_in, latent = self._project(x, freqs)
         if cache is None:
-            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None, training=True))
+            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None, uncached=True))
         context = cache.update(self.layer_idx, latent)
         if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
             if cache.causal:  # plain causal: the kernel skips half the work
@@ -293,11 +293,12 @@ class MLA(nn.Module):
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
 
     def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
-                      causal: bool, training: bool = False) -> Tensor:
+                      causal: bool, uncached: bool = False) -> Tensor:
         """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then the
         fused kernel (or, compiled CPU training, `blocked_causal_attention`); mask [B|1, 1, S, T] (bool, True =
-        attend; or an additive bias) or None, or `causal` (S == T); `training`: no cache, and a mask only
-        narrows the causal one. -> [B, S, H * v]."""
+        attend; or an additive bias) or None, or `causal` (S == T); `uncached`: the queries attend to their
+        own positions, causally (a mask, e.g. packed documents, is causal too), which the blocked path needs.
+        -> [B, S, H * v]."""
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
         q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
@@ -306,7 +307,7 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1).transpose(1, 2)
-        if training and self._blocked(q):
+        if uncached and self._blocked(q):
             o = blocked_causal_attention(q, k, v.transpose(1, 2), self.scale, mask)
             return o.transpose(1, 2).reshape(b, s, -1)
         pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
