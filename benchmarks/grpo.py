@@ -1,11 +1,15 @@
 """GRPO step time: nanoseek's GRPOTrainer against TRL's GRPOTrainer, side by side in one run.
 
-    python benchmarks/grpo.py [--checkpoint runs/demo/base] [--steps 6] [--prompts 32] [--group 8] \
-                              [--max-new-tokens 32]
+    python benchmarks/grpo.py [--checkpoint runs/demo/base] [--task addition@2 arithmetic] [--steps 6] \
+                              [--prompts 32] [--group 8] [--max-new-tokens 32]
 
 Same exported checkpoint (TRL loads it with `transformers`), task, reward functions, group size G,
 prompts per step, sampling temperature, completion length, learning rate and loss (DAPO token-level,
-group-scaled advantages, beta = 0, one update per rollout batch). Prints median step seconds of each and
+group-scaled advantages, beta = 0, one update per rollout batch). TRL is configured as its documentation
+advises for a CPU: fp32 (`bf16=False`; TRL's default bf16 is emulated on CPUs without bf16 units) and no
+gradient checkpointing (its default trades compute for memory this model does not need); the
+configuration is printed. Both sides' mean completion lengths are printed and compared, since a faster
+step over shorter completions would be no faster at all. Prints median step seconds of each and
 their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
 parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32 matmul rate
 (`train_step.matmul_flops`, the reference of the MFU figures too; the median of timings before, between
@@ -24,14 +28,14 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import matmul_flops  # benchmarks/: the MFU reference all benchmarks share
 
 from nanoseek import ModelConfig
 from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import RewardSet
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.train.loop import TrainConfig
-from train_step import matmul_flops  # benchmarks/: the MFU reference all benchmarks share
 
 
 def run_nanoseek(args, out: Path) -> list[dict]:
@@ -40,6 +44,11 @@ def run_nanoseek(args, out: Path) -> list[dict]:
     GRPOTrainer(args.checkpoint, cfg, TrainConfig(steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0,
                                                   weight_decay=0.0, seed=0), out).train(progress=False)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+TRL_SETTINGS = ("bf16", "gradient_checkpointing", "per_device_train_batch_size", "num_generations",
+                "max_completion_length", "temperature", "learning_rate", "beta", "loss_type", "scale_rewards",
+                "num_iterations", "steps_per_generation", "use_cpu")
 
 
 def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
@@ -55,18 +64,14 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
     rng = random.Random(0)
     problems = [task.sample(rng) for _ in range(args.prompts * (args.steps + 1))]
 
-    ours = load_tokenizer(args.checkpoint)
-
-    def reward(prompts, completions, completion_ids, index, **_) -> list[float]:
-        # TRL decodes with skip_special_tokens, which drops <think>/<answer>: score the ids as nanoseek does
-        return [rewards(problems[i], ours.decode([t for t in ids if t not in stop], skip_special_tokens=False))[0]
-                for i, ids in zip(index, completion_ids)]
+    def reward(prompts, completions, index, **_) -> list[float]:
+        # TRL decodes with skip_special_tokens: the reasoning tags are kept (they are not special tokens)
+        return [rewards(problems[i], text)[0] for i, text in zip(index, completions)]
 
     hf_logging.set_verbosity_error()  # the MTP layer's weights are "unexpected" to transformers: by design
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    stop = {tok.eos_token_id, tok.pad_token_id}
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "index": list(range(len(problems)))})
     config = TRLConfig(output_dir=str(out), per_device_train_batch_size=args.prompts * args.group,
@@ -74,7 +79,8 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
                        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                        beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
                        steps_per_generation=1, max_steps=args.steps, logging_steps=1, save_strategy="no",
-                       report_to="none", use_cpu=True, seed=0)
+                       report_to="none", use_cpu=True, seed=0, bf16=False, gradient_checkpointing=False)
+    print("TRL GRPOConfig: " + ", ".join(f"{k}={getattr(config, k)}" for k in TRL_SETTINGS))
     times: list[float] = []
     lengths: list[float] = []
 
@@ -95,20 +101,9 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
     return times, lengths
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="runs/demo/base")
-    ap.add_argument("--task", default="addition@2")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--no-trl", action="store_true", help="time nanoseek alone")
-    args = ap.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        raise SystemExit(f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)")
-    rates = [matmul_flops()]  # the floor's reference, timed around each run: a shared CPU drifts
+def compare(args, task_name: str, rates: list[float]) -> None:
+    """Both trainers on one task, then the side-by-side table."""
+    args.task = task_name
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_nanoseek(args, Path(tmp) / "nanoseek")
         rates.append(matmul_flops())
@@ -121,23 +116,44 @@ def main() -> None:
     ours_len = statistics.mean(r["mean_len"] for r in ours[skip:])
     # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
-    tok, task, rng = load_tokenizer(args.checkpoint), get_task(args.task), random.Random(0)
+    tok, task, rng = load_tokenizer(args.checkpoint), get_task(task_name), random.Random(0)
     prompt_len = statistics.mean(len(tok.encode(task.sample(rng).prompt, add_special_tokens=False).ids)
                                  for _ in range(100))
     active = c.num_active_params(embedding=False)
     trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
     rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
     floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
-    print(f"checkpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {args.task}, "
-          f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"\ncheckpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {task_name}, "
+          f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")
     print(f"{'nanoseek GRPOTrainer':<34}{step:>16.3f}{ours_len:>17.1f}")
     if trl_times:
-        trl = statistics.median(trl_times[skip:])
-        print(f"{'TRL GRPOTrainer':<34}{trl:>16.3f}{statistics.mean(trl_lens[skip:] or trl_lens):>17.1f}")
-        print(f"\nnanoseek is {trl / step:.2f}x faster per step")
+        trl, trl_len = statistics.median(trl_times[skip:]), statistics.mean(trl_lens[skip:] or trl_lens)
+        print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}")
+        same = abs(trl_len - ours_len) <= 0.15 * max(trl_len, ours_len)
+        print(f"nanoseek is {trl / step:.2f}x faster per step" + (
+            "" if same else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"))
     print(f"rollouts are {rollout / step:.0%} of nanoseek's step ({rollout:.3f} s); FLOP floor {floor:.3f} s -> "
           f"nanoseek at {step / floor:.2f}x the floor")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="runs/demo/base")
+    ap.add_argument("--task", nargs="+", default=["addition@2", "arithmetic"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--no-trl", action="store_true", help="time nanoseek alone")
+    args = ap.parse_args()
+    if not (Path(args.checkpoint) / "config.json").exists():
+        raise SystemExit(f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)")
+    rates = [matmul_flops()]  # the floor's reference, timed around each run: a shared CPU drifts
+    for task in args.task:
+        compare(args, task, rates)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,13 @@ def _record_text(rec: dict, path: Path, line: int) -> str:
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return rec["text"]
     if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-        return render_chat(rec["messages"], add_generation_prompt=False)
+        for i, m in enumerate(rec["messages"]):  # a Jinja template renders what is missing as nothing
+            if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))):
+                raise ValueError(f"{path}:{line}: messages[{i}] needs a `role` and a `content` string")
+        try:
+            return render_chat(rec["messages"], add_generation_prompt=False)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line}: {e}") from None
     raise ValueError(f"{path}:{line}: a record needs a `text` string or a `messages` list")
 
 

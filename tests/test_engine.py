@@ -170,6 +170,40 @@ def test_logprobs_match_full_forward(model):
     assert [t for t, _ in out.top_logprobs[0]] == want[0].topk(3).indices.tolist()
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompt_logprobs_match_full_forward_in_chunks_and_after_a_prefix_hit(model, speculative):
+    """Prompt logprobs are the model's own log-softmax at every prompt position (the first is None), the
+    same when the prompt is prefilled in chunks, when its prefix is already cached, and for n samples."""
+    p = prompts(1, seed=12, lo=40, hi=41)[0]
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([p]))[0, :-1].float(), -1)
+    chosen = want[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+    llm = LLM(model, block_size=4, max_batched_tokens=16, speculative=speculative)
+    llm.generate(p, GREEDY)  # the prompt's blocks are now in the prefix cache
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=2, n=2)
+    out = llm.generate([p, p[:1]], params)
+    assert out[0].prompt_logprobs[0] is None and out[0].prompt_top_logprobs[0] == []
+    torch.testing.assert_close(torch.tensor(out[0].prompt_logprobs[1:]), chosen, rtol=1e-4, atol=1e-4)
+    assert [[t for t, _ in top] for top in out[0].prompt_top_logprobs[1:]] == want.topk(2).indices.tolist()
+    assert out[0].num_cached_tokens == 0  # scored prompts are computed, not read from the cache
+    assert out[0].token_ids == llm.generate(p, GREEDY)[0].token_ids[:3]
+    assert out[1].prompt_logprobs == [None]
+    assert llm.generate(p, GREEDY)[0].prompt_logprobs is None
+
+
+def test_logit_bias_moves_the_chosen_token(model):
+    llm = LLM(model)
+    p = prompts(1, seed=13)[0]
+    free = llm.generate(p, GREEDY)[0].token_ids
+    forced = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={7: 100}))
+    assert free != [7] * 12 and forced[0].token_ids == [7] * 12
+    banned = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                            logit_bias={free[0]: -100}))
+    assert banned[0].token_ids[0] != free[0]
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.add_request(p, SamplingParams(logit_bias={model.config.vocab_size: 1}))
+
+
 def test_prefill_runs_the_last_layer_only_where_it_samples(model):
     """Only sampled positions need the last layer's output (its latents come from its input): a prompt
     prefilled in chunks runs it once, at the last prompt token; with MTP drafting every position needs it."""
@@ -223,7 +257,9 @@ def test_stream_and_abort_free_the_cache(model):
                                           ({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
                                           ({"n": 0}, "n"), ({"max_tokens": True}, "max_tokens"),
                                           ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop": [1]}, "stop"),
-                                          ({"logprobs": "yes"}, "logprobs")])
+                                          ({"logprobs": "yes"}, "logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+                                          ({"logit_bias": {1: 101}}, "logit_bias"),
+                                          ({"logit_bias": {"1": 1}}, "logit_bias")])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..checkpoint import load_model
 from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_chat_template, load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
 from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
                        processed_probs, sample, verify_draft)
@@ -46,6 +46,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    # with SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first) and top ones
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -68,6 +71,9 @@ class StreamDelta:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens of this request served from the prefix cache
+    # with SamplingParams.prompt_logprobs, on the request's first delta: as in RequestOutput
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class LLM:
@@ -86,8 +92,12 @@ class LLM:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if not (is_number(cache_memory_mb) and cache_memory_mb > 0):
             raise ValueError(f"cache_memory_mb: must be a finite number > 0, got {cache_memory_mb!r}")
+        self.chat_template: str | None = None  # the checkpoint's own (the server renders it), if loaded from one
         if not isinstance(model, DeepSeekV3):
+            from ..hub import resolve_checkpoint
+            model = resolve_checkpoint(model)  # a Hub id: fetched once, for the tokenizer and the weights
             tokenizer = tokenizer or load_tokenizer(model)
+            self.chat_template = load_chat_template(model)
             model = load_model(model)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         if speculative and not model.mtp:
@@ -144,6 +154,8 @@ class LLM:
             raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
+        if any(t >= self.config.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {self.config.vocab_size})")
         if params.max_tokens > self.max_len:
             raise ValueError(f"max_tokens: {params.max_tokens} exceeds the context of {self.max_len} tokens")
         if min(params.max_tokens, self.max_len - len(ids)) > self.room(len(ids)):
@@ -173,6 +185,8 @@ class LLM:
         # modulo 2**64, as torch's manual_seed: random.Random would seed -k like k
         seqs = [Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
                 for i in range(params.n)]
+        if params.prompt_logprobs is not None:  # the first sample computes the prompt; the others fork from it
+            seqs[0].prompt_logprobs, seqs[0].prompt_top_logprobs = [None] * len(ids), [[] for _ in ids]
         self._requests[request_id] = seqs
         self.scheduler.add(seqs[0])
         if params.n > 1:  # the other samples fork from the first once its prompt is in the cache
@@ -225,14 +239,18 @@ class LLM:
             ids = self._ids(tokens)
             sampled_at = [i for i, _ in at], [p for _, p in at]
             logits = drafts = None  # (the greedy speculative forward returns both)
-            if prefill and not self.speculative:  # MTP drafting needs every position's final state
+            scoring = [i for i, seq in enumerate(seqs) if prefill and seq.prompt_logprobs and not seq.output_ids]
+            # MTP drafting and prompt logprobs need every position's final state
+            if prefill and not self.speculative and not scoring:
                 sampled = self._prefill_last(ids, cache, seqs, starts, at)
-            elif not prefill and self.speculative and all(s.params.greedy and not s.params.penalised for s in seqs):
+            elif not prefill and self.speculative and all(s.params.greedy and not s.params.adjusts_logits for s in seqs):
                 all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
                 logits = all_logits[sampled_at]
             else:
                 hidden = (self.model.hidden_states if prefill else self._decode_forward)(ids, cache.positions, cache)
                 sampled = hidden[sampled_at]
+                for i in scoring:
+                    self._score_prompt(seqs[i], starts[i], hidden[i])
             cache.commit()
             for (seq, n), end in zip(rows, ends):
                 if not end:
@@ -265,6 +283,21 @@ class LLM:
         """Token lists as one zero-padded [B, S] tensor on the model's device."""
         width = max(len(t) for t in tokens)
         return torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.model.device)
+
+    def _score_prompt(self, seq: Sequence, start: int, hidden: Tensor) -> None:
+        """Record the log-probs of the prompt tokens that the positions of this prefill chunk predict (the
+        model's own distribution: no temperature, penalty or bias), from the chunk's hidden states [S, d]."""
+        targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]
+        if not targets:
+            return
+        logp = torch.log_softmax(self.model.lm_head(hidden[:len(targets)]).float(), -1).cpu()
+        chosen = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs
+        top = logp.topk(k) if k else None
+        for j, lp in enumerate(chosen):
+            seq.prompt_logprobs[start + 1 + j] = lp
+            if top is not None:
+                seq.prompt_top_logprobs[start + 1 + j] = list(zip(top.indices[j].tolist(), top.values[j].tolist()))
 
     def _prefill_last(self, ids: Tensor, cache: PagedBatch, seqs: list[Sequence], starts: list[int],
                       at: list[tuple[int, int]]) -> Tensor:
@@ -398,6 +431,7 @@ class LLM:
         """Append sampled tokens up to the first stop condition, and return what to stream."""
         p = seq.params
         new, text_delta = [], ""
+        first = not seq.output_ids
         incremental = seq.stream_text or bool(p.stop)  # a stop string may end the text before a draft's token
         for s in samples:
             seq.output_ids.append(s.token)
@@ -418,9 +452,12 @@ class LLM:
             if not incremental and self.tokenizer is not None:
                 seq.text = self.tokenizer.decode(self._text_ids(seq), skip_special_tokens=False)
             self.scheduler.finish(seq)
-        return StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
-                           seq.logprobs[-len(new):] if p.logprobs else [],
-                           seq.top_logprobs[-len(new):] if p.top_logprobs else [], seq.num_cached_prompt)
+        delta = StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
+                            seq.logprobs[-len(new):] if p.logprobs else [],
+                            seq.top_logprobs[-len(new):] if p.top_logprobs else [], seq.num_cached_prompt)
+        if first and seq.prompt_logprobs:
+            delta.prompt_logprobs, delta.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
+        return delta
 
     def _update_text(self, seq: Sequence) -> str:
         """Detokenise incrementally and return the text safe to stream: broken UTF-8 and a tail that may
@@ -522,7 +559,10 @@ class LLM:
         seqs = self._requests[request_id]
         outs = [CompletionOutput(s.index, list(s.output_ids), s.text, s.finish_reason, list(s.logprobs),
                                  list(s.top_logprobs)) for s in seqs]
-        return RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
+        out = RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
+        if seqs[0].prompt_logprobs:
+            out.prompt_logprobs, out.prompt_top_logprobs = seqs[0].prompt_logprobs, seqs[0].prompt_top_logprobs
+        return out
 
 
 def _as_list(prompts) -> list:

@@ -28,12 +28,17 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False  # log-prob of each chosen token (under the temperature-scaled distribution)
     top_logprobs: int = 0
+    # the model's log-prob of every prompt token after the first, with this many top alternatives (None: off);
+    # a request that asks for them computes its whole prompt (a prefix-cache hit holds no logits)
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [] if self.stop is None else self.stop
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        self.logit_bias = {} if self.logit_bias is None else self.logit_bias
         checks = [
             ("n", is_int(self.n) and self.n >= 1, "must be an integer >= 1"),
             ("temperature", is_number(self.temperature) and self.temperature >= 0, "must be >= 0"),
@@ -47,6 +52,11 @@ class SamplingParams:
              "must be in [-2, 2]"),
             ("logprobs", isinstance(self.logprobs, bool), "must be true or false"),
             ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20), "must be None or in [0, 20]"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and all(
+                is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "must map token ids (integers >= 0) to numbers in [-100, 100]"),
             ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
              "must be a string or a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple, set))
@@ -68,6 +78,11 @@ class SamplingParams:
         """Presence or frequency penalties: the logits depend on the tokens generated so far."""
         return bool(self.presence_penalty or self.frequency_penalty)
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias: the logits sampled from are not the model's."""
+        return self.penalised or bool(self.logit_bias)
+
 
 def is_number(x: object) -> bool:
     """A finite int or float (not a bool)."""
@@ -80,7 +95,11 @@ def is_int(x: object) -> bool:
 
 
 def apply_penalties(logits: Tensor, output_ids: list[int], params: SamplingParams) -> Tensor:
-    """OpenAI presence/frequency penalties over the tokens generated so far (one row of logits)."""
+    """OpenAI's logit bias, then presence/frequency penalties over the tokens generated so far (one row of
+    logits)."""
+    if params.logit_bias:
+        logits = logits.index_add(-1, torch.tensor(list(params.logit_bias), dtype=torch.long),
+                                  torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
     if not output_ids or not params.penalised:
         return logits
     counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
@@ -155,15 +174,15 @@ def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], genera
 
 
 def _plain(params: SamplingParams, vocab: int) -> bool:
-    """Sampling that `batch_sample` does for many rows at once: no penalties, top-k, min-p or logprobs."""
-    return (not params.penalised and not params.min_p
+    """Sampling that `batch_sample` does for many rows at once: no penalties, bias, top-k, min-p or logprobs."""
+    return (not params.adjusts_logits and not params.min_p
             and not 0 < params.top_k < vocab and not params.logprobs and not params.top_logprobs)
 
 
 def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
     """The next token of many sequences (each with `.params`, `.generator`, `.draft`; row i of logits
     [R, V] is seqs[i]'s) in a few tensor ops instead of a dozen per row; keyed by id(seq). Rows with
-    drafts to verify or with penalties, top-k, min-p or logprobs are left to `sample`. Each row stays a
+    drafts to verify or with penalties, a bias, top-k, min-p or logprobs are left to `sample`. Each row stays a
     function of its own logits and its own generator only (row-wise ops, one uniform per row), so seeded
     requests keep their outputs."""
     plain = [i for i, seq in enumerate(seqs) if not seq.draft and _plain(seq.params, logits.shape[-1])]

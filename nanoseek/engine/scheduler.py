@@ -33,6 +33,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)  # by position; filled as it is prefilled
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     table: list[int] = field(default_factory=list)
     num_computed: int = 0
     sealed: tuple[int, bytes | None] = (0, None)  # blocks hashed for the prefix cache, last hash
@@ -119,7 +121,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.admitted:
-                seq.table = self.blocks.match_prefix(seq.tokens[:-1])
+                # the prompt's logprobs need its every position computed: no prefix-cache hit before them
+                scoring = seq.params.prompt_logprobs is not None and not seq.output_ids
+                seq.table = self.blocks.match_prefix([] if scoring else seq.tokens[:-1])
                 seq.num_computed = len(seq.table) * self.blocks.block_size
                 if not (seq.output_ids or seq.preempted):  # its first admission
                     seq.num_cached_prompt = seq.num_computed

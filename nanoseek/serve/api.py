@@ -23,19 +23,21 @@ from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 import uvicorn
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
+from .. import __version__
 from ..engine import LLM, SamplingParams
 from ..engine.llm import StreamDelta
-from ..tokenizer import END_THINK, THINK, render_chat, token_bytes
+from ..tokenizer import (BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, THINK, compile_chat_template, render_chat,
+                         token_bytes)
 from .async_engine import AsyncEngine, EngineError
 from .metrics import Metrics
-from .reasoning import ThinkParser
+from .reasoning import ThinkParser, opens_reasoning
 
 log = logging.getLogger("nanoseek.serve")
 STATIC = Path(__file__).parent / "static"
@@ -101,7 +103,20 @@ class ResponseFormat(_Lenient):
     type: Literal["text"] = "text"
 
 
+# Request fields that change nothing a client gets back from this server: accepted and ignored, as OpenAI's
+# API ignores them for such models. Any other field the schema does not name is refused (400 naming it),
+# unless it holds the value that means "not used".
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+UNUSED_VALUES: dict[str, tuple] = {"tools": ([],), "functions": ([],), "tool_choice": ("none",),
+                                   "function_call": ("none",), "suffix": ("",), "best_of": (1,)}
+
+
+MAX_PROMPTS = 64  # prompts in one /completions request
+
+
 class _Sampling(_Lenient):
+    model_config = ConfigDict(extra="allow")  # so that `refuse_unimplemented` sees the fields it must refuse
+
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -116,6 +131,22 @@ class _Sampling(_Lenient):
     top_k: int = Field(0, ge=-1)  # extensions, as in vLLM's server
     min_p: float = Field(0.0, ge=0, le=1)
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """JSON keys are strings: OpenAI's are token ids written in decimal."""
+        if bias and not all(k.isdecimal() for k in bias):
+            raise ValueError("keys must be token ids (decimal integers as strings)")
+        return bias
+
+    def refuse_unimplemented(self) -> None:
+        """400 naming the first field this server does not implement, rather than answering as if it did."""
+        for name, value in (self.model_extra or {}).items():
+            unused = value in UNUSED_VALUES.get(name, ()) or (name == "best_of" and value == self.n)
+            if name not in IGNORED_FIELDS and not unused:
+                raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
 
     @field_validator("stop")
     @classmethod
@@ -136,8 +167,76 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[Annotated[int, Strict()]]
+    # a string, a list of strings, a list of token ids or a list of token-id lists, as OpenAI accepts
+    prompt: str | list[str] | list[Annotated[int, Strict()]] | list[list[Annotated[int, Strict()]]]
     logprobs: int | None = Field(None, ge=0, le=20)  # legacy: how many top log-probs per token
+    echo: bool = False  # the prompt leads the text and, with logprobs, the log-probs
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any, handler) -> Any:
+        """One message for any wrong shape (pydantic's would list every member of the union)."""
+        try:
+            prompt = handler(prompt)
+        except ValueError:
+            prompt = None
+        if prompt is None or (isinstance(prompt, list) and (not prompt or len(prompt) > MAX_PROMPTS)):
+            raise ValueError(f"must be a string, a list of strings, a list of token ids or a list of token-id "
+                             f"lists (1 to {MAX_PROMPTS} prompts)")
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        batched = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batched else [self.prompt]
+
+
+class _Model(_Lenient):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    refuse_unimplemented = _Sampling.refuse_unimplemented
+
+
+class TokenizeRequest(_Model):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # the tokenizer adds none: accepted for vLLM's clients
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Model):
+    tokens: list[Annotated[int, Strict()]]
+
+
+def _error_schema(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+
+
+# every status a route may answer, in the OpenAI error shape, so the schema tells clients (and fuzzers) the truth
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: _error_schema("Invalid request: a bad field, value or prompt (the field is named in `param`)."),
+    401: _error_schema("Missing or wrong API key (when the server has one)."),
+    404: _error_schema("Unknown model or route."),
+    413: _error_schema("The request body is too large."),
+    429: _error_schema("Too many requests in flight; retry later."),
+    500: _error_schema("The engine failed while generating."),
+}
+STREAM_RESPONSE: dict[int | str, dict] = {200: {
+    "description": "The completion; with `stream: true`, server-sent events: `data: {chunk}` lines, then "
+                   "`data: [DONE]`.",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 # ---- one request in flight ---------------------------------------------------------------------------
@@ -159,6 +258,8 @@ class Generation:
         self.choices = [_Choice(in_reasoning) for _ in range(params.n)]
         self.arrived, self.first_token_at = time.perf_counter(), None
         self.num_cached = 0
+        self.prompt_logprobs: list[float | None] = []  # with SamplingParams.prompt_logprobs
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] = []
         self.request_id, self.queue = server.submit(prompt_ids, params)
         self.done = self.closed = self.failed = False
 
@@ -191,6 +292,8 @@ class Generation:
             c.top_logprobs += item.top_logprobs
             c.finish_reason = item.finish_reason
             self.num_cached = item.num_cached_tokens
+            if item.prompt_logprobs:
+                self.prompt_logprobs, self.prompt_top_logprobs = item.prompt_logprobs, item.prompt_top_logprobs
             yield item
 
     async def finish(self, request: Request) -> None:
@@ -234,10 +337,18 @@ class Generation:
 class Server:
     """What the routes share: the engine thread, tokenizer, limits and metrics."""
 
-    def __init__(self, llm: LLM, served_model_name: str, max_pending: int):
+    def __init__(self, llm: LLM, served_model_name: str, max_pending: int, chat_template: str | None = None):
         if llm.tokenizer is None:
             raise ValueError("model: serving needs a tokenizer; the checkpoint has no tokenizer.json")
         self.llm, self.tokenizer, self.name = llm, llm.tokenizer, served_model_name
+        # the Jinja template chat requests render: the one given, else the checkpoint's, else the built-in one
+        if chat_template is None:
+            chat_template = getattr(llm, "chat_template", None)
+        self.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
+        try:
+            compile_chat_template(self.chat_template)  # refuse a broken template before serving anything
+        except ValueError as e:
+            raise ValueError(f"chat_template: {e}") from None
         self.max_pending = max_pending
         self.engine = AsyncEngine(llm)
         self.end_think = self.tokenizer.token_to_id(END_THINK)
@@ -277,13 +388,20 @@ class Server:
                                 "context can hold", param=param, code="context_length_exceeded")
         return (await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False)).ids
 
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """Messages through the chat template; 400 when the template refuses them (its raise_exception)."""
+        try:
+            return render_chat([m.as_dict() for m in messages], add_generation_prompt, template=self.chat_template)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
     def params(self, req: _Sampling, prompt_param: str, prompt_len: int, max_tokens: int | None, logprobs: bool,
-               top_logprobs: int) -> SamplingParams:
+               top_logprobs: int, prompt_logprobs: int | None = None) -> SamplingParams:
         room = self.llm.max_len - prompt_len
         if room <= 0:
             raise APIError(400, f"{prompt_param}: the prompt is {prompt_len} tokens; the context holds "
@@ -297,7 +415,8 @@ class Server:
                 max_tokens=max_tokens or max(self.llm.room(prompt_len), 1), ignore_eos=req.ignore_eos,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
-                logprobs=logprobs, top_logprobs=top_logprobs)
+                logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
         except ValueError as e:
             raise _from_value_error(e) from None
 
@@ -329,8 +448,21 @@ class Server:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,
-                "top_logprobs": [{self.token_logprob(a, 0.0)["token"]: b for a, b in top} for top in tops] or None}
+        return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,  # a prompt's first top is null
+                "top_logprobs": [{self.token_logprob(a, 0.0)["token"]: b for a, b in top} if top else None
+                                 for top in tops] or None}
+
+    def echoed(self, gen: Generation, prompt: str, c: _Choice, logprobs: bool, offset: int = 0) -> tuple[str, dict | None]:
+        """A choice's text and logprobs with the prompt in front (`echo`): the prompt tokens' log-probs come
+        first, the first one null, as OpenAI returns them."""
+        if not logprobs:
+            return prompt + c.text, None
+        head = self.completion_logprobs(gen.prompt_ids, gen.prompt_logprobs, gen.prompt_top_logprobs, offset)
+        tail = self.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, offset + len(prompt))
+        if tail is not None:
+            head = {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "text_offset")} | {
+                "top_logprobs": head["top_logprobs"] + (tail["top_logprobs"] or [None] * len(tail["tokens"]))}
+        return prompt + c.text, head
 
 
 class BodyLimit:
@@ -361,14 +493,14 @@ class BodyLimit:
 
 
 class BearerAuth:
-    """401 for a /v1 request without `Authorization: Bearer KEY` (constant-time compare), before its body is
+    """401 for an API request (/v1/..., or one of `paths` without the prefix) without `Authorization: Bearer KEY` (constant-time compare), before its body is
     read: a client without the key learns nothing about its request (as with OpenAI's API and vLLM)."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
+    def __init__(self, app, api_key: str, paths: frozenset[str]):
+        self.app, self.key, self.paths = app, api_key.encode(), paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in self.paths):
             scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 error = APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
@@ -381,9 +513,11 @@ def _sse(payload: dict | str) -> str:
 
 
 def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | None = None,
-               max_pending: int = 256, max_body_bytes: int = 2 * 2**20) -> FastAPI:
-    """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
-    server = Server(llm, served_model_name, max_pending)
+               max_pending: int = 256, max_body_bytes: int = 2 * 2**20,
+               chat_template: str | None = None) -> FastAPI:
+    """The FastAPI app; the engine thread starts and stops with the app's lifespan. `chat_template`: Jinja
+    source for chat prompts (default: the checkpoint's tokenizer_config.json, else the built-in R1 one)."""
+    server = Server(llm, served_model_name, max_pending, chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -421,8 +555,6 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         return APIError(500, "internal server error", type="server_error").response()
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    if api_key is not None:
-        app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
 
     @app.get("/health")
     async def health():
@@ -433,24 +565,28 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    # The OpenAI-style routes answer with and without the /v1 prefix (DeepSeek's documented base URL has none)
+    api = APIRouter(responses=ERROR_RESPONSES)
+
+    @api.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
                                             "owned_by": "nanoseek", "max_model_len": llm.max_len}]}
 
-    @app.post("/v1/chat/completions")
+    @api.post("/chat/completions", responses=STREAM_RESPONSE)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
-        prompt = render_chat([m.as_dict() for m in req.messages])
+        req.refuse_unimplemented()
+        prompt = server.render(req.messages)
         ids = await server.encode(prompt, "messages")
-        in_reasoning = prompt.rstrip().endswith(THINK)
+        in_reasoning = opens_reasoning(prompt)  # else the model may still open `<think>` itself
         params = server.params(req, "messages", len(ids), req.max_completion_tokens or req.max_tokens,
                                req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0)
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
             head["object"] = "chat.completion.chunk"
-            return _streaming(gen, _chat_stream(server, gen, head), head, req)
+            return _streaming([gen], _chat_stream(server, gen, head), head, req)
         await gen.finish(request)
         choices = []
         for i, c in enumerate(gen.choices):
@@ -463,26 +599,93 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         return {**head, "object": "chat.completion", "choices": choices, "usage": gen.usage(),
                 "system_fingerprint": None}
 
-    @app.post("/v1/completions")
+    @api.post("/completions", responses=STREAM_RESPONSE)
     async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
-        if isinstance(req.prompt, str):
-            ids = await server.encode(req.prompt, "prompt")
-            if not ids:
+        req.refuse_unimplemented()
+        prompts, texts, ids = req.prompts(), [], []
+        for p in prompts:  # every prompt is checked before any is queued
+            try:
+                ids.append(await server.encode(p, "prompt") if isinstance(p, str) else llm.encode(p))
+            except ValueError as e:  # token ids outside the vocabulary
+                raise _from_value_error(e) from None
+            if not ids[-1]:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
-        else:
-            ids = req.prompt
-        params = server.params(req, "prompt", len(ids), req.max_tokens, req.logprobs is not None, req.logprobs or 0)
-        gen = Generation(server, ids, params, in_reasoning=False)
+            texts.append(p if isinstance(p, str) else server.tokenizer.decode(p, skip_special_tokens=False))
+        k = req.logprobs
+        params = [server.params(req, "prompt", len(i), req.max_tokens, k is not None, k or 0,
+                                k if req.echo and k is not None else None) for i in ids]
+        gens: list[Generation] = []
+        try:
+            for i, sp in zip(ids, params):
+                gens.append(Generation(server, i, sp, in_reasoning=False))
+        except APIError:
+            for g in gens:
+                g.close()
+            raise
+        echo = texts if req.echo else None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
             head["object"] = "text_completion"
-            return _streaming(gen, _completion_stream(server, gen, head), head, req)
-        await gen.finish(request)
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)}
-                   for i, c in enumerate(gen.choices)]
-        return {**head, "object": "text_completion", "choices": choices, "usage": gen.usage()}
+            return _streaming(gens, _completion_stream(server, gens, head, echo, k is not None), head, req)
+        try:
+            await asyncio.gather(*(g.finish(request) for g in gens))
+        finally:
+            for g in gens:
+                g.close()
+        choices = []
+        for p, gen in enumerate(gens):
+            for i, c in enumerate(gen.choices):
+                text, logprobs = (server.echoed(gen, echo[p], c, k is not None) if echo else
+                                  (c.text, server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)))
+                choices.append({"index": p * len(gen.choices) + i, "text": text, "finish_reason": c.finish_reason,
+                                "logprobs": logprobs})
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(gens)}
+
+    @api.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        server.check_model(req.model)
+        req.refuse_unimplemented()
+        if req.prompt is not None:
+            ids = await server.encode(req.prompt, "prompt")
+        else:
+            ids = await server.encode(server.render(req.messages, req.add_generation_prompt), "messages")
+        strs = [server.token_logprob(t, 0.0)["token"] for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": llm.max_len, "tokens": ids, "token_strs": strs}
+
+    @api.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        server.check_model(req.model)
+        req.refuse_unimplemented()
+        vocab = server.tokenizer.get_vocab_size()
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"tokens: token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                "model_max_length": llm.max_len, "chat_template": server.chat_template}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    app.include_router(api, prefix="/v1")
+    app.include_router(api, include_in_schema=False)
+    if api_key is not None:  # added last: runs first
+        app.add_middleware(BearerAuth, api_key=api_key, paths=frozenset(r.path for r in api.routes))
+    schema = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI lists 422 for every body; this server answers validation errors with 400 (as OpenAI does)."""
+        if app.openapi_schema is None:
+            for path in schema()["paths"].values():
+                for op in path.values():
+                    op["responses"].pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -515,21 +718,46 @@ async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIter
             yield chunk(d.index, {}, d.finish_reason)
 
 
-async def _completion_stream(server: Server, gen: Generation, head: dict) -> AsyncIterator[str]:
-    offsets = [0] * len(gen.choices)
-    async for d in gen.deltas():
-        logprobs = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
-        offsets[d.index] += len(d.text)
-        yield _sse({**head, "choices": [
-            {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]})
+async def _completion_stream(server: Server, gens: list[Generation], head: dict, echo: list[str] | None,
+                             logprobs: bool) -> AsyncIterator[str]:
+    """Each prompt's choices in turn (all of them are generated at once; later ones wait in their queues).
+    With `echo`, a choice's first chunk is its prompt, sent with its first tokens (whose delta carries the
+    prompt's log-probs)."""
+    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
+        return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                          "finish_reason": finish_reason}]})
+
+    for p, gen in enumerate(gens):
+        offsets, echoed = [0] * len(gen.choices), [echo is None] * len(gen.choices)
+        async for d in gen.deltas():
+            index = p * len(gen.choices) + d.index
+            if not echoed[d.index]:
+                prompt, lp = server.echoed(gen, echo[p], _Choice(False), logprobs)
+                yield chunk(index, prompt, lp, None)
+                offsets[d.index], echoed[d.index] = len(prompt), True
+            lp = server.completion_logprobs(d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
+            offsets[d.index] += len(d.text)
+            yield chunk(index, d.text, lp, d.finish_reason)
 
 
-def _streaming(gen: Generation, chunks: AsyncIterator[str], head: dict, req: _Sampling) -> StreamingResponse:
+def _usage(gens: list[Generation]) -> dict[str, Any]:
+    """The usage of several prompts' generations, summed field by field."""
+    def add(a: Any, b: Any) -> Any:
+        return {k: add(v, b[k]) for k, v in a.items()} if isinstance(a, dict) else a + b
+
+    total = gens[0].usage()
+    for gen in gens[1:]:
+        total = add(total, gen.usage())
+    return total
+
+
+def _streaming(gens: list[Generation], chunks: AsyncIterator[str], head: dict, req: _Sampling) -> StreamingResponse:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return StreamingResponse(_event_stream(gen, chunks, head, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_event_stream(gens, chunks, head, include_usage), media_type="text/event-stream")
 
 
-async def _event_stream(gen: Generation, chunks: AsyncIterator[str], head: dict, include_usage: bool) -> AsyncIterator[str]:
+async def _event_stream(gens: list[Generation], chunks: AsyncIterator[str], head: dict,
+                        include_usage: bool) -> AsyncIterator[str]:
     """The envelope both streaming endpoints share: their chunks, an error event if the engine fails,
     the usage chunk when asked for, then [DONE]; the request is closed (aborted if unfinished) in any case."""
     try:
@@ -540,10 +768,11 @@ async def _event_stream(gen: Generation, chunks: AsyncIterator[str], head: dict,
             yield _sse(e.body())
             return
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": gen.usage()})
+            yield _sse({**head, "choices": [], "usage": _usage(gens)})
         yield _sse("[DONE]")
     finally:
-        gen.close()
+        for gen in gens:
+            gen.close()
 
 
 @contextmanager

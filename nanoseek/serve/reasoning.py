@@ -1,8 +1,10 @@
 """Split generated text into `reasoning_content` (inside `<think>…</think>`) and `content` (REFERENCE §9).
 
 The R1 chat template ends the prompt with `<think>\\n`, so a completion usually starts inside the reasoning;
-a model may also open `<think>` itself. The parser is incremental: fed streamed text pieces, it returns
-what may be shown of each part now, holding back a tail that could be the start of a tag.
+a model may also open `<think>` itself. Which case holds is read off the rendered prompt (`opens_reasoning`),
+so a checkpoint whose template does not open `<think>` gets no forced reasoning. The parser is incremental:
+fed streamed text pieces, it returns what may be shown of each part now, holding back a tail that could be
+the start of a tag.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class ThinkParser:
             content = content.lstrip()
             self.content_started = bool(content)
         return reasoning, content
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """Whether a rendered chat prompt leaves the completion inside `<think>` (R1's generation prompt)."""
+    return prompt.rstrip().endswith(THINK)
 
 
 def split_reasoning(text: str, in_reasoning: bool) -> tuple[str, str]:
