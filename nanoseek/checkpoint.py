@@ -191,14 +191,14 @@ def _dequantize_all(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = torch.float32) -> DeepSeekV3:
-    """Load a Hugging Face-format DeepSeek-V3 directory; returns the model in eval mode.
+    """Load a Hugging Face-format DeepSeek-V3 directory, or a Hub id `org/name[@revision]`; returns the
+    model in eval mode.
 
     FP8 weights are dequantised; `dtype=None` keeps the stored dtype. A checkpoint without MTP weights
     (as transformers writes) loads as a model without MTP. Errors name the file or tensor at fault.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+    from .hub import resolve_checkpoint  # (hub imports this module)
+    path = resolve_checkpoint(path)
     config = ModelConfig.from_json(path)
     tensors = _dequantize_all(_read_tensors(_weight_files(path)))
     n_mtp = config.num_nextn_predict_layers

@@ -53,7 +53,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                         tasks=tuple(args.task or PretrainConfig.tasks), scratchpad=args.scratchpad)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                      grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
-                     seed=args.seed, fsdp=args.fsdp, compile=args.compile)
+                     seed=args.seed, fsdp=args.fsdp, compile=args.compile,
+                     report_to=args.report_to, expert_parallel=args.expert_parallel)
     pretrain(pc, tc, args.out, resume=args.resume)
 
 
@@ -68,9 +69,11 @@ def cmd_grpo(args: argparse.Namespace) -> None:
                      mask_truncated=args.mask_truncated, format_weight=args.format_weight,
                      consistency_weight=args.consistency_weight,
                      overlong_cache=args.overlong_cache, eval_every=args.eval_every, eval_problems=args.eval_problems,
-                     eval_k=args.eval_k, template=args.template)
+                     eval_k=args.eval_k, template=args.template,
+                     log_completions_every=args.log_completions_every)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=1.0, weight_decay=0.0,
-                     save_every=args.save_every, seed=args.seed, precision=args.precision)
+                     save_every=args.save_every, seed=args.seed, precision=args.precision,
+                     report_to=args.report_to, expert_parallel=args.expert_parallel)
     GRPOTrainer(args.init, cfg, tc, args.out).train(resume=args.resume)
 
 
@@ -80,7 +83,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
     sc = SFTConfig(init=args.init, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    strict=args.strict, eval_every=args.eval_every, eval_problems=0, mtp_lambda=args.mtp_lambda)
     tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
-                     precision=args.precision, save_every=args.save_every, seed=args.seed, fsdp=args.fsdp)
+                     precision=args.precision, save_every=args.save_every, seed=args.seed, fsdp=args.fsdp,
+                     report_to=args.report_to, expert_parallel=args.expert_parallel)
     sft(sc, tc, args.out, resume=args.resume)
 
 
@@ -104,7 +108,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .train.distill import DistillConfig, distill
     distill(DistillConfig(teacher=args.teacher, student_preset=args.student_preset, student_init=args.student_init,
                           sample=_sample_config(args), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          seq_len=args.seq_len), args.out, args.seed)
+                          seq_len=args.seq_len, report_to=args.report_to), args.out, args.seed)
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -166,6 +170,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+    out = export(args.checkpoint, args.out, target=args.target, dtype=None if args.dtype == "auto" else args.dtype,
+                 check=not args.no_check)
+    print(f"exported {args.checkpoint} for {args.target} -> {out}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
@@ -173,6 +184,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .engine import LLM
     from .serve.api import create_app
     from .serve.async_engine import server_threads
+    from .tokenizer import read_chat_template
+    chat_template = None  # None: the checkpoint's own template (tokenizer_config.json), else the built-in one
+    if args.chat_template is not None:  # checked before the model loads, so a typo fails at once
+        try:
+            chat_template = read_chat_template(args.chat_template)
+        except ValueError as e:
+            raise ValueError(f"--chat-template: {e}") from None
     torch.set_num_threads(server_threads(args.threads))
     llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
               cache_memory_mb=args.cache_memory_mb, speculative=args.speculative, compile=args.compile)
@@ -180,9 +198,42 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(COMPILING, flush=True)
         llm.warm_up()
     app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_pending=args.max_concurrency + args.max_queue)
+                     max_pending=args.max_concurrency + args.max_queue, chat_template=chat_template)
     print(f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push
+    info = push(args.checkpoint, args.repo_id, private=args.private, revision=args.revision,
+                commit_message=args.commit_message, license=args.license)
+    print(f"pushed {args.checkpoint} to {args.repo_id}" + (f"@{args.revision}" if args.revision else "")
+          + (f": {info}" if info else ""))
+
+
+HUB_ID = "or a Hugging Face Hub id org/name[@revision]"
+
+
+def _report_to(value: str) -> str:
+    """--report-to checked at parse time, before any data or model is built."""
+    from .train.report import check_available, parse_report_to
+    try:
+        check_available(parse_report_to(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _report_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report-to", default="none", metavar="TRACKERS", type=_report_to,
+                   help="also log metrics to: none, tensorboard (OUT/tensorboard), wandb, all, "
+                        "or a comma list")
+
+
+def _expert_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="under torchrun: split each MoE layer's routed experts across E ranks (all-to-all "
+                        "dispatch); the process count must be a multiple of E")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,10 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (a minute to compile)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", required=True)
+    _report_flag(p)
+    _expert_parallel_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("grpo", help="reinforcement learning with GRPO on a verifiable task (torchrun-ready)")
-    p.add_argument("--init", required=True, help="checkpoint directory (with tokenizer) to start from")
+    p.add_argument("--init", required=True,
+                   help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}")
     p.add_argument("--task", default="arithmetic")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (a rollout every --mu steps)")
@@ -277,10 +331,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    _report_flag(p)
+    p.add_argument("--log-completions-every", type=int, default=10, metavar="K",
+                   help="every K steps, a rollout batch's completions with each reward and advantage to "
+                        "OUT/completions.jsonl and the trackers (0: never)")
+    _expert_parallel_flag(p)
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)")
-    p.add_argument("--init", required=True, help="checkpoint directory (with tokenizer) to fine-tune")
+    p.add_argument("--init", required=True,
+                   help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}")
     p.add_argument("--data", required=True, help="JSONL of {messages: [...]} with optional reasoning_content")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
@@ -297,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--resume", action="store_true")
+    _report_flag(p)
+    _expert_parallel_flag(p)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("sample", help="rejection sampling: verified-correct samples as SFT JSONL")
@@ -306,15 +368,17 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("distill", help="rejection-sample a teacher and SFT a small dense student on it")
-    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher", required=True, help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--student-preset", default="dense-small", choices=sorted(PRESETS))
-    p.add_argument("--student-init", help="a student base checkpoint (same tokenizer); default: from scratch")
+    p.add_argument("--student-init", help=f"a student base checkpoint (same tokenizer) {HUB_ID}; "
+                   "default: from scratch")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     add_sample_args(p)
+    _report_flag(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of a training run")
@@ -327,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("eval", help="greedy / pass@1 / cons@k accuracy on held-out task problems")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--task", action="append", help="repeatable; default: every built-in task")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
@@ -338,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="stream a completion to the terminal")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -348,11 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API server with a chat page")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
     p.add_argument("--served-model-name", default="nanoseek")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template to render chat requests with (default: the checkpoint's)")
     p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024,
@@ -362,6 +428,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint in the shape another engine needs (same outputs)")
+    p.add_argument("checkpoint", help="source checkpoint directory")
+    p.add_argument("out", help="directory to write the export to (config.json, weights, tokenizer)")
+    p.add_argument("--for", dest="target", required=True, choices=["vllm"],
+                   help="vllm: MLA widened, function-preserving, to kv_lora_rank 512 + qk_rope_head_dim 64 "
+                        "unless already so (the 576-wide latent vLLM's CPU backend requires; its GPU backends "
+                        "take it too)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight dtype of the export (auto: the source's; FP8 sources as bfloat16)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip comparing the export's logits with the source's on a few tokens before writing")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a generated model card")
+    p.add_argument("checkpoint", help="checkpoint directory (its model, tokenizer and config are uploaded)")
+    p.add_argument("repo_id", help="org/name of the Hub model repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", "--branch", dest="revision", help="branch to push to (created if missing; "
+                   "default: main)")
+    p.add_argument("--commit-message", help="default: 'Upload DIR with nanoseek'")
+    p.add_argument("--license", help="license id for the model card's metadata (e.g. mit, apache-2.0)")
+    p.set_defaults(func=cmd_push)
 
     args = parser.parse_args(argv)
     try:

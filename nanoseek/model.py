@@ -9,6 +9,7 @@ instead of `model.layers.{num_hidden_layers + k}`. `nanoseek.checkpoint` maps be
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -528,6 +529,10 @@ class MoE(nn.Module):
         self.experts.down = nn.Parameter(torch.empty(e, d, inter))
         self.shared_experts = MLP(d, inter * config.n_shared_experts) if config.n_shared_experts else None
         self.expert_linear = F.linear  # fp8.apply_fp8 swaps in the FP8 matmul
+        # Expert-parallel training (train.expert_parallel) sets this: then this module holds only its rank's
+        # experts, and `dispatcher(self, flat, weights, idx, scores, out)` adds the routed experts' outputs
+        # from the ranks that hold them, in place of the local expert path below.
+        self.dispatcher: Callable[..., Tensor] | None = None
 
     # A decode step routes a few tokens: running just their K experts beats grouping rows by expert (a
     # sort, a grouped matmul over every expert, a scatter). Eagerly that is a matmul per (token, expert),
@@ -541,7 +546,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
         out = self.shared_experts(flat).to(flat.dtype) if self.shared_experts is not None else torch.zeros_like(flat)
-        if stats is None and not torch.is_grad_enabled():
+        if self.dispatcher is None and stats is None and not torch.is_grad_enabled():
             gathered = torch.compiler.is_compiling() and self.expert_linear is F.linear
             fused = gathered and flat.device.type == "cpu"
             if flat.shape[0] <= (self.compiled_direct_max_tokens if fused else self.direct_max_tokens):
@@ -550,7 +555,9 @@ class MoE(nn.Module):
         # not bincount: its output's shape depends on the data, which torch.compile cannot trace
         counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))
         order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
-        if torch.compiler.is_compiling():  # gathers both ways: a compiled scatter-add is atomic (_GatherRows)
+        if self.dispatcher is not None:
+            out = self.dispatcher(self, flat, weights, idx, scores, out)
+        elif torch.compiler.is_compiling():  # gathers both ways: a compiled scatter-add is atomic (_GatherRows)
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
             xs = _GatherRows.apply(flat, order, inverse, self.top_k)  # each token once per slot, by expert
             ys = _GatherRows.apply(self._experts(xs, counts), inverse, order, 1)  # back in token order

@@ -22,6 +22,7 @@ from ..checkpoint import save_model
 from ..config import ModelConfig
 from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
+from ..hub import resolve_checkpoint
 from ..model import DeepSeekV3
 from ..tasks import Problem, Task, full_marks, get_task
 from ..tasks.rewards import RewardSet
@@ -120,6 +121,7 @@ class DistillConfig:
     lr: float = 2e-3
     batch_size: int = 16
     seq_len: int = 256
+    report_to: str = "none"  # the student's SFT metrics: none | tensorboard | wandb | all, or a comma list
 
 
 def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike) -> None:
@@ -136,17 +138,19 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
     """Rejection-sample the teacher, then SFT the student on the verified samples into `out`."""
     out = Path(out)
     sc = cfg.sample or SampleConfig(seed=seed)
-    if cfg.student_init:
-        check_same_tokenizer(cfg.teacher, cfg.student_init)
+    teacher_dir = resolve_checkpoint(cfg.teacher)  # either may be a Hub id: fetched once
+    student_dir = resolve_checkpoint(cfg.student_init) if cfg.student_init else None
+    if student_dir:
+        check_same_tokenizer(teacher_dir, student_dir)
     t0 = time.perf_counter()
-    teacher = LLM(cfg.teacher)
+    teacher = LLM(teacher_dir)
     records, rates = rejection_sample(teacher, sc)
     sample_seconds = time.perf_counter() - t0
     if not records:
         raise ValueError("the teacher produced no verified-correct samples; nothing to distill")
     write_jsonl(out / "distill_data.jsonl", records)
     print_rates(rates, len(records))
-    init = cfg.student_init
+    init = str(student_dir) if student_dir else None
     if init is None:  # from scratch: a random student speaking the teacher's vocabulary
         init = str(out / "student_init")
         t = teacher.config
@@ -154,11 +158,12 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
             vocab_size=t.vocab_size, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
         torch.manual_seed(seed)
         save_model(DeepSeekV3(config), init)
-        copy_tokenizer(cfg.teacher, init)
+        copy_tokenizer(teacher_dir, init)
     t1 = time.perf_counter()
     summary = sft(SFTConfig(init=init, data=str(out / "distill_data.jsonl"), seq_len=cfg.seq_len,
                             batch_size=cfg.batch_size, eval_every=0, eval_problems=0),
-                  TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(20, cfg.steps // 10 + 1), seed=seed), out)
+                  TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(20, cfg.steps // 10 + 1), seed=seed,
+                              report_to=cfg.report_to), out)
     sample_flops = sum(t["tokens"] for t in rates.values()) * teacher.config.decode_flops_per_token(sc.max_new_tokens)
     summary.update({"sample_seconds": sample_seconds, "sft_seconds": time.perf_counter() - t1,
                     "flops": sample_flops + summary["cost"]["flops"], "records": len(records),

@@ -21,15 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import atomic_write_text
 from ..checkpoint import load_model
+from ..config import ModelConfig
 from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
 from ..eval import evaluate
+from ..hub import resolve_checkpoint
 from ..plots import plot_series
 from ..tasks import Problem, get_task
 from ..tasks.rewards import RewardSet, overlong_penalty
 from ..tokenizer import load_tokenizer
+from .expert_parallel import check_expert_parallel
 from .loop import Trainer, TrainConfig, setup_distributed
+
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 @dataclass
@@ -57,6 +63,7 @@ class GRPOConfig:
     eval_problems: int = 100
     eval_k: int = 4
     template: str = "chat"
+    log_completions_every: int = 10  # a table of one rollout batch's completions every K steps (0: never)
 
     def validate(self, world: int) -> None:
         if self.group_size < 2:
@@ -83,6 +90,9 @@ class GRPOConfig:
                              f"within it, got {self.max_new_tokens} / {self.overlong_cache}")
         if self.beta < 0:
             raise ValueError(f"beta: the KL weight must be >= 0, got {self.beta}")
+        if self.log_completions_every < 0:
+            raise ValueError(f"log_completions_every: must be >= 0 (0: never), "
+                             f"got {self.log_completions_every}")
         get_task(self.task)  # unknown task: error before any training
 
 
@@ -149,6 +159,8 @@ class Rollout:
     old_logp: Tensor | None = None  # [N, T]
     ref_logp: Tensor | None = None
     metrics: dict = field(default_factory=dict)
+    group_adv: Tensor | None = None  # [N] advantages in sampled order (group after group), `adv` unsorted
+    samples: list[dict] = field(default_factory=list)  # completion table rows, when asked for
 
 
 def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
@@ -173,9 +185,12 @@ class GRPOTrainer:
         self.d = setup_distributed()
         cfg.validate(self.d.world)
         self.cfg, self.tc, self.out = cfg, tc, Path(out)
+        init = resolve_checkpoint(init)
         self.tokenizer = load_tokenizer(init)
         if self.tokenizer is None:
             raise ValueError(f"init: {init} has no tokenizer.json")
+        if tc.expert_parallel > 1:
+            check_expert_parallel(tc.expert_parallel, self.d.world, ModelConfig.from_json(init), tc.fsdp)
         torch.manual_seed(tc.seed)
         self.model = load_model(init).train()
         # the loss reads only the main model's logits: MTP gets no gradient, and DDP must not wait for one
@@ -184,14 +199,22 @@ class GRPOTrainer:
         self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
                                                                "consistency": cfg.consistency_weight})
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
-        # every rollout of a step decodes in one batch
-        self.llm = LLM(self.model, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size))
+        # what rollouts decode with: the training model itself, or under expert parallelism (where each rank
+        # holds some experts, and ranks decode different prompts for different lengths) a whole copy that
+        # shares every other parameter with it and gathers the experts before each rollout
+        self.policy = copy.deepcopy(self.model).eval() if tc.expert_parallel > 1 else self.model
         rows = cfg.prompts_per_step // self.d.world * cfg.group_size  # rollout sequences on this rank
         tc.grad_accum = -(-rows // cfg.micro_batch_size)  # micro-batches per update
-        run_config = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "eval_problems", "eval_k")}
+        run_config = {k: v for k, v in asdict(cfg).items()
+                      if k not in ("eval_every", "eval_problems", "eval_k", "log_completions_every")}
         # a rollout batch's later updates need its stored old log-probs: checkpoints fall between batches
         self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config, every=cfg.mu,
                                extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None)
+        self.ep = self.trainer.ep
+        if self.ep is not None:
+            self.ep.share_dense(self.policy.to(self.trainer.dist.device), self.model)
+        # every rollout of a step decodes in one batch
+        self.llm = LLM(self.policy, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size))
         self.rollout: Rollout | None = None
         # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
         self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed, cfg.template)
@@ -209,9 +232,11 @@ class GRPOTrainer:
         return list(enumerate(problems))[self.d.rank::self.d.world]
 
     @torch.no_grad()
-    def make_rollout(self, step: int) -> Rollout:
+    def make_rollout(self, step: int, keep_samples: bool = False) -> Rollout:
+        """One rollout batch; `keep_samples` also keeps its completions as table rows (`Rollout.samples`)."""
         cfg, g = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
+        self._sync_policy()
         self.llm.reset_prefix_cache()  # cached latents were computed with the previous weights
         was_training = self.model.training
         self.model.eval()
@@ -230,24 +255,35 @@ class GRPOTrainer:
             for p, out in zip(problems, outs):
                 scored = [self.rewards(p, o.text) for o in out.outputs]
                 rs = [r for r, _ in scored]
+                parts = [dict(parts) for _, parts in scored]
                 for o in out.outputs:
-                    if cfg.overlong_cache:
-                        rs[o.index] += overlong_penalty(len(o.token_ids), cfg.max_new_tokens, cfg.overlong_cache)
+                    if cfg.overlong_cache:  # a component of its own (weight 1), logged beside the others
+                        penalty = overlong_penalty(len(o.token_ids), cfg.max_new_tokens, cfg.overlong_cache)
+                        rs[o.index] += penalty
+                        parts[o.index]["overlong"] = penalty
                 all_rewards += rs
-                last = (p, out, rs, [parts for _, parts in scored])
+                last = (p, out, rs, parts)
                 if not (cfg.dynamic_sampling and max(rs) == min(rs)):
                     groups.append(last)
             attempts += 1
         groups = groups[:want] or [last]  # all groups dropped: one zero-advantage group, no crash
         rollout_seconds = time.perf_counter() - t0
         self.model.train(was_training)
-        return self._pack(groups, all_rewards, rollout_seconds)
+        rollout = self._pack(groups, all_rewards, rollout_seconds)
+        if keep_samples:
+            adv = rollout.group_adv.tolist()
+            rows = [(p, o, r, part) for p, out, rs, parts in groups
+                    for o, r, part in zip(out.outputs, rs, parts)]
+            rollout.samples = [{"prompt": p.prompt, "completion": o.text, **part, "reward": r, "advantage": a}
+                               for (p, o, r, part), a in zip(rows, adv)]
+        return rollout
 
     def _pack(self, groups, all_rewards: list[float], rollout_seconds: float) -> Rollout:
         cfg = self.cfg
-        seqs, plens, comps, rewards, accs, fmts, truncated = [], [], [], [], [], [], []
+        seqs, plens, comps, rewards, accs, fmts, truncated, components = [], [], [], [], [], [], [], []
         for p, out, rs, parts in groups:
             for o, r, part in zip(out.outputs, rs, parts):
+                components.append(part)
                 seqs.append(out.prompt_token_ids + o.token_ids)
                 plens.append(len(out.prompt_token_ids))
                 comps.append(len(o.token_ids))
@@ -279,16 +315,22 @@ class GRPOTrainer:
                    "rollout_seconds": rollout_seconds, "rollout_tokens_per_s": tokens / rollout_seconds,
                    "reward_errors": float(self.rewards.errors),
                    "sampled_reward_mean": sum(all_rewards) / len(all_rewards)}
+        # each reward function's mean, unweighted: reward_mean is their sum weighted as RewardSet weighs them
+        for name in dict.fromkeys(k for part in components for k in part):
+            metrics[f"reward/{name}"] = sum(part.get(name, 0.0) for part in components) / n
         return Rollout(ids, torch.tensor([plens[i] for i in order]), torch.tensor([len(seqs[i]) for i in order]),
-                       mask, adv[order], (int(total_rows), int(total_tokens)), metrics=metrics)
+                       mask, adv[order], (int(total_rows), int(total_tokens)), metrics=metrics, group_adv=adv)
 
     # ---- the update ------------------------------------------------------------------------------
     def loss_fn(self, step: int, micro: int) -> tuple[Tensor, dict]:
         cfg = self.cfg
         if micro == 0 and step % cfg.mu == 0:
-            self.rollout = self.make_rollout(step // cfg.mu)
+            keep = self.d.main and self._logs_completions(step)
+            self.rollout = self.make_rollout(step // cfg.mu, keep_samples=keep)
+            if keep:
+                self._log_completions(step + 1, self.rollout.samples)
             if cfg.mu > 1:  # stored old log-probs for the later updates on this batch
-                self.rollout.old_logp = self._logprobs(self.model)
+                self.rollout.old_logp = self._logprobs(self.policy)  # the same weights (synced for the rollout)
             if self.ref is not None:
                 self.rollout.ref_logp = self._logprobs(self.ref)
         r = self.rollout
@@ -311,6 +353,20 @@ class GRPOTrainer:
         # rollout metrics are per rollout batch: report them on every micro-batch so averages hold
         return loss, {**r.metrics, **stats}
 
+    def _logs_completions(self, step: int) -> bool:
+        """Whether the rollout batch made at (0-based) `step` goes in the completion table: the first, and
+        those whose updates include a step that is a multiple of K."""
+        k = self.cfg.log_completions_every
+        return bool(k) and (step == 0 or any((step + j) % k == 0 for j in range(1, self.cfg.mu + 1)))
+
+    def _log_completions(self, step: int, rows: list[dict]) -> None:
+        """Rank 0's share of a rollout batch: appended to completions.jsonl and sent to the trackers."""
+        rows = [{"step": step, **r} for r in rows]
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / COMPLETIONS_FILE, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self.trainer.tracker.log_table("completions", rows, step)
+
     @torch.no_grad()
     def _logprobs(self, model) -> Tensor:
         """The rollout's log-probs under `model`, in the update's micro-batches (one forward over the whole
@@ -321,9 +377,16 @@ class GRPOTrainer:
 
     def after_step(self, step: int, record: dict) -> None:
         if self.ref is not None and self.cfg.ref_reset_every and (step + 1) % self.cfg.ref_reset_every == 0:
-            self.ref.load_state_dict(self.model.state_dict())
+            state = self.model.state_dict()
+            self.ref.load_state_dict(state if self.ep is None else self.ep.full_state(state))
+
+    def _sync_policy(self) -> None:
+        """Under expert parallelism, gather the trained experts into the rollout copy (every rank calls it)."""
+        if self.ep is not None:
+            self.ep.gather_experts_into(self.policy, self.model)
 
     def evaluate(self, step: int) -> dict:
+        self._sync_policy()
         self.llm.reset_prefix_cache()
         self.model.eval()
         res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
@@ -331,12 +394,18 @@ class GRPOTrainer:
         return {f"eval_{k}": v for k, v in res.as_dict().items()}
 
     def train(self, resume: bool = False, progress: bool = True) -> dict:
+        completions = self.out / COMPLETIONS_FILE
         if resume and self.trainer.resume():
             ref = {k[len("ref."):]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
             if ref:
                 self.ref.load_state_dict(ref)
-        elif self.trainer.metrics_path.exists() and self.d.main:
-            self.trainer.metrics_path.unlink()
+            if completions.exists() and self.d.main:  # as metrics.jsonl: rows past the checkpoint are redone
+                keep = [x for x in completions.read_text(encoding="utf-8").splitlines()
+                        if x.strip() and json.loads(x).get("step", 0) <= self.trainer.step]
+                atomic_write_text(completions, "".join(x + "\n" for x in keep))
+        elif self.d.main:
+            self.trainer.metrics_path.unlink(missing_ok=True)
+            completions.unlink(missing_ok=True)
         t0 = time.perf_counter()
         self.trainer.train(self.loss_fn, self.after_step, self.evaluate if self.cfg.eval_every else None,
                            self.cfg.eval_every, progress=progress)

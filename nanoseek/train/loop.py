@@ -2,7 +2,8 @@
 
 It owns what every run needs: torch.distributed set-up (DDP by default, FSDP2 behind a flag; gloo on
 CPU, nccl on CUDA), AdamW with decay on matrices only, warmup + cosine or warmup-stable-decay, gradient
-accumulation and clipping, optional bf16 autocast, a progress bar and JSONL metrics on rank 0,
+accumulation and clipping, optional bf16 autocast, a progress bar and JSONL metrics on rank 0 (also sent
+to TensorBoard / W&B with `report_to`),
 checkpoints (HF weights + tokenizer + a safetensors training state) written atomically with the last few
 kept, exact resume, and Ctrl-C that saves before exiting. The caller supplies a loss function.
 """
@@ -35,6 +36,8 @@ from ..checkpoint import load_model, save_model
 from ..fp8 import apply_fp8
 from ..model import DeepSeekV3
 from ..tokenizer import copy_tokenizer
+from .expert_parallel import ExpertParallel, check_expert_parallel
+from .report import Tracker, parse_report_to
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainConfig:
     fsdp: bool = False
     max_seconds: float = 0.0  # stop (and finish normally) after this much wall time; 0 = no limit
     compile: bool = False  # torch.compile the (wrapped) model's forward and backward (pretraining: the loss too)
+    expert_parallel: int = 1  # routed experts split across this many ranks (train/expert_parallel.py)
+    report_to: str = "none"  # metrics also to: tensorboard | wandb | all, or a comma list (rank 0)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -66,6 +71,9 @@ class TrainConfig:
             raise ValueError(f"precision: must be 'fp32', 'bf16' or 'fp8', got {self.precision!r}")
         if self.lr <= 0 or self.grad_accum < 1:
             raise ValueError("lr must be > 0 and grad_accum >= 1")
+        if self.expert_parallel < 1:
+            raise ValueError(f"--expert-parallel: must be >= 1, got {self.expert_parallel}")
+        parse_report_to(self.report_to)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -211,6 +219,10 @@ class Trainer:
         self.model = model.to(self.dist.device)
         if cfg.precision == "fp8":
             apply_fp8(model)
+        self.ep: ExpertParallel | None = None  # before wrapping: DDP must leave the sharded experts alone
+        if cfg.expert_parallel > 1:
+            check_expert_parallel(cfg.expert_parallel, self.dist.world, model.config, cfg.fsdp)
+            self.ep = ExpertParallel(model, cfg.expert_parallel, self.dist.rank, self.dist.world)
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
         self.wrapped = self._wrap(model)  # first: FSDP2 swaps the parameters for sharded ones
@@ -221,6 +233,9 @@ class Trainer:
         self._stop = False  # Ctrl-C seen by this process (set by the signal handler only)
         self._interrupted = False  # ... by any rank, as the ranks agreed
         self.metrics_path = self.out / "metrics.jsonl"
+        # every record metrics.jsonl gets goes to the trackers too
+        self.tracker = Tracker(cfg.report_to, self.out,
+                               {"train_config": asdict(cfg), "run_config": self.run_config}, enabled=self.dist.main)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.world == 1:
@@ -240,6 +255,8 @@ class Trainer:
     def full_model(self) -> DeepSeekV3 | None:
         """The model with whole tensors on the main rank, None elsewhere. Every rank must call it: under
         FSDP the shards are gathered."""
+        if self.ep is not None:
+            return self.ep.full_model(self.model, self.dist.main)
         if not (self.cfg.fsdp and self.dist.world > 1):
             return self.model if self.dist.main else None
         dcp = _state_dict_api()
@@ -253,6 +270,8 @@ class Trainer:
     def full_optimizer_state(self) -> dict:
         """The optimizer state keyed by parameter name, whole tensors (gathered like `full_model`)."""
         dcp = _state_dict_api()
+        if self.ep is not None:  # each rank's own: every rank takes part in gathering the experts' moments
+            return self.ep.full_optimizer_state(dcp.get_optimizer_state_dict(self.model, self.optimizer))
         return dcp.get_optimizer_state_dict(self.model, self.optimizer,
                                             options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -308,11 +327,16 @@ class Trainer:
         torch.set_rng_state(tensors.pop("rng.torch"))
         self.resumed_extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
         dcp = _state_dict_api()
-        dcp.set_model_state_dict(self.model, loaded.state_dict(), options=dcp.StateDictOptions(full_state_dict=True))
+        state = loaded.state_dict()  # whole, whatever expert parallelism wrote it: cut to this rank's experts
+        dcp.set_model_state_dict(self.model, state if self.ep is None else self.ep.local_state(state),
+                                 options=dcp.StateDictOptions(full_state_dict=True))
         names = {id(p): n for n, p in self.model.named_parameters()}
         order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        optim = _optimizer_state(tensors, meta, order)
+        if self.ep is not None:
+            optim = self.ep.local_optimizer_state(optim)
         # not strict: parameters a run never trains (GRPO leaves the MTP layers alone) have no state
-        dcp.set_optimizer_state_dict(self.model, self.optimizer, _optimizer_state(tensors, meta, order),
+        dcp.set_optimizer_state_dict(self.model, self.optimizer, optim,
                                      options=dcp.StateDictOptions(full_state_dict=True, strict=False))
         self.step = meta["step"]
         self._truncate_metrics()
@@ -330,6 +354,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tracker.log(record)
 
     def autocast(self):
         if self.cfg.precision in ("bf16", "fp8"):
@@ -366,12 +391,18 @@ class Trainer:
                         (loss / self.cfg.grad_accum).backward()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / self.cfg.grad_accum
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+                if self.ep is not None:  # the experts' gradients, which DDP leaves alone
+                    self.ep.reduce_grads()
+                    grad_norm = self.ep.clip_grad_norm_(list(self.model.parameters()), self.cfg.grad_clip)
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 record = {"step": self.step + 1, "lr": lr, "grad_norm": grad_norm}
                 for k, v in sums.items():  # averaged over ranks
                     record[k] = float(self.dist.all_reduce(torch.tensor(v), "mean"))
+                if self.ep is not None:
+                    record.update(self.ep.step_metrics())
                 if after_step is not None:
                     after_step(self.step, record)
                 self.step += 1
@@ -395,6 +426,7 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)
+            self.tracker.flush()
         return records
 
     def _agree_to_stop(self, started: float) -> bool:
@@ -422,4 +454,8 @@ class Trainer:
         model = self.full_model()
         if model is not None:
             self._write_model(model, self.out)
+            # how the model was made, for its model card (`nanoseek push`)
+            meta = {"step": self.step, "train_config": asdict(self.cfg), "run_config": self.run_config}
+            atomic_write_text(self.out / "train_config.json", json.dumps(meta, indent=2))
+        self.tracker.close()
         return model

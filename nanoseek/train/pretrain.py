@@ -20,9 +20,11 @@ from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
 from ..data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents, tokenize
+from ..hub import resolve_checkpoint
 from ..model import DeepSeekV3, Gate, MoE
 from ..plots import plot_series
 from ..tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
+from .expert_parallel import check_expert_parallel
 from .loop import Trainer, TrainConfig, setup_distributed
 
 
@@ -95,7 +97,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, 
         docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
     else:
         docs = read_documents(pc.data)
-    given = pc.tokenizer or pc.init
+    given = pc.tokenizer or (pc.init and str(resolve_checkpoint(pc.init)))
     tok_dir = Path(given) if given else out / "tokenizer"
     if given is None and rank == 0 and not (resume and load_tokenizer(tok_dir) is not None):
         texts = ["".join(d) if isinstance(d, tuple) else d for d in docs]
@@ -121,6 +123,9 @@ def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume
     if pc.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    # before the tokenizer and data: the model an --init checkpoint holds is checked by the Trainer
+    check_expert_parallel(tc.expert_parallel, d.world, None if pc.init else dense_equivalent(config) if pc.dense
+                          else config, tc.fsdp)
     return train_lm(pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world, resume), resume, progress)
 
 

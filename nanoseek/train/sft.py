@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
+from ..hub import resolve_checkpoint
 from ..tokenizer import EOS, END_THINK, PAD, load_tokenizer, render_chat
+from .expert_parallel import check_expert_parallel
 from .loop import TrainConfig, setup_distributed
 from .pretrain import PretrainConfig, train_lm
 
@@ -130,7 +133,10 @@ def sft(sc: SFTConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = F
     """Fine-tune `sc.init` on `sc.data` into `out`; returns the run summary."""
     if not sc.init:
         raise ValueError("init: SFT needs a checkpoint to start from")
-    tok = load_tokenizer(sc.init)
+    init = resolve_checkpoint(sc.init)  # the run config keeps the name given (a Hub id stays one)
+    if tc.expert_parallel > 1:  # before reading and packing the data
+        check_expert_parallel(tc.expert_parallel, setup_distributed().world, ModelConfig.from_json(init), tc.fsdp)
+    tok = load_tokenizer(init)
     if tok is None:
         raise ValueError(f"init: {sc.init} has no tokenizer.json")
     examples = chat_examples(tok, read_conversations(sc.data, sc.strict))
@@ -143,4 +149,4 @@ def sft(sc: SFTConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = F
     train_rows, val_rows = (rows[:-n_val], rows[-n_val:]) if n_val else (rows, rows[:0])
     print(f"SFT data: {len(examples)} examples in {rows.shape[0]} packed rows of {sc.seq_len + 1} tokens "
           f"({int(rows[:, 1].sum())} target tokens)")
-    return train_lm(sc, tc, out, (tok, Path(sc.init), train_rows, val_rows, {}), resume, progress)
+    return train_lm(sc, tc, out, (tok, init, train_rows, val_rows, {}), resume, progress)
