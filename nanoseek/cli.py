@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, ModelConfig
@@ -29,8 +35,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
-    run_demo(DemoConfig(out=args.out, task=args.task, pretrain_steps=args.pretrain_steps, grpo_steps=args.grpo_steps,
-                        seed=args.seed, with_distill=args.with_distill))
+    run_demo(config_from(DemoConfig, args))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -45,82 +50,34 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig
     from .train.pretrain import PretrainConfig, pretrain
-    pc = PretrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                        seq_len=args.seq_len, batch_size=args.batch_size, num_docs=args.num_docs,
-                        mtp_lambda=args.mtp_lambda, balance_alpha=args.alpha, bias_gamma=args.gamma,
-                        dense=args.dense, doc_mask=not args.no_doc_mask, eval_every=args.eval_every,
-                        eval_problems=args.eval_problems, val_batches=args.val_batches,
-                        tasks=tuple(args.task or PretrainConfig.tasks), scratchpad=args.scratchpad)
-    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                     grad_accum=args.grad_accum, precision=args.precision, save_every=args.save_every,
-                     seed=args.seed, fsdp=args.fsdp, compile=args.compile,
-                     report_to=args.report_to, expert_parallel=args.expert_parallel)
-    pretrain(pc, tc, args.out, resume=args.resume)
+    pretrain(config_from(PretrainConfig, args), config_from(TrainConfig, args), args.out, resume=args.resume)
 
 
 def cmd_grpo(args: argparse.Namespace) -> None:
     from .train.grpo import GRPOConfig, GRPOTrainer
     from .train.loop import TrainConfig
-    cfg = GRPOConfig(task=args.task, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                     epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, beta=args.beta,
-                     ref_reset_every=args.ref_reset_every, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
-                     mu=args.mu, micro_batch_size=args.micro_batch_size, dynamic_sampling=args.dynamic_sampling,
-                     mask_truncated=args.mask_truncated, format_weight=args.format_weight,
-                     consistency_weight=args.consistency_weight,
-                     overlong_cache=args.overlong_cache, eval_every=args.eval_every, eval_problems=args.eval_problems,
-                     eval_k=args.eval_k, template=args.template,
-                     log_completions_every=args.log_completions_every)
-    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr_ratio=1.0, weight_decay=0.0,
-                     save_every=args.save_every, seed=args.seed, precision=args.precision,
-                     report_to=args.report_to, expert_parallel=args.expert_parallel)
-    GRPOTrainer(args.init, cfg, tc, args.out).train(resume=args.resume)
+    GRPOTrainer(args.init, config_from(GRPOConfig, args), config_from(TrainConfig, args), args.out).train(
+        resume=args.resume)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig
     from .train.sft import SFTConfig, sft
-    sc = SFTConfig(init=args.init, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                   strict=args.strict, eval_every=args.eval_every, eval_problems=0, mtp_lambda=args.mtp_lambda)
-    tc = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
-                     precision=args.precision, save_every=args.save_every, seed=args.seed, fsdp=args.fsdp,
-                     report_to=args.report_to, expert_parallel=args.expert_parallel)
-    sft(sc, tc, args.out, resume=args.resume)
-
-
-def _sample_config(args: argparse.Namespace):
-    from .train.distill import SampleConfig
-    return SampleConfig(task=args.task, problems=args.problems, n=args.n, keep=args.keep, select=args.select,
-                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed)
+    sft(config_from(SFTConfig, args, eval_problems=0), config_from(TrainConfig, args), args.out, resume=args.resume)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .engine import LLM
-    from .train.distill import print_rates, rejection_sample, write_jsonl
-    records, rates = rejection_sample(LLM(args.model), _sample_config(args))
+    from .train.distill import SampleConfig, print_rates, rejection_sample, write_jsonl
+    records, rates = rejection_sample(LLM(args.model), config_from(SampleConfig, args))
     write_jsonl(args.out, records)
     print_rates(rates, len(records))
     print(f"wrote {args.out}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .train.distill import DistillConfig, distill
-    distill(DistillConfig(teacher=args.teacher, student_preset=args.student_preset, student_init=args.student_init,
-                          sample=_sample_config(args), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          seq_len=args.seq_len, report_to=args.report_to), args.out, args.seed)
-
-
-def add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="arithmetic")
-    p.add_argument("--problems", type=int, default=400)
-    p.add_argument("--n", type=int, default=8, help="samples per problem")
-    p.add_argument("--keep", type=int, default=1, help="verified samples kept per problem")
-    p.add_argument("--select", choices=["shortest", "reward"], default="shortest")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    from .train.distill import DistillConfig, SampleConfig, distill
+    distill(config_from(DistillConfig, args, sample=config_from(SampleConfig, args)), args.out, args.seed)
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
@@ -224,212 +181,224 @@ def _report_to(value: str) -> str:
     return value
 
 
-def _report_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--report-to", default="none", metavar="TRACKERS", type=_report_to,
-                   help="also log metrics to: none, tensorboard (OUT/tensorboard), wandb, all, "
-                        "or a comma list")
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default (none where there is nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None or isinstance(action.default, bool) \
+                or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
-def _expert_parallel_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
-                   help="under torchrun: split each MoE layer's routed experts across E ranks (all-to-all "
-                        "dispatch); the process count must be a multiple of E")
+def add_options(p: argparse.ArgumentParser, cls: type, *, only: set[str] | None = None, skip: set[str] = frozenset(),
+                defaults: dict[str, Any] | None = None) -> None:
+    """Flags for the fields of a config dataclass made with `config.option`: name, type, default, choices
+    and help come from the field (`defaults` overrides a default for this command); `config_from` reads
+    them back. A bool field is a switch: `--name` when it defaults to False, `--no-name` when to True; a
+    `tuple[str, ...]` field is a repeatable flag."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        kind = _without_none(hints[f.name])
+        name = f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if kind is bool:
+            flag = f.metadata["flag"] or (f"--no-{name}" if default else f"--{name}")
+            kw.update(action="store_false" if default else "store_true", default=default)
+            if default:  # the field says what is on; the flag turns it off
+                kw["help"] = f"turn off: {kw['help']}"
+        else:
+            flag = f.metadata["flag"] or f"--{name}"
+            args = typing.get_args(kind)
+            if typing.get_origin(kind) is tuple and args[-1] is Ellipsis:  # repeatable; none given: the default
+                kw.update(action="append", type=args[0], default=None,
+                          help=f"{kw['help']} (default: {' '.join(map(str, default))})")
+            elif typing.get_origin(kind) is tuple:
+                kw.update(nargs=len(args), type=args[0], default=default)
+            else:
+                kw.update(type=_PARSERS.get(f.name, kind), default=default, choices=f.metadata["choices"])
+            if default is dataclasses.MISSING:
+                kw.update(required=True, default=None)
+        p.add_argument(flag, **kw)
 
 
-def main(argv: list[str] | None = None) -> None:
+def config_from(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """The config dataclass from the parsed flags `add_options` made (fields without a flag keep their
+    defaults; `fixed` sets fields this command decides)."""
+    values = dict(fixed)
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if f.name not in values and value is not None and "help" in f.metadata:
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def _without_none(hint: Any) -> Any:
+    """`X | None` -> X."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"report_to": _report_to}  # fields checked as they are parsed
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A --config file's flags: a JSON or YAML mapping of flag names (dashes or underscores) to values."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config: cannot read {path} ({e})") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config: {path} is not valid YAML ({e})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config: {path} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _file_value(action: argparse.Action, value: Any) -> Any:
+    """A --config value checked as the flag would check it on the command line."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag}: must be true or false, got {value!r}")
+        return value  # the file names the field (doc_mask: false), not the switch (--no-doc-mask)
+    parse = action.type or str
+    if isinstance(action, argparse._AppendAction) or action.nargs is not None:
+        value = [parse(str(v)) for v in (value if isinstance(value, list) else [value])]
+    elif isinstance(value, (dict, list)):
+        raise ValueError(f"{flag}: must be a single value, got {value!r}")
+    else:
+        value = parse(str(value))
+    if action.choices is not None and any(v not in action.choices for v in (value if isinstance(value, list)
+                                                                             else [value])):
+        raise ValueError(f"{flag}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    action.required = False
+    return value
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line, and each command's parser by name."""
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of presets")
-    p.add_argument("--preset", action="append", choices=sorted(PRESETS))
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--task", default="addition@2", help="a built-in task, NAME@LEVELS keeps those difficulty levels")
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--grpo-steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--with-distill", action="store_true",
-                   help="also distil the RL model into a dense student, against GRPO on that student")
-    p.set_defaults(func=cmd_demo)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="action", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE with the chat/reasoning special tokens")
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], None], within: Any = sub,
+                key: str | None = None) -> argparse.ArgumentParser:
+        """A command's parser (`within` another command's subcommands: `key` is that command's name)."""
+        p = within.add_parser(name, help=help, description=help, formatter_class=_Help)
+        p.add_argument("--config", metavar="FILE", help="a JSON or YAML file of flags (names with dashes or "
+                       "underscores); flags given on the command line win")
+        p.set_defaults(func=func)
+        commands[key or name] = p
+        return p
+
+    p = command("info", "parameter counts, FLOPs and cache size of presets", cmd_info)
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: every preset")
+    from .demo import DemoConfig
+    from .train.distill import DistillConfig, SampleConfig
+    from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
+    from .train.loop import TrainConfig
+    from .train.pretrain import PretrainConfig
+    from .train.sft import SFT_TRAIN_DEFAULTS, SFTConfig
+    p = command("demo", "R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)", cmd_demo)
+    add_options(p, DemoConfig)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools", description="tokenizer tools")
+    tsub = p.add_subparsers(dest="action", required=True, help="what to do")
+    t = command("train", "train a byte-level BPE with the chat/reasoning special tokens", cmd_tokenizer,
+                within=tsub, key="tokenizer")
     t.add_argument("--corpus", nargs="+", required=True, help=".txt/.jsonl/.parquet files")
-    t.add_argument("--vocab-size", type=int, default=2048)
-    t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_tokenizer)
+    t.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
 
-    p = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style base model (torchrun-ready)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    p.add_argument("--data", default="builtin", help="'builtin' or a .txt/.jsonl/.parquet file")
-    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the data)")
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--num-docs", type=int, default=40000)
-    p.add_argument("--task", action="append", help="built-in data: a task (repeatable; NAME@LEVELS keeps those "
-                   "difficulty levels); default: arithmetic and countdown")
-    p.add_argument("--scratchpad", type=float, default=0.25, help="built-in data: share of worked examples "
-                   "with step-by-step reasoning")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32")
-    p.add_argument("--mtp-lambda", type=float, default=0.3)
-    p.add_argument("--alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
-    p.add_argument("--gamma", type=float, default=0.01, help="gate bias update speed (V3: 0.001)")
-    p.add_argument("--dense", action="store_true", help="dense FFN with the same activated parameters")
-    p.add_argument("--no-doc-mask", action="store_true", help="let attention cross packed document boundaries")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--val-batches", type=int, default=4, help="batches of held-out rows per validation")
-    p.add_argument("--eval-problems", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (a minute to compile)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--out", required=True)
-    _report_flag(p)
-    _expert_parallel_flag(p)
-    p.set_defaults(func=cmd_pretrain)
+    p = command("pretrain", "pretrain a DeepSeek-V3-style base model (torchrun-ready)", cmd_pretrain)
+    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics, the final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_options(p, PretrainConfig)
+    add_options(p, TrainConfig)
 
-    p = sub.add_parser("grpo", help="reinforcement learning with GRPO on a verifiable task (torchrun-ready)")
-    p.add_argument("--init", required=True,
-                   help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}")
-    p.add_argument("--task", default="arithmetic")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (a rollout every --mu steps)")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--beta", type=float, default=0.0, help="k3 KL weight against the frozen reference")
-    p.add_argument("--ref-reset-every", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--epsilon-low", type=float, default=0.2)
-    p.add_argument("--epsilon-high", type=float, default=0.28)
-    p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
-    p.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="dapo")
-    p.add_argument("--mu", type=int, default=1, help="updates per rollout batch")
-    p.add_argument("--micro-batch-size", type=int, default=64, help="sequences per forward/backward")
-    p.add_argument("--dynamic-sampling", action="store_true")
-    p.add_argument("--mask-truncated", action="store_true")
-    p.add_argument("--format-weight", type=float, default=0.1)
-    p.add_argument("--consistency-weight", type=float, default=0.0,
-                   help="R1 language-consistency reward: share of reasoning words in Latin script")
-    p.add_argument("--overlong-cache", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-problems", type=int, default=100)
-    p.add_argument("--eval-k", type=int, default=4)
-    p.add_argument("--template", choices=["chat", "r1zero"], default="chat")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    _report_flag(p)
-    p.add_argument("--log-completions-every", type=int, default=10, metavar="K",
-                   help="every K steps, a rollout batch's completions with each reward and advantage to "
-                        "OUT/completions.jsonl and the trackers (0: never)")
-    _expert_parallel_flag(p)
-    p.set_defaults(func=cmd_grpo)
+    p = command("grpo", "reinforcement learning with GRPO on a verifiable task (torchrun-ready)", cmd_grpo)
+    p.add_argument("--init", required=True, help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_options(p, GRPOConfig)
+    add_options(p, TrainConfig, skip={"compile", "fsdp"}, defaults=GRPO_TRAIN_DEFAULTS)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)")
-    p.add_argument("--init", required=True,
-                   help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}")
+    p = command("sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)", cmd_sft)
+    p.add_argument("--init", required=True, help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}")
     p.add_argument("--data", required=True, help="JSONL of {messages: [...]} with optional reasoning_content")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--mtp-lambda", type=float, default=0.3)
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed line instead of skipping")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp8"], default="fp32")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fsdp", action="store_true")
-    p.add_argument("--resume", action="store_true")
-    _report_flag(p)
-    _expert_parallel_flag(p)
-    p.set_defaults(func=cmd_sft)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_options(p, SFTConfig, only={"seq_len", "batch_size", "mtp_lambda", "eval_every", "strict", "val_fraction"})
+    add_options(p, TrainConfig, skip={"compile"}, defaults=SFT_TRAIN_DEFAULTS)
 
-    p = sub.add_parser("sample", help="rejection sampling: verified-correct samples as SFT JSONL")
-    p.add_argument("--model", required=True)
+    p = command("sample", "rejection sampling: verified-correct samples as SFT JSONL", cmd_sample)
+    p.add_argument("--model", required=True, help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--out", required=True, help="output JSONL")
-    add_sample_args(p)
-    p.set_defaults(func=cmd_sample)
+    add_options(p, SampleConfig)
 
-    p = sub.add_parser("distill", help="rejection-sample a teacher and SFT a small dense student on it")
-    p.add_argument("--teacher", required=True, help=f"checkpoint directory {HUB_ID}")
-    p.add_argument("--student-preset", default="dense-small", choices=sorted(PRESETS))
-    p.add_argument("--student-init", help=f"a student base checkpoint (same tokenizer) {HUB_ID}; "
-                   "default: from scratch")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    add_sample_args(p)
-    _report_flag(p)
-    p.set_defaults(func=cmd_distill)
+    p = command("distill", "rejection-sample a teacher and SFT a small dense student on it", cmd_distill)
+    p.add_argument("--out", required=True, help="output directory")
+    add_options(p, DistillConfig)
+    add_options(p, SampleConfig)
 
-    p = sub.add_parser("cost", help="FLOPs, GPU-hours and dollars of a training run")
-    p.add_argument("--preset", default="v3", choices=sorted(PRESETS))
-    p.add_argument("--tokens", type=float, required=True)
-    p.add_argument("--gpu", default="h800")
+    p = command("cost", "FLOPs, GPU-hours and dollars of a training run", cmd_cost)
+    p.add_argument("--preset", default="v3", choices=sorted(PRESETS), help="the model counted")
+    p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 14.8e12")
+    p.add_argument("--gpu", default="h800", help="GPU type (its peak dense BF16 FLOP/s)")
     p.add_argument("--mfu", type=float, help="utilisation (default: V3's implied)")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length (attention FLOPs)")
     p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
-    p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("eval", help="greedy / pass@1 / cons@k accuracy on held-out task problems")
+    p = command("eval", "greedy / pass@1 / cons@k accuracy on held-out task problems", cmd_eval)
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--task", action="append", help="repeatable; default: every built-in task")
-    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--n", type=int, default=200, help="held-out problems per task")
     p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    p.add_argument("--seed", type=int, default=0, help="picks the held-out problems (as training's --seed)")
     p.add_argument("--template", choices=["chat", "r1zero"], default="chat", help="the prompt format trained on")
     p.add_argument("--out", help="JSONL of every sample")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p = command("generate", "stream a completion to the terminal", cmd_generate)
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prompt", required=True, help="the prompt text (rendered as is)")
+    p.add_argument("--max-tokens", type=int, default=128, help="completion length limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     _engine_flags(p)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API server with a chat page")
+    p = command("serve", "OpenAI/DeepSeek-compatible API server with a chat page", cmd_serve)
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
-    p.add_argument("--served-model-name", default="nanoseek")
+    p.add_argument("--served-model-name", default="nanoseek", help="the model name clients ask for")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template to render chat requests with (default: the checkpoint's)")
     p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024,
                    help="tokens one engine step may compute (prefill chunks + decodes)")
-    p.add_argument("--cache-memory-mb", type=float, default=256)
+    p.add_argument("--cache-memory-mb", type=float, default=256, help="memory of the paged latent cache")
     _engine_flags(p)
     p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
 
-    p = sub.add_parser("export", help="write a checkpoint in the shape another engine needs (same outputs)")
+    p = command("export", "write a checkpoint in the shape another engine needs (same outputs)", cmd_export)
     p.add_argument("checkpoint", help="source checkpoint directory")
     p.add_argument("out", help="directory to write the export to (config.json, weights, tokenizer)")
     p.add_argument("--for", dest="target", required=True, choices=["vllm"],
@@ -440,9 +409,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight dtype of the export (auto: the source's; FP8 sources as bfloat16)")
     p.add_argument("--no-check", action="store_true",
                    help="skip comparing the export's logits with the source's on a few tokens before writing")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a generated model card")
+    p = command("push", "upload a checkpoint to the Hugging Face Hub with a generated model card", cmd_push)
     p.add_argument("checkpoint", help="checkpoint directory (its model, tokenizer and config are uploaded)")
     p.add_argument("repo_id", help="org/name of the Hub model repository (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
@@ -450,9 +418,39 @@ def main(argv: list[str] | None = None) -> None:
                    "default: main)")
     p.add_argument("--commit-message", help="default: 'Upload DIR with nanoseek'")
     p.add_argument("--license", help="license id for the model card's metadata (e.g. mit, apache-2.0)")
-    p.set_defaults(func=cmd_push)
 
-    args = parser.parse_args(argv)
+    return parser, commands
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line's arguments, with a --config file's values as the command's defaults."""
+    parser, commands = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if path is not None and name in commands:  # the file's values become the command's defaults
+        p = commands[name]
+        try:
+            values = load_config_file(path)
+        except ValueError as e:
+            p.error(str(e))
+        # a key is a field (balance_alpha, doc_mask) or a flag's name (alpha); not a switch's negation
+        actions = {a.dest: a for a in p._actions}
+        actions |= {o.lstrip("-").replace("-", "_"): a for a in p._actions for o in a.option_strings
+                    if not isinstance(a, argparse._StoreFalseAction)}
+        unknown = sorted(set(values) - set(actions) - {"config", "func"})
+        if unknown:
+            p.error(f"--config: {path} sets {', '.join(unknown)}, which `nanoseek {name}` does not take")
+        try:
+            p.set_defaults(**{actions[k].dest: _file_value(actions[k], v) for k, v in values.items()})
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            p.error(f"--config: {path}: {e}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         args.func(args)
     except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:

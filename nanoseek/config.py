@@ -21,6 +21,13 @@ from typing import Any
 from .atomic import atomic_write_text
 
 
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """A dataclass field that is also a command-line flag: the command line builds its flags, defaults and
+    help from these fields (`cli.add_options`), so a default is written once. `flag` overrides the name
+    derived from the field (`--field-name`; `--no-field-name` for a field that defaults to True)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 
 
 @dataclass

@@ -13,48 +13,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .config import option
 from .data import held_out_problems
 from .engine import LLM
 from .eval import EvalResult, evaluate
 from .tasks import get_task
 from .train.distill import DistillConfig, SampleConfig, distill
-from .train.grpo import GRPOConfig, GRPOTrainer
+from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOTrainer
 from .train.loop import TrainConfig
 from .train.pretrain import PretrainConfig, pretrain
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    task: str = "addition@2"
-    pretrain_steps: int = 500
-    grpo_steps: int = 30
-    eval_problems: int = 100
-    eval_k: int = 4
-    max_new_tokens: int = 48
-    num_docs: int = 40000  # worked examples in the pretraining corpus
-    seed: int = 0
-    with_distill: bool = False  # also: teacher samples -> dense student, vs GRPO on that student
+    out: str = option("runs/demo", "output directory (base, rl, sft_control, report.md)")
+    task: str = option("addition@2", "a built-in task; NAME@LEVELS keeps those difficulty levels")
+    pretrain_steps: int = option(500, "pretraining steps of the base")
+    grpo_steps: int = option(30, "GRPO steps")
+    eval_problems: int = option(100, "held-out problems evaluated (never trained on)")
+    eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
+    max_new_tokens: int = option(48, "completion length limit")
+    num_docs: int = option(40000, "worked examples in the pretraining corpus")
+    seed: int = option(0, "random seed of every stage")
+    with_distill: bool = option(False, "also distil the RL model into a dense student, against GRPO on that "
+                                "student")
 
 
 def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
     """The base's corpus: worked examples of the task in short rows, half of them thinking step by step
     inside <think> and half answering at once with an empty one. After a few minutes of pretraining the
-    thought-out answers are far more often right than the immediate ones (seed 0: 100% against 8% of
-    sampled answers), but the base thinks only about half the time: the gap that GRPO, rewarded for
-    correct answers only, can find. (With the immediate answers restating the sum, `75 + 32 </think>`,
-    the scratchpad was learnt less reliably: 69% right on seed 0, where GRPO then added 5 to 21 points.)"""
+    thought-out answers are far more often right than the immediate ones, but the base thinks only about
+    half the time: the gap that GRPO, rewarded for correct answers only, can find."""
     return PretrainConfig(preset=preset, tasks=(cfg.task,), scratchpad=0.5, seq_len=128, bias_gamma=0.001,
                           batch_size=16, num_docs=cfg.num_docs, eval_every=0, eval_problems=0,
                           held_out=cfg.eval_problems, **kw)
 
 
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
-    """GRPO's optimiser: a constant 1e-4 after a short warm-up. At 3e-4 the policy still learned to
-    use its scratchpad, but the noisy updates also broke the arithmetic: accuracy fell below the base.
-    (Rollouts are sampled at temperature 0.7: at 1.0 more sampled scratchpads misread a digit, which blurs
-    the reward's case for thinking; on one base 30 steps gave 46% greedy at 1.0, 62% at 0.7.)"""
-    return TrainConfig(lr=1e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.0, seed=cfg.seed, **kw)
+    """GRPO's optimiser: its defaults (see GRPO_TRAIN_DEFAULTS for why)."""
+    return TrainConfig(**{**GRPO_TRAIN_DEFAULTS, "seed": cfg.seed, **kw})
 
 
 def _eval(path: Path, cfg: DemoConfig, problems) -> EvalResult:
@@ -74,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
     t = time.perf_counter()
-    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, temperature=0.7, max_new_tokens=cfg.max_new_tokens,
+    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, max_new_tokens=cfg.max_new_tokens,
                           eval_every=0, eval_problems=cfg.eval_problems)  # the held-out problems GRPO never trains on
     teacher_rl = GRPOTrainer(out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl").train()
     rl_seconds = time.perf_counter() - t

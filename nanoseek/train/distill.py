@@ -12,6 +12,7 @@ import os
 import random
 import time
 from collections import defaultdict
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..checkpoint import save_model
-from ..config import ModelConfig
+from ..config import PRESETS, ModelConfig, option
 from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
 from ..hub import resolve_checkpoint
@@ -33,15 +34,16 @@ from .sft import SFTConfig, sft
 
 @dataclass
 class SampleConfig:
-    task: str = "arithmetic"
-    problems: int = 400
-    n: int = 8  # samples per problem
-    keep: int = 1  # verified samples kept per problem
-    select: str = "shortest"  # or "reward" (accuracy + format, then shortest)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 96
-    seed: int = 0
+    task: str = option("arithmetic", "the task whose problems are sampled")
+    problems: int = option(400, "problems to sample (none of the held-out ones)")
+    n: int = option(8, "samples per problem")
+    keep: int = option(1, "verified samples kept per problem")
+    select: str = option("shortest", "which verified samples to keep: the shortest, or by reward (accuracy + "
+                         "format) then shortest", choices=("shortest", "reward"))
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(0.95, "nucleus sampling")
+    max_new_tokens: int = option(96, "completion length limit")
+    seed: int = option(0, "random seed (problems and sampling)")
 
     def validate(self) -> None:
         if self.select not in ("shortest", "reward"):
@@ -113,15 +115,18 @@ def print_rates(rates: dict, kept: int) -> None:
 
 @dataclass
 class DistillConfig:
-    teacher: str
-    student_preset: str = "dense-small"
-    student_init: str | None = None  # a student base to start from (same tokenizer); default: from scratch
+    teacher: str = option(dataclasses.MISSING, "the teacher checkpoint directory or Hub id org/name[@revision]")
+    student_preset: str = option("dense-small", "the student's size when trained from scratch",
+                                 choices=tuple(PRESETS))
+    student_init: str | None = option(None, "a student base checkpoint (same tokenizer) or Hub id; default: "
+                                      "from scratch")
     sample: SampleConfig | None = None
-    steps: int = 300
-    lr: float = 2e-3
-    batch_size: int = 16
-    seq_len: int = 256
-    report_to: str = "none"  # the student's SFT metrics: none | tensorboard | wandb | all, or a comma list
+    steps: int = option(300, "the student's SFT steps")
+    lr: float = option(2e-3, "the student's peak learning rate")
+    batch_size: int = option(16, "rows per step")
+    seq_len: int = option(256, "tokens per packed row")
+    report_to: str = option("none", "the student's SFT metrics also to: none, tensorboard, wandb, all, or a "
+                            "comma list")
 
 
 def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike) -> None:

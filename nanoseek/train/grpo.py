@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..atomic import atomic_write_text
 from ..checkpoint import load_model
-from ..config import ModelConfig
+from ..config import ModelConfig, option
 from ..data import held_out_problems, training_problems
 from ..engine import LLM, SamplingParams
 from ..eval import evaluate
@@ -38,32 +38,45 @@ from .loop import Trainer, TrainConfig, setup_distributed
 COMPLETIONS_FILE = "completions.jsonl"
 
 
+# The optimiser settings GRPO runs with unless told otherwise (the command line's defaults and the demo's):
+# a constant small rate after a short warm-up, no weight decay. Larger rates also learn to use the scratchpad
+# but their noisy updates break the arithmetic the base already knows.
+GRPO_TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-4, "warmup": 5, "min_lr_ratio": 1.0, "weight_decay": 0.0}
+
+
 @dataclass
 class GRPOConfig:
-    task: str = "arithmetic"
-    group_size: int = 8
-    prompts_per_step: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28  # DAPO's clip-higher
-    beta: float = 0.0  # k3 KL weight (R1-Zero: 0.001; Dr. GRPO / DAPO: 0)
-    ref_reset_every: int = 0
-    scale_rewards: str = "group"  # group | batch | none
-    loss_type: str = "dapo"  # grpo | dapo | dr_grpo
-    mu: int = 1  # optimizer updates per rollout batch
-    micro_batch_size: int = 64  # sequences per forward/backward; an update accumulates over the rollout
-    dynamic_sampling: bool = False
-    mask_truncated: bool = False
-    format_weight: float = 0.1
-    consistency_weight: float = 0.0  # R1 stage 2 language-consistency reward (share of Latin-script words)
-    overlong_cache: int = 0  # DAPO soft overlong penalty buffer (0 = off)
-    eval_every: int = 0
-    eval_problems: int = 100
-    eval_k: int = 4
-    template: str = "chat"
-    log_completions_every: int = 10  # a table of one rollout batch's completions every K steps (0: never)
+    task: str = option("arithmetic", "a built-in task (NAME@LEVELS keeps those difficulty levels) or "
+                       "jsonl:PATH")
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    prompts_per_step: int = option(16, "prompts per rollout batch (global, across ranks)")
+    # below 1, fewer sampled scratchpads misread a digit, which would blur the reward's case for thinking
+    temperature: float = option(0.7, "rollout sampling temperature (the log-probs are taken at it)")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    max_new_tokens: int = option(48, "completion length limit")
+    epsilon_low: float = option(0.2, "lower clip of the importance ratio")
+    epsilon_high: float = option(0.28, "upper clip of the importance ratio (DAPO's clip-higher)")
+    beta: float = option(0.0, "k3 KL weight against the frozen reference (R1-Zero: 0.001; Dr. GRPO / DAPO: 0)")
+    ref_reset_every: int = option(0, "reset the KL reference to the policy every N steps (0: never)")
+    scale_rewards: str = option("group", "divide advantages by the group's std, the batch's, or not at all",
+                                choices=("group", "batch", "none"))
+    loss_type: str = option("dapo", "grpo: per-sequence mean; dapo: token-level mean; dr_grpo: constant "
+                            "normaliser", choices=("grpo", "dapo", "dr_grpo"))
+    mu: int = option(1, "optimizer updates per rollout batch")
+    micro_batch_size: int = option(64, "sequences per forward/backward; an update accumulates over the rollout")
+    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal, resample to refill")
+    mask_truncated: bool = option(False, "DAPO: no loss on completions cut off at --max-new-tokens")
+    format_weight: float = option(0.1, "weight of the format reward (<think>...</think> then the answer)")
+    consistency_weight: float = option(0.0, "R1 language-consistency reward: share of reasoning words in Latin "
+                                       "script")
+    overlong_cache: int = option(0, "DAPO soft overlong penalty over the last N tokens of the limit (0: off)")
+    eval_every: int = option(0, "held-out evaluation every N steps (0: only before and after)")
+    eval_problems: int = option(100, "held-out problems evaluated (never rolled out)")
+    eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
+    template: str = option("chat", "prompt format: the chat template, or R1-Zero's plain template",
+                           choices=("chat", "r1zero"))
+    log_completions_every: int = option(10, "every K steps, a rollout batch's completions with each reward and "
+                                        "advantage to OUT/completions.jsonl and the trackers (0: never)")
 
     def validate(self, world: int) -> None:
         if self.group_size < 2:

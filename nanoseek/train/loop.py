@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import load_model, save_model
+from ..config import option
 from ..fp8 import apply_fp8
 from ..model import DeepSeekV3
 from ..tokenizer import copy_tokenizer
@@ -42,25 +43,29 @@ from .report import Tracker, parse_report_to
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    schedule: str = "cosine"  # or "wsd" (warmup, stable, decay over the last `decay_frac`)
-    decay_frac: float = 0.2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    precision: str = "fp32"  # "bf16" (autocast) or "fp8" (FP8 linear GEMMs, the rest under bf16 autocast)
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 3
-    seed: int = 0
-    fsdp: bool = False
-    max_seconds: float = 0.0  # stop (and finish normally) after this much wall time; 0 = no limit
-    compile: bool = False  # torch.compile the (wrapped) model's forward and backward (pretraining: the loss too)
-    expert_parallel: int = 1  # routed experts split across this many ranks (train/expert_parallel.py)
-    report_to: str = "none"  # metrics also to: tensorboard | wandb | all, or a comma list (rank 0)
+    steps: int = option(300, "optimizer steps")
+    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, "the schedule ends at this fraction of --lr")
+    warmup: int = option(20, "linear warm-up steps")
+    schedule: str = option("cosine", "cosine decay, or wsd: warmup, stable, then linear decay over the last "
+                           "--decay-frac of the steps", choices=("cosine", "wsd"))
+    decay_frac: float = option(0.2, "wsd: the share of steps that decays")
+    weight_decay: float = option(0.1, "AdamW weight decay (not on norms, biases or embeddings)")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    precision: str = option("fp32", "bf16: autocast; fp8: FP8 GEMMs with block scaling, the rest in bf16",
+                            choices=("fp32", "bf16", "fp8"))
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(3, "step checkpoints kept on disk")
+    seed: int = option(0, "random seed (data order, initialisation, sampling)")
+    fsdp: bool = option(False, "under torchrun: FSDP2 (fully_shard) instead of DDP")
+    max_seconds: float = option(0.0, "stop (and finish normally) after this much wall time (0: no limit)")
+    compile: bool = option(False, "torch.compile the model's forward and backward (a minute to compile)")
+    expert_parallel: int = option(1, "under torchrun: split each MoE layer's routed experts across E ranks "
+                                  "(all-to-all dispatch); the process count must be a multiple of E")
+    report_to: str = option("none", "also log metrics to: none, tensorboard (OUT/tensorboard), wandb, all, or a "
+                            "comma list (rank 0)")
 
     def validate(self) -> None:
         if self.steps < 1:

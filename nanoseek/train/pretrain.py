@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..checkpoint import load_model
-from ..config import ModelConfig
+from ..config import PRESETS, ModelConfig, option
 from ..cost import GPU_PEAK, PRICE_PER_GPU_HOUR, v3_implied_mfu
 from ..data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents, tokenize
 from ..hub import resolve_checkpoint
@@ -43,25 +43,29 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor 
 
 @dataclass
 class PretrainConfig:
-    preset: str = "small"
-    data: str = "builtin"  # or a .txt/.jsonl/.parquet file
-    tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
-    init: str | None = None  # continue from this checkpoint (and its tokenizer) instead of a new model
-    vocab_size: int = 1024
-    seq_len: int = 256
-    batch_size: int = 16  # sequences per optimizer step (global, across ranks and micro-batches)
-    num_docs: int = 40000  # built-in worked examples
-    tasks: tuple[str, ...] = ("arithmetic", "countdown")
-    scratchpad: float = 0.25
-    mtp_lambda: float = 0.3
-    balance_alpha: float = 1e-4
-    bias_gamma: float = 0.01  # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
-    dense: bool = False  # replace MoE by a dense FFN with the same activated parameters (ablation)
-    doc_mask: bool = True  # attention stays within each packed document (positions restart per document)
-    eval_every: int = 50
-    val_batches: int = 4
-    eval_problems: int = 100  # held-out problems per task family for the final accuracy
-    held_out: int = 0  # held-out problems per task kept out of the corpus (at least eval_problems)
+    preset: str = option("small", "model size: a preset of nanoseek.config.PRESETS", choices=tuple(PRESETS))
+    data: str = option("builtin", "'builtin' (worked task examples) or a .txt/.jsonl/.parquet file")
+    tokenizer: str | None = option(None, "a directory with tokenizer.json (default: train one on the data)")
+    init: str | None = option(None, "continue from this checkpoint (and its tokenizer) instead of a new model")
+    vocab_size: int = option(1024, "size of the tokenizer trained on the data")
+    seq_len: int = option(256, "tokens per packed training row")
+    batch_size: int = option(16, "rows per optimizer step (global, across ranks and micro-batches)")
+    num_docs: int = option(40000, "built-in data: worked examples in the corpus")
+    tasks: tuple[str, ...] = option(("arithmetic", "countdown"), "built-in data: a task (repeatable; NAME@LEVELS "
+                                    "keeps those difficulty levels)", flag="--task")
+    scratchpad: float = option(0.25, "built-in data: share of worked examples that reason step by step")
+    mtp_lambda: float = option(0.3, "weight of the multi-token-prediction loss")
+    balance_alpha: float = option(1e-4, "sequence-wise balance loss weight", flag="--alpha")
+    # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
+    bias_gamma: float = option(0.01, "gate bias update speed (aux-loss-free balancing)", flag="--gamma")
+    dense: bool = option(False, "dense FFN with the same activated parameters instead of MoE (ablation)")
+    doc_mask: bool = option(True, "attention stays within each packed document (positions restart per "
+                            "document)")
+    eval_every: int = option(50, "validation loss every N steps (0: never)")
+    val_batches: int = option(4, "batches of held-out rows per validation")
+    eval_problems: int = option(100, "held-out problems per task for the final accuracy")
+    held_out: int = option(0, "held-out problems per task kept out of the corpus (at least --eval-problems)")
+
 
 
 def dense_equivalent(config: ModelConfig) -> ModelConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, option
 from ..hub import resolve_checkpoint
 from ..tokenizer import EOS, END_THINK, PAD, load_tokenizer, render_chat
 from .expert_parallel import check_expert_parallel
@@ -27,12 +27,15 @@ from .pretrain import PretrainConfig, train_lm
 ROLES = ("system", "user", "assistant")
 
 
+SFT_TRAIN_DEFAULTS = {"lr": 1e-3}  # lower than pretraining's: fine-tuning starts from trained weights
+
+
 @dataclass
 class SFTConfig(PretrainConfig):
     """`data` is the chat JSONL, `init` the checkpoint to fine-tune (its tokenizer is used)."""
 
-    strict: bool = False  # a malformed line is an error instead of a reported skip
-    val_fraction: float = 0.05
+    strict: bool = option(False, "stop at the first malformed line instead of skipping it")
+    val_fraction: float = option(0.05, "share of the conversations held out for validation")
 
 
 def read_conversations(path: str | os.PathLike, strict: bool = False) -> list[list[dict]]:
