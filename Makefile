@@ -31,6 +31,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/nanoseek demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check nanoseek tests benchmarks
+	$(VENV)/bin/ruff format --check nanoseek tests benchmarks
 	$(PY) -m pytest
 
 clean:

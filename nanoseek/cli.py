@@ -399,7 +399,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
 
     p = command("export", "write a checkpoint in the shape another engine needs (same outputs)", cmd_export)
-    p.add_argument("checkpoint", help="source checkpoint directory")
+    p.add_argument("checkpoint", help=f"source checkpoint directory {HUB_ID}")
     p.add_argument("out", help="directory to write the export to (config.json, weights, tokenizer)")
     p.add_argument("--for", dest="target", required=True, choices=["vllm"],
                    help="vllm: MLA widened, function-preserving, to kv_lora_rank 512 + qk_rope_head_dim 64 "

@@ -34,6 +34,7 @@ from torch import Tensor
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ModelConfig
+from .hub import resolve_checkpoint
 from .model import DeepSeekV3, rope_inv_freq, softmax_scale, yarn_correction_range
 from .tokenizer import load_chat_template, load_tokenizer, save_tokenizer
 
@@ -210,7 +211,7 @@ def _write_tokenizer(src: Path, out: Path) -> bool:
 
 def export(src: str | os.PathLike, out: str | os.PathLike, target: str = "vllm", dtype: str | None = None,
            check: bool = True) -> Path:
-    """Write `src` (a checkpoint directory) to `out` in the shape `target` needs; returns `out`.
+    """Write `src` (a checkpoint directory or Hub id) to `out` in the shape `target` needs; returns `out`.
 
     dtype: "float32", "bfloat16" or "float16" (default: the source's; FP8 sources as bfloat16).
     check: compare the exported model's logits with the source's on a few tokens before writing.
@@ -219,7 +220,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, target: str = "vllm",
         raise ExportError(f"target {target!r}: choose from {list(TARGETS)}")
     if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f"dtype {dtype!r}: choose from {sorted(_DTYPES)}")
-    src, out = Path(src), Path(out)
+    src, out = resolve_checkpoint(src), Path(out)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src}: not a checkpoint directory (no config.json)")
     if out.exists() and out.resolve() == src.resolve():
