@@ -23,8 +23,8 @@ from ..checkpoint import load_model
 from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from ..tokenizer import load_chat_template, load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
-from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
-                       processed_probs, sample, verify_draft)
+from .sampling import (InvalidRequest, Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int,
+                       is_number, processed_probs, sample, verify_draft)
 from .scheduler import Scheduler, Sequence
 
 
@@ -134,32 +134,39 @@ class LLM:
 
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
+        """A prompt's token ids; raises InvalidRequest for a prompt that is neither text nor valid ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids or a checkpoint with tokenizer.json")
+                raise InvalidRequest("prompt", "a text prompt needs a tokenizer; pass token ids or a "
+                                               "checkpoint with tokenizer.json")
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         try:
             ids = list(prompt)
         except TypeError:  # e.g. one 0-d tensor out of a tensor of ids passed as a batch
-            raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}") from None
+            got = type(prompt).__name__
+            raise InvalidRequest("prompt", f"must be a string or a list of token ids, got {got}") from None
         if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in ids):
-            raise ValueError(f"prompt: token ids must be integers in [0, {self.config.vocab_size})")
+            raise InvalidRequest("prompt", f"token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the parameter if this request cannot be served; changes nothing."""
+        """Raise InvalidRequest naming the parameter if this request cannot be served; changes nothing."""
         if not ids:
-            raise ValueError("prompt: must not be empty")
+            raise InvalidRequest("prompt", "must not be empty")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            raise InvalidRequest("stop", "stop strings need a tokenizer; use stop_token_ids with token-id "
+                                         "prompts")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
+            raise InvalidRequest("prompt", f"the prompt is {len(ids)} tokens; the context holds "
+                                           f"{self.max_len}", code="context_length_exceeded")
         if any(t >= self.config.vocab_size for t in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {self.config.vocab_size})")
+            raise InvalidRequest("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
         if params.max_tokens > self.max_len:
-            raise ValueError(f"max_tokens: {params.max_tokens} exceeds the context of {self.max_len} tokens")
+            raise InvalidRequest("max_tokens", f"{params.max_tokens} exceeds the context of {self.max_len} "
+                                               "tokens")
         if min(params.max_tokens, self.max_len - len(ids)) > self.room(len(ids)):
-            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {self.capacity} tokens")
+            raise InvalidRequest("max_tokens", "prompt + max_tokens exceeds the cache capacity of "
+                                               f"{self.capacity} tokens")
 
     @property
     def capacity(self) -> int:
@@ -172,7 +179,8 @@ class LLM:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue a prompt; raises ValueError naming the parameter for bad input, leaving others untouched."""
+        """Queue a prompt; raises InvalidRequest naming the parameter for bad input, leaving others
+        untouched."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.check_request(ids, params)
@@ -180,7 +188,7 @@ class LLM:
             request_id = f"req-{self._counter}"
             self._counter += 1
         if request_id in self._requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
         # modulo 2**64, as torch's manual_seed: random.Random would seed -k like k
         seqs = [Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
@@ -541,7 +549,7 @@ class LLM:
         prompts = _as_list(prompts)
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
-            raise ValueError("params: one SamplingParams per prompt, or a single one")
+            raise InvalidRequest("params", "one SamplingParams per prompt, or a single one")
         ids = []
         try:
             for p, sp in zip(prompts, plist):
