@@ -417,8 +417,8 @@ def test_speculation_with_n_samples_after_a_prefill_chunk_one_token_short(model)
 
 
 def test_reset_prefix_cache_also_covers_samples_not_forked_yet(model):
-    """A trainer changes the weights while an n = 2 request is mid-prefill: its second sample, forked later,
-    must not register the stale prompt blocks for later requests to hit."""
+    """A trainer changes the weights (and says so) while an n = 2 request is mid-prefill: its second sample,
+    forked later, must not register the stale prompt blocks for later requests to hit."""
     m = random_model(ModelConfig.preset("tiny"))
     p = prompts(1, seed=5, lo=40, hi=41)[0]
     llm = LLM(m, block_size=4, max_batched_tokens=16)
@@ -427,7 +427,7 @@ def test_reset_prefix_cache_also_covers_samples_not_forked_yet(model):
     with torch.no_grad():
         for w in m.parameters():
             w.add_(torch.randn_like(w) * 0.02)
-    llm.reset_prefix_cache()
+    llm.update_weights()
     while llm.has_unfinished():
         llm.step()
     llm.abort(rid)
@@ -620,7 +620,7 @@ def test_compiled_engine_follows_weights_changed_in_place(eager_compile):
         for layer in m.model.layers:
             layer.self_attn.kv_b_proj.weight.mul_(-1.5)
     for llm in (compiled, eager):
-        llm.reset_prefix_cache()
+        llm.update_weights()
     after = [o.token_ids for o in compiled.generate(ps, GREEDY)]
     assert after == [o.token_ids for o in eager.generate(ps, GREEDY)] != before
 

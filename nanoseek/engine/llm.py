@@ -79,8 +79,8 @@ class StreamDelta:
 class LLM:
     """Continuous-batching generation over a paged MLA latent cache with prefix caching.
 
-    The engine holds a reference to `model`, not a copy: weights updated in place (by a trainer) are
-    used from the next step on.
+    The engine holds a reference to `model`, not a copy: a trainer that changes its weights in place calls
+    `update_weights()`, and the next step uses the new weights.
     """
 
     def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
@@ -116,8 +116,8 @@ class LLM:
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
-        # a compiled step reads MLA's folded weights as they are: refresh them eagerly before each step
-        self._folds = [m for m in model.modules() if isinstance(m, MLA)] if compile else []
+        self._mlas = [m for m in model.modules() if isinstance(m, MLA)]
+        self._refold()  # the model may have been trained since anything was derived from it
         self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
         self._greedy_spec_forward = (torch.compile(self._verify_and_draft, dynamic=True) if compile
                                      else self._verify_and_draft)
@@ -209,15 +209,23 @@ class LLM:
             self.scheduler.finish(seq)
         self._pending_forks.pop(request_id, None)
 
+    def update_weights(self) -> None:
+        """Call after changing the model's weights in place (a trainer, after each optimizer step): what the
+        engine derived from them is derived again, and the cached prompt latents are dropped."""
+        self._refold()
+        self.reset_prefix_cache()
+
+    def _refold(self) -> None:
+        """Re-derive MLA's folded absorbed weights from the parameters, into the tensors compiled graphs read."""
+        for mla in self._mlas:
+            mla.refold()
+
     def reset_prefix_cache(self) -> None:
-        """Call after changing the model's weights in place: cached prompt latents are no longer valid,
-        and weights derived from the parameters are refreshed (their version counters are moved, for
-        in-place kernels that do not)."""
-        torch.autograd.graph.increment_version(list(self.model.parameters()))
+        """Forget every cached prompt prefix; sequences in flight hold latents that are never shared."""
         self.blocks.reset_hashes()
         pending = [child for children in self._pending_forks.values() for child in children]
         for seq in self.scheduler.running + list(self.scheduler.waiting) + pending:
-            seq.sealed = (1 << 62, None)  # sequences in flight hold stale latents: never share their blocks
+            seq.sealed = (1 << 62, None)  # their latents may be stale: never register their blocks
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -228,8 +236,6 @@ class LLM:
         """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
-        for mla in self._folds:
-            mla.folded_weights()
         decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
         for rows, prefill in ((decodes, False), (batch.prefills, True)):
             if not rows:

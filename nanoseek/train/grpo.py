@@ -212,7 +212,6 @@ class GRPOTrainer:
     def make_rollout(self, step: int) -> Rollout:
         cfg, g = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
-        self.llm.reset_prefix_cache()  # cached latents were computed with the previous weights
         was_training = self.model.training
         self.model.eval()
         want = cfg.prompts_per_step // self.d.world
@@ -320,11 +319,11 @@ class GRPOTrainer:
                           for i in range(0, r.ids.shape[0], size)])
 
     def after_step(self, step: int, record: dict) -> None:
+        self.llm.update_weights()  # the optimizer changed the policy the engine holds, in place
         if self.ref is not None and self.cfg.ref_reset_every and (step + 1) % self.cfg.ref_reset_every == 0:
             self.ref.load_state_dict(self.model.state_dict())
 
     def evaluate(self, step: int) -> dict:
-        self.llm.reset_prefix_cache()
         self.model.eval()
         res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
         self.model.train()
@@ -335,6 +334,7 @@ class GRPOTrainer:
             ref = {k[len("ref."):]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
             if ref:
                 self.ref.load_state_dict(ref)
+            self.llm.update_weights()  # the checkpoint's weights were loaded into the policy in place
         elif self.trainer.metrics_path.exists() and self.d.main:
             self.trainer.metrics_path.unlink()
         t0 = time.perf_counter()
