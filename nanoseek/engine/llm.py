@@ -253,7 +253,7 @@ class LLM:
         if not rows.emitting:
             return []
         seqs = [rows.seqs[i] for i in rows.emitting]
-        drafted = len(rows.at) > len(rows.k)  # rows verifying drafts: their last position is sampled plainly
+        drafted = len(rows.at) > len(rows.k)  # some rows have several positions: the last is sampled
         last = logits[[end - 1 for end in itertools.accumulate(rows.k)]] if drafted else logits
         fast = batch_sample(seqs, last)
         deltas = []
