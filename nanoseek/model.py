@@ -251,7 +251,7 @@ class MLA(nn.Module):
         h, r, q_in = self.n_heads, self.kv_rank, c.q_lora_rank or c.hidden_size
         plain = h * qk * q_in + c.hidden_size * h * self.v_dim + h * (self.nope + self.v_dim) * r
         self.fold = h * (r + self.rope) * q_in + c.hidden_size * h * r <= self.fold_max_growth * plain
-        self._folded: tuple | None = None  # (source weights, their versions, (wq, wo))
+        self._folded: tuple | None = None  # (source weights, (wq, wo))
 
     def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
         """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope])."""
@@ -359,29 +359,30 @@ class MLA(nn.Module):
         """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
         [d, H*rank] with W_UV folded in), or None where folding would grow the weights too much.
 
-        Cached: rebuilt when a source weight is replaced (or changes dtype or device), refolded into the
-        same tensors when one is changed in place, as its version counter tells (fused optimizers do not
-        move it: `train.loop.make_optimizer` does; edits through `.data` never do). A compiled graph reads
-        the cached tensors as they are, so they stay graph inputs instead of being refolded every step:
-        the engine calls this eagerly before each compiled step. For inference: no gradient flows through them."""
+        Derived once, then again only at `refold()` (whoever changes the parameters in place calls it: the
+        engine's runner, when told the weights changed), or when a source weight is replaced or changes
+        dtype or device. A compiled graph reads the cached tensors as they are, so they stay graph inputs
+        instead of being refolded every step. For inference: no gradient flows through them."""
         if not self.fold:
             return None
         sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
         if torch.compiler.is_compiling():
-            return self._folded[2] if self._folded is not None else self._fold(*sources)
-        if any(w.is_inference() for w in sources):  # no version counter to watch: fold afresh
-            return self._fold(*sources)
-        versions = [w._version for w in sources]
+            return self._folded[1] if self._folded is not None else self._fold(*sources)
         cached = self._folded
         if (cached is None or any(a is not w for a, w in zip(cached[0], sources))
-                or (cached[2][0].dtype, cached[2][0].device) != (sources[0].dtype, sources[0].device)):
-            self._folded = (sources, versions, self._fold(*sources))
-        elif cached[1] != versions:
-            with torch.no_grad():
-                for dst, src in zip(cached[2], self._fold(*sources)):
-                    dst.copy_(src)
-            cached[1][:] = versions
-        return self._folded[2]
+                or (cached[1][0].dtype, cached[1][0].device) != (sources[0].dtype, sources[0].device)):
+            self._folded = (sources, self._fold(*sources))
+        return self._folded[1]
+
+    def refold(self) -> None:
+        """Fold the parameters as they are now, into the tensors `folded_weights` hands out (which compiled
+        graphs read): call after changing the parameters in place."""
+        if self.folded_weights() is None:  # (which folds afresh if it never did, or a weight was replaced)
+            return
+        sources, folded = self._folded
+        with torch.inference_mode(False), torch.no_grad():
+            for dst, src in zip(folded, self._fold(*sources)):
+                dst.copy_(src)
 
     def _fold(self, q_w: Tensor, kv_w: Tensor, o_w: Tensor) -> tuple[Tensor, Tensor]:
         h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank

@@ -70,7 +70,8 @@ def test_preemption_under_tiny_cache_is_exact(model):
     roomy = LLM(model, block_size=4).generate(ps, params)
     per_token = LatentStore.bytes_per_token(model.config, torch.float32)
     tight = LLM(model, block_size=4, cache_memory_mb=70 * per_token / 2**20)  # room for ~1.2 sequences
-    assert tight.capacity == 68 and tight.store.data.shape[0] == model.config.num_hidden_layers  # no MTP layer
+    assert tight.capacity == 68
+    assert tight.runner.store.data.shape[0] == model.config.num_hidden_layers  # no MTP layer
     outs = tight.generate(ps, params)
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
@@ -336,7 +337,8 @@ def test_forked_samples_get_the_prompts_mtp_latents_too(model):
     parent, child = llm._requests["r"]
     assert parent.table[0] == child.table[0] and parent.table[1] != child.table[1]  # shared head, copied tail
     tail = slice(parent.table[1] * 4, parent.table[1] * 4 + 3), slice(child.table[1] * 4, child.table[1] * 4 + 3)
-    torch.testing.assert_close(llm.store.data[:, tail[1]], llm.store.data[:, tail[0]], rtol=0, atol=0)
+    data = llm.runner.store.data
+    torch.testing.assert_close(data[:, tail[1]], data[:, tail[0]], rtol=0, atol=0)
 
 
 def oracle_drafts(llm: LLM, ref: list[int]) -> LLM:
@@ -397,7 +399,7 @@ def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
     assert alone.token_ids == roomy[3].token_ids
     per_token = LatentStore.bytes_per_token(model.config, torch.float32, mtp=True)
     tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20)
-    assert tight.capacity == 68 and tight.store.data.shape[0] == model.config.num_hidden_layers + 1
+    assert tight.capacity == 68 and tight.runner.store.data.shape[0] == model.config.num_hidden_layers + 1
     greedy = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
     assert [o.token_ids for o in tight.generate(ps, greedy)] == \
         [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
@@ -417,8 +419,8 @@ def test_speculation_with_n_samples_after_a_prefill_chunk_one_token_short(model)
 
 
 def test_reset_prefix_cache_also_covers_samples_not_forked_yet(model):
-    """A trainer changes the weights while an n = 2 request is mid-prefill: its second sample, forked later,
-    must not register the stale prompt blocks for later requests to hit."""
+    """A trainer changes the weights (and says so) while an n = 2 request is mid-prefill: its second sample,
+    forked later, must not register the stale prompt blocks for later requests to hit."""
     m = random_model(ModelConfig.preset("tiny"))
     p = prompts(1, seed=5, lo=40, hi=41)[0]
     llm = LLM(m, block_size=4, max_batched_tokens=16)
@@ -427,7 +429,7 @@ def test_reset_prefix_cache_also_covers_samples_not_forked_yet(model):
     with torch.no_grad():
         for w in m.parameters():
             w.add_(torch.randn_like(w) * 0.02)
-    llm.reset_prefix_cache()
+    llm.update_weights()
     while llm.has_unfinished():
         llm.step()
     llm.abort(rid)
@@ -524,14 +526,13 @@ def test_a_stop_string_in_the_first_of_two_speculated_tokens_ends_the_output_the
 
 def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
     """A token like "d\\xc3" completes the stop string "d" and starts a character: the stop counts at once."""
-    from nanoseek.engine.scheduler import Sequence
+    from nanoseek.engine.detokenizer import Detokenizer
     tok = text_llm.tokenizer
     pieces = {i: tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())}
     split = next(i for i, p in pieces.items() if len(p) > 1 and p.endswith("\ufffd") and "\ufffd" not in p[:-1])
     stop = pieces[split][:-1]
-    seq = Sequence("r", 0, [1, 2], SamplingParams(max_tokens=8, stop=[stop]), random.Random())
-    seq.output_ids = [split]
-    assert text_llm._update_text(seq) == "" and seq.finish_reason == "stop" and seq.text == ""
+    text = Detokenizer(tok, [stop])
+    assert text.update([split], finished=False) == "" and text.stopped and text.text == ""
 
 
 def test_sequence_window_is_a_slice_of_tokens_and_drafts():
@@ -620,7 +621,7 @@ def test_compiled_engine_follows_weights_changed_in_place(eager_compile):
         for layer in m.model.layers:
             layer.self_attn.kv_b_proj.weight.mul_(-1.5)
     for llm in (compiled, eager):
-        llm.reset_prefix_cache()
+        llm.update_weights()
     after = [o.token_ids for o in compiled.generate(ps, GREEDY)]
     assert after == [o.token_ids for o in eager.generate(ps, GREEDY)] != before
 

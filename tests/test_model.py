@@ -30,13 +30,17 @@ def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fol
 
 
 def test_absorbed_decoding_follows_in_place_weight_updates():
-    """The folded decoding weights are cached: an optimizer step (fused: no version bump of its own) and a
-    plain in-place edit must both reach the next cached forward."""
+    """The folded decoding weights are cached: an optimizer step and a plain in-place edit must both reach
+    the next cached forward once `refold` is called."""
     from nanoseek.train.loop import make_optimizer
     c = ModelConfig.preset("tiny")
     m = random_model(c)
     ids = torch.randint(0, c.vocab_size, (2, 6))
     opt = make_optimizer(m, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def refold():
+        for mla in (mod for mod in m.modules() if isinstance(mod, MLA)):
+            mla.refold()
 
     def check():
         with torch.inference_mode():
@@ -48,10 +52,12 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
     check()
     m(ids).square().mean().backward()
     opt.step()
+    refold()
     check()
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.o_proj.weight.mul_(2)
+    refold()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # refolded under autocast ...
         m(ids[:, :1], cache=LatentCache(c, batch=2, max_len=8))
     check()  # ... must still serve fp32 decoding

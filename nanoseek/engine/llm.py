@@ -13,19 +13,22 @@ import itertools
 import os
 import random
 from collections import deque
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
 from torch import Tensor
 
 from ..checkpoint import load_model
-from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
+from ..model import DeepSeekV3
 from ..tokenizer import load_chat_template, load_tokenizer
-from .cache import BlockManager, LatentStore, PagedBatch
-from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
-                       processed_probs, sample, verify_draft)
+from .cache import BlockManager
+from .detokenizer import Detokenizer
+from .runner import ModelRunner, StepRows
+from .sampling import InvalidRequest, Sample, SamplingParams, batch_sample, is_int, is_number, sample
 from .scheduler import Scheduler, Sequence
+from .speculative import Speculator
 
 
 @dataclass
@@ -79,8 +82,8 @@ class StreamDelta:
 class LLM:
     """Continuous-batching generation over a paged MLA latent cache with prefix caching.
 
-    The engine holds a reference to `model`, not a copy: weights updated in place (by a trainer) are
-    used from the next step on.
+    The engine holds a reference to `model`, not a copy: a trainer that changes its weights in place calls
+    `update_weights()`, and the next step uses the new weights.
     """
 
     def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
@@ -92,7 +95,7 @@ class LLM:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if not (is_number(cache_memory_mb) and cache_memory_mb > 0):
             raise ValueError(f"cache_memory_mb: must be a finite number > 0, got {cache_memory_mb!r}")
-        self.chat_template: str | None = None  # the checkpoint's own (the server renders it), if loaded from one
+        self.chat_template: str | None = None  # the checkpoint's own (the server renders it), if any
         if not isinstance(model, DeepSeekV3):
             from ..hub import resolve_checkpoint
             model = resolve_checkpoint(model)  # a Hub id: fetched once, for the tokenizer and the weights
@@ -100,66 +103,60 @@ class LLM:
             self.chat_template = load_chat_template(model)
             model = load_model(model)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        if speculative and not model.mtp:
-            raise ValueError("speculative: the model has no MTP module to draft with")
-        dtype = model.lm_head.weight.dtype
-        per_block = LatentStore.bytes_per_token(self.config, dtype, speculative) * block_size
-        num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
-        self.store = LatentStore(self.config, num_blocks, block_size, dtype, model.device, speculative)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.speculative = speculative
-        # compile=True: torch.compile the decode forwards (as vLLM compiles its model). A decode step is a few
-        # hundred tiny ops whose dispatch, not their arithmetic, costs on CPU; compiled, they fuse. Prefill
-        # chunks stay eager: they are arithmetic-bound. There is a graph per kind of batch (one row or
-        # several, 1 or 2 tokens a row, masked or not): past dynamo's default limit of 8 per function it
-        # would quietly run the rest eagerly.
-        if compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
-        # a compiled step reads MLA's folded weights as they are: refresh them eagerly before each step
-        self._folds = [m for m in model.modules() if isinstance(m, MLA)] if compile else []
-        self._draft_forward = torch.compile(self._mtp_forward, dynamic=True) if compile else self._mtp_forward
-        self._greedy_spec_forward = (torch.compile(self._verify_and_draft, dynamic=True) if compile
-                                     else self._verify_and_draft)
-        self.spec_stats = {"drafted": 0, "accepted": 0}
+        self.runner = ModelRunner(model, cache_memory_mb, block_size, speculative, compile)
+        self.blocks = BlockManager(self.runner.num_blocks, block_size, prefix_caching)
+        self.speculator = Speculator(self.runner) if speculative else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, num_draft=int(speculative))
         self.max_len = self.config.max_position_embeddings
         eos = self.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._requests: dict[str, list[Sequence]] = {}
+        self._texts: dict[str, list[Detokenizer]] = {}  # request -> each sample's text
         self._pending_forks: dict[str, list[Sequence]] = {}
         self._tail_copies: list[tuple[int, int, Sequence]] = []  # (parent's tail block, child's, child)
         self._inboxes: dict[str, deque[StreamDelta]] = {}  # request -> its open stream's undelivered deltas
         self._counter = 0
 
+    @property
+    def spec_stats(self) -> dict[str, int]:
+        """MTP drafts made and accepted (none without speculation)."""
+        return self.speculator.stats if self.speculator is not None else {"drafted": 0, "accepted": 0}
+
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
+        """A prompt's token ids; raises InvalidRequest for a prompt that is neither text nor valid ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids or a checkpoint with tokenizer.json")
+                raise InvalidRequest("prompt", "a text prompt needs a tokenizer; pass token ids or a "
+                                               "checkpoint with tokenizer.json")
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         try:
             ids = list(prompt)
         except TypeError:  # e.g. one 0-d tensor out of a tensor of ids passed as a batch
-            raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}") from None
+            got = type(prompt).__name__
+            raise InvalidRequest("prompt", f"must be a string or a list of token ids, got {got}") from None
         if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in ids):
-            raise ValueError(f"prompt: token ids must be integers in [0, {self.config.vocab_size})")
+            raise InvalidRequest("prompt", f"token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the parameter if this request cannot be served; changes nothing."""
+        """Raise InvalidRequest naming the parameter if this request cannot be served; changes nothing."""
         if not ids:
-            raise ValueError("prompt: must not be empty")
+            raise InvalidRequest("prompt", "must not be empty")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            raise InvalidRequest("stop", "stop strings need a tokenizer; use stop_token_ids with token-id "
+                                         "prompts")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt: {len(ids)} tokens, the context holds {self.max_len}")
+            raise InvalidRequest("prompt", f"the prompt is {len(ids)} tokens; the context holds "
+                                           f"{self.max_len}", code="context_length_exceeded")
         if any(t >= self.config.vocab_size for t in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {self.config.vocab_size})")
+            raise InvalidRequest("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
         if params.max_tokens > self.max_len:
-            raise ValueError(f"max_tokens: {params.max_tokens} exceeds the context of {self.max_len} tokens")
+            raise InvalidRequest("max_tokens", f"{params.max_tokens} exceeds the context of {self.max_len} "
+                                               "tokens")
         if min(params.max_tokens, self.max_len - len(ids)) > self.room(len(ids)):
-            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the cache capacity of {self.capacity} tokens")
+            raise InvalidRequest("max_tokens", "prompt + max_tokens exceeds the cache capacity of "
+                                               f"{self.capacity} tokens")
 
     @property
     def capacity(self) -> int:
@@ -172,7 +169,8 @@ class LLM:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue a prompt; raises ValueError naming the parameter for bad input, leaving others untouched."""
+        """Queue a prompt; raises InvalidRequest naming the parameter for bad input, leaving others
+        untouched."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self.check_request(ids, params)
@@ -180,14 +178,15 @@ class LLM:
             request_id = f"req-{self._counter}"
             self._counter += 1
         if request_id in self._requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
         # modulo 2**64, as torch's manual_seed: random.Random would seed -k like k
         seqs = [Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
                 for i in range(params.n)]
-        if params.prompt_logprobs is not None:  # the first sample computes the prompt; the others fork from it
+        if params.prompt_logprobs is not None:  # computed by the first sample; the others fork from it
             seqs[0].prompt_logprobs, seqs[0].prompt_top_logprobs = [None] * len(ids), [[] for _ in ids]
         self._requests[request_id] = seqs
+        self._texts[request_id] = [Detokenizer(self.tokenizer, params.stop) for _ in seqs]
         self.scheduler.add(seqs[0])
         if params.n > 1:  # the other samples fork from the first once its prompt is in the cache
             self._pending_forks[request_id] = seqs[1:]
@@ -199,17 +198,21 @@ class LLM:
             if not seq.finished:
                 seq.finish_reason = "abort"
             self.scheduler.finish(seq)
+        self._texts.pop(request_id, None)
         self._pending_forks.pop(request_id, None)
 
+    def update_weights(self) -> None:
+        """Call after changing the model's weights in place (a trainer, after each optimizer step): what the
+        engine derived from them is derived again, and the cached prompt latents are dropped."""
+        self.runner.weights_changed()
+        self.reset_prefix_cache()
+
     def reset_prefix_cache(self) -> None:
-        """Call after changing the model's weights in place: cached prompt latents are no longer valid,
-        and weights derived from the parameters are refreshed (their version counters are moved, for
-        in-place kernels that do not)."""
-        torch.autograd.graph.increment_version(list(self.model.parameters()))
+        """Forget every cached prompt prefix; sequences in flight hold latents that are never shared."""
         self.blocks.reset_hashes()
         pending = [child for children in self._pending_forks.values() for child in children]
         for seq in self.scheduler.running + list(self.scheduler.waiting) + pending:
-            seq.sealed = (1 << 62, None)  # sequences in flight hold stale latents: never share their blocks
+            seq.sealed = (1 << 62, None)  # their latents may be stale: never register their blocks
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -217,189 +220,54 @@ class LLM:
     # ---- one engine step -----------------------------------------------------------------------
     @torch.inference_mode()  # cheaper per op than no_grad; nothing a step makes is ever differentiated
     def step(self) -> list[StreamDelta]:
-        """Schedule, run one batched decode forward and one batched prefill forward, sample, stream."""
+        """Schedule; then for the batch's decodes and for its prefills: run the model, sample, emit."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
-        for mla in self._folds:
-            mla.folded_weights()
-        decodes = [(s, 1 + len(s.draft)) for s in batch.decodes]
-        for rows, prefill in ((decodes, False), (batch.prefills, True)):
-            if not rows:
+        decodes = [(seq, 1 + len(seq.draft)) for seq in batch.decodes]  # a decode feeds its drafts too
+        for pairs, prefill in ((decodes, False), (batch.prefills, True)):
+            if not pairs:
                 continue
-            seqs = [seq for seq, _ in rows]
-            starts = [seq.num_computed for seq in seqs]
-            tokens = [seq.window(st, n) for (seq, n), st in zip(rows, starts)]  # decodes feed their drafts
-            cache = PagedBatch(self.store, [seq.table for seq in seqs], starts, [n for _, n in rows], self.model.device)
-            ends = [seq.num_computed + n >= seq.num_tokens for seq, n in rows]  # else a prefill chunk short of it
-            # (row, seq, tokens fed) of the sequences that reach their end, and the positions sampled from (the
-            # drafts' and the last)
-            emitting = [(i, seq, n) for i, ((seq, n), end) in enumerate(zip(rows, ends)) if end]
-            k = [1 + len(seq.draft) for _, seq, _ in emitting]
-            at = [(i, p) for (i, _, n), kk in zip(emitting, k) for p in range(n - kk, n)]
-            ids = self._ids(tokens)
-            sampled_at = [i for i, _ in at], [p for _, p in at]
-            logits = drafts = None  # (the greedy speculative forward returns both)
-            scoring = [i for i, seq in enumerate(seqs) if prefill and seq.prompt_logprobs and not seq.output_ids]
-            # MTP drafting and prompt logprobs need every position's final state
-            if prefill and not self.speculative and not scoring:
-                sampled = self._prefill_last(ids, cache, seqs, starts, at)
-            elif not prefill and self.speculative and all(s.params.greedy and not s.params.adjusts_logits for s in seqs):
-                all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
-                logits = all_logits[sampled_at]
-            else:
-                hidden = (self.model.hidden_states if prefill else self._decode_forward)(ids, cache.positions, cache)
-                sampled = hidden[sampled_at]
-                for i in scoring:
-                    self._score_prompt(seqs[i], starts[i], hidden[i])
-            cache.commit()
-            for (seq, n), end in zip(rows, ends):
-                if not end:
+            rows = StepRows(pairs, prefill)
+            out = self.runner.run(rows)
+            for seq, n, end in zip(rows.seqs, rows.lens, rows.ends, strict=True):
+                if not end:  # a prefill chunk short of the end
                     seq.num_computed += n
-            if emitting:  # one head matmul for every position that is sampled
-                logits = (self.model.lm_head(sampled) if logits is None else logits).float().cpu()
-                last = logits[[end - 1 for end in itertools.accumulate(k)]] if len(at) > len(k) else logits
-                fast = batch_sample([seq for _, seq, _ in emitting], last)
-                for (_, seq, n), lg in zip(emitting, logits.split(k)):
-                    deltas += self._emit(seq, lg, n, fast.get(id(seq)))
-            for seq in seqs:
+            deltas += self._sample(rows, out.logits)
+            for seq in rows.seqs:
                 if not seq.finished:
                     self.scheduler.seal(seq)
-            if drafts is not None:
-                drafts = drafts.cpu()
-                for i, pos, seq in self._drafting(seqs, starts):
-                    seq.draft, seq.draft_probs = [int(drafts[i, pos])], None
-            elif self.speculative:
-                self._draft(seqs, starts, hidden, cache, prefill)
-            for src, dst, child in self._tail_copies:  # now that every layer (MTP too) wrote this step's latents
+            if self.speculator is not None:
+                self.speculator.draft(rows, out)
+            for src, dst, child in self._tail_copies:  # now that every layer (MTP too) wrote its latents
                 if not child.finished:
-                    self.store.copy_block(src, dst)
+                    self.runner.store.copy_block(src, dst)
             self._tail_copies.clear()
         for d in deltas:  # a stream may be waiting for it while another one (or generate) steps the engine
             if (inbox := self._inboxes.get(d.request_id)) is not None:
                 inbox.append(d)
         return deltas
 
-    def _ids(self, tokens: list[list[int]]) -> Tensor:
-        """Token lists as one zero-padded [B, S] tensor on the model's device."""
-        width = max(len(t) for t in tokens)
-        return torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.model.device)
+    def _sample(self, rows: StepRows, logits: Tensor | None) -> list[StreamDelta]:
+        """Tokens for the rows that reached their end, from the logits [len(rows.at), V] at their sampled
+        positions; plain rows' next tokens are drawn together, in a few tensor ops."""
+        if not rows.emitting:
+            return []
+        seqs = [rows.seqs[i] for i in rows.emitting]
+        drafted = len(rows.at) > len(rows.k)  # some rows have several positions: the last is sampled
+        last = logits[[end - 1 for end in itertools.accumulate(rows.k)]] if drafted else logits
+        fast = batch_sample(seqs, last)
+        deltas = []
+        for i, seq, lg in zip(rows.emitting, seqs, logits.split(rows.k), strict=True):
+            deltas += self._emit(seq, lg, rows.lens[i], fast.get(id(seq)))
+        return deltas
 
-    def _score_prompt(self, seq: Sequence, start: int, hidden: Tensor) -> None:
-        """Record the log-probs of the prompt tokens that the positions of this prefill chunk predict (the
-        model's own distribution: no temperature, penalty or bias), from the chunk's hidden states [S, d]."""
-        targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]
-        if not targets:
-            return
-        logp = torch.log_softmax(self.model.lm_head(hidden[:len(targets)]).float(), -1).cpu()
-        chosen = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
-        k = seq.params.prompt_logprobs
-        top = logp.topk(k) if k else None
-        for j, lp in enumerate(chosen):
-            seq.prompt_logprobs[start + 1 + j] = lp
-            if top is not None:
-                seq.prompt_top_logprobs[start + 1 + j] = list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-
-    def _prefill_last(self, ids: Tensor, cache: PagedBatch, seqs: list[Sequence], starts: list[int],
-                      at: list[tuple[int, int]]) -> Tensor:
-        """A prefill forward that returns final hidden states [len(at), d] only at the (row, position) pairs
-        sampled from, one a row: the last layer runs its attention and feed-forward only there (a
-        1000-token prompt's TTFT 22% lower)."""
-        m = self.model
-        *layers, last = m.model.layers
-        x, freqs = m.model.embed_tokens(ids), m.rope(cache.positions)
-        for layer in layers:
-            x = layer(x, freqs, cache)
-        return m.model.norm(self._layer_at(last, x, freqs, cache, seqs, starts, at))
-
-    def _layer_at(self, layer: DecoderLayer, x: Tensor, freqs: Tensor, cache: PagedBatch, seqs: list[Sequence],
-                  starts: list[int], at: list[tuple[int, int]]) -> Tensor:
-        """A layer's output [len(at), d] at the (row, position in the chunk) pairs of x [B, S, d] alone. Its
-        latents come from its input, so every position's goes to the cache; the attention and feed-forward
-        run only where an output is read, against the cache."""
-        layer.self_attn.store_latents(layer.input_layernorm(x), freqs, cache)
-        cache.commit()
-        if not at:
-            return x.new_empty(0, x.shape[-1])
-        rows = [i for i, _ in at]
-        one = PagedBatch(self.store, [seqs[i].table for i in rows], [starts[i] + p for i, p in at], [1] * len(at),
-                         self.model.device)
-        block = layer.block if isinstance(layer, MTPLayer) else layer  # the MTP input is already combined
-        return block(x[rows, [p for _, p in at]][:, None], self.model.rope(one.positions), one)[:, 0]
-
-    def _draft(self, seqs: list[Sequence], starts: list[int], hidden: Tensor, cache: PagedBatch,
-               prefill: bool) -> None:
-        """MTP (V3 report §2.2): fill the MTP layer's cache at the positions the main forward just
-        computed, from (h_i, token_{i+1}), and draft the next-next token of every decoding sequence.
-
-        It reuses the main forward's batch view: a position past a rejected draft (or past the end) gets
-        a placeholder next token, and its slot is rewritten next step, as the main layers' slots are."""
-        s = hidden.shape[1]
-        nexts = self._ids([(seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(seqs, starts)])  # drafts spent
-        mtp = self.model.mtp[0]
-        rows = self._drafting(seqs, starts)
-        if not prefill:  # a token and its draft: run the layer over both, as the main forward did
-            normed = self._draft_forward(hidden, nexts, cache.positions, cache)
-            cache.commit()
-            if not rows:
-                return
-            logits = self.model.lm_head(normed[[i for i, _, _ in rows], [p for _, p, _ in rows]])
-        else:  # every position needs its latent but only a row's last one a query, so that one alone runs
-            # the layer (the whole layer over a long prompt costs a quarter of its TTFT)
-            x = mtp.combine(hidden, self.model.model.embed_tokens(nexts))
-            at = [(i, p) for i, p, _ in rows]
-            last = self._layer_at(mtp, x, self.model.rope(cache.positions), cache, seqs, starts, at)
-            if not rows:
-                return
-            logits = self.model.lm_head(mtp.shared_head.norm(last))
-        for (_, _, seq), lg in zip(rows, logits.float().cpu()):
-            lg = apply_penalties(lg, seq.output_ids, seq.params)
-            if seq.params.greedy:
-                seq.draft, seq.draft_probs = [int(lg.argmax())], None
-            else:
-                seq.draft_probs = processed_probs(lg, seq.params)
-                seq.draft = [draw(seq.draft_probs, seq.generator)]
-
-    @staticmethod
-    def _drafting(seqs: list[Sequence], starts: list[int]) -> list[tuple[int, int, Sequence]]:
-        """(row, position in the forward, sequence) of those to draft for after a forward, the position being
-        the last computed one, which a draft follows: nothing while prefilling or finished, before the first
-        token (sampled plainly, whatever the chunking), or where a draft survived preemption (verified as it
-        was, for seeded sampling)."""
-        return [(i, seq.num_computed - 1 - st, seq) for i, (seq, st) in enumerate(zip(seqs, starts))
-                if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids and not seq.draft]
-
-    def _verify_and_draft(self, ids: Tensor, positions: Tensor, cache: PagedBatch) -> tuple[Tensor, Tensor]:
-        """A speculative decode step of greedy rows as one forward (one compiled graph instead of two, and no
-        trip to Python between them): logits [B, S, V] at every position, and the MTP draft [B, S] that
-        follows each. Greedy decoding emits each position's argmax, so the MTP layer can be fed it here; at
-        the last accepted position, the one a draft is read from, it is the token `_draft` would feed."""
-        hidden = self.model.hidden_states(ids, positions, cache)
-        logits = self.model.lm_head(hidden).float()
-        normed = self._mtp_forward(hidden, logits.argmax(-1), positions, cache)
-        return logits, self.model.lm_head(normed).argmax(-1)
-
-    def _mtp_forward(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, cache: PagedBatch) -> Tensor:
-        """The MTP module's normed output [B, S, d] at a step's positions (the head is applied only where a
-        draft is read), from the main model's hidden states and the next tokens."""
-        mtp = self.model.mtp[0]
-        return mtp.shared_head.norm(mtp(hidden, self.model.model.embed_tokens(next_ids), self.model.rope(positions),
-                                        cache))
-
-    def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None = None) -> list[StreamDelta]:
-        """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify
-        MTP drafts, then sample one more (`sampled`: already drawn by `batch_sample`)."""
-        emitted: list[Sample] = []
-        for j, d in enumerate(seq.draft):
-            s, ok = verify_draft(logits[j], d, seq.draft_probs, seq.params,
-                                 seq.output_ids + [x.token for x in emitted], seq.generator)
-            emitted.append(s)
-            self.spec_stats["drafted"] += 1
-            self.spec_stats["accepted"] += ok
-            if not ok:
-                break
+    def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None) -> list[StreamDelta]:
+        """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify MTP
+        drafts, or sample one (`sampled`: already drawn by `batch_sample`)."""
+        if seq.draft:
+            emitted = self.speculator.verify(seq, logits)
         else:
-            emitted.append(sampled or sample(logits[-1], seq.params, seq.output_ids + [x.token for x in emitted],
-                                             seq.generator))
+            emitted = [sampled or sample(logits[-1], seq.params, seq.output_ids, seq.generator)]
         # positions computed: the tokens fed in, less the rejected drafts (the tail of the cache is rewritten)
         seq.num_computed += fed - len(seq.draft) + len(emitted) - 1
         seq.draft = []
@@ -429,10 +297,9 @@ class LLM:
 
     def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:
         """Append sampled tokens up to the first stop condition, and return what to stream."""
-        p = seq.params
+        p, text = seq.params, self._texts[seq.request_id][seq.index]
         new, text_delta = [], ""
         first = not seq.output_ids
-        incremental = seq.stream_text or bool(p.stop)  # a stop string may end the text before a draft's token
         for s in samples:
             seq.output_ids.append(s.token)
             new.append(s.token)
@@ -444,13 +311,14 @@ class LLM:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
-            if incremental:
-                text_delta += self._update_text(seq)
+            # the text leaves out a stop (or EOS) token
+            text_delta += text.update(seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids,
+                                      seq.finished)
+            if text.stopped:
+                seq.finish_reason = "stop"
             if seq.finished:
                 break
         if seq.finished:
-            if not incremental and self.tokenizer is not None:
-                seq.text = self.tokenizer.decode(self._text_ids(seq), skip_special_tokens=False)
             self.scheduler.finish(seq)
         delta = StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
                             seq.logprobs[-len(new):] if p.logprobs else [],
@@ -458,44 +326,6 @@ class LLM:
         if first and seq.prompt_logprobs:
             delta.prompt_logprobs, delta.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
         return delta
-
-    def _update_text(self, seq: Sequence) -> str:
-        """Detokenise incrementally and return the text safe to stream: broken UTF-8 and a tail that may
-        start a stop string are held back.
-
-        Only the new tokens are decoded, with the last complete window before them for context (as vLLM
-        does), so a step costs the same at token 10 and at token 10,000; `text` grows only by whole
-        characters until the sequence finishes."""
-        if self.tokenizer is None:
-            return ""
-        ids = self._text_ids(seq)
-        before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=False)
-        if len(after) > len(before):
-            new = after[len(before):]
-            whole = seq.finished or not new.endswith("\ufffd")  # else a character still lacks bytes
-            start, text = len(seq.text), seq.text + (new if whole else new.rstrip("\ufffd"))
-            for stop in seq.params.stop:  # only where the new text could complete a stop string
-                at = text.find(stop, max(start - len(stop) + 1, 0))
-                if at >= 0:
-                    text, seq.finish_reason = text[:at], "stop"
-            if whole or seq.finished:  # a stop string ends the text even before a split character completes
-                seq.text = text
-                seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        safe = len(seq.text)
-        if not seq.finished:
-            for stop in seq.params.stop:
-                for k in range(min(len(stop) - 1, safe - seq.sent_text), 0, -1):
-                    if seq.text[safe - k:safe] == stop[:k]:
-                        safe -= k
-                        break
-        delta, seq.sent_text = seq.text[seq.sent_text:safe], max(seq.sent_text, safe)
-        return delta
-
-    @staticmethod
-    def _text_ids(seq: Sequence) -> list[int]:
-        """The output tokens that make its text: all but a stop (or EOS) token."""
-        return seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
 
     # ---- batch and streaming fronts --------------------------------------------------------------
     def stream(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
@@ -520,34 +350,33 @@ class LLM:
                 self._inboxes.pop(r, None)
 
     def warm_up(self) -> None:
-        """Run every kind of decode batch once — one row; a few rows and more than a few (`linear` has a
-        graph for each), of one length (no attention bias) and of different lengths; speculative greedy
-        and sampled rows (which draft in forwards of their own) — so that with compile=True their graphs
-        are built now rather than during the first requests (a graph built mid-load stalls every stream
-        for seconds)."""
+        """Run every kind of decode batch once — each batch size with a graph of its own, of one length (no
+        attention bias) and of different lengths; speculative greedy and sampled rows (which draft in forwards
+        of their own) — so that with compile=True their graphs are built now rather than during the first
+        requests (a graph built mid-load stalls every stream for seconds)."""
         kinds = [SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
-                 for t in ((0.0, 1.0) if self.speculative else (0.0,))]
+                 for t in ((0.0, 1.0) if self.speculator is not None else (0.0,))]
         stats = dict(self.spec_stats)  # drafts for made-up prompts say nothing about the model
         for params in kinds:
-            self.generate([[1, 2, 3]], params)
-            for rows in (2, FUSED_LINEAR_MAX_ROWS + 1):
-                for extra in (0, 1):
+            for rows in self.runner.decode_batch_sizes:
+                for extra in (0, 1) if rows > 1 else (0,):
                     self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
         self.spec_stats.update(stats)
 
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for a batch of prompts (one SamplingParams for all, or one each); outputs in prompt order."""
+        """Generate for a batch of prompts (one SamplingParams for all, or one each); outputs in prompt
+        order."""
         prompts = _as_list(prompts)
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
-            raise ValueError("params: one SamplingParams per prompt, or a single one")
+            raise InvalidRequest("params", "one SamplingParams per prompt, or a single one")
         ids = []
         try:
-            for p, sp in zip(prompts, plist):
+            for p, sp in zip(prompts, plist, strict=True):
                 ids.append(self.add_request(p, sp))
-                for seq in self._requests[ids[-1]]:
-                    seq.stream_text = False
+                for text in self._texts[ids[-1]]:
+                    text.stream = False  # the text is read only at the end
             while any(not s.finished for r in ids for s in self._requests[r]):
                 self.step()
             return [self._result(r) for r in ids]
@@ -556,16 +385,18 @@ class LLM:
                 self.abort(r)
 
     def _result(self, request_id: str) -> RequestOutput:
-        seqs = self._requests[request_id]
-        outs = [CompletionOutput(s.index, list(s.output_ids), s.text, s.finish_reason, list(s.logprobs),
-                                 list(s.top_logprobs)) for s in seqs]
+        seqs, texts = self._requests[request_id], self._texts[request_id]
+        outs = [CompletionOutput(s.index, list(s.output_ids), t.text, s.finish_reason, list(s.logprobs),
+                                 list(s.top_logprobs)) for s, t in zip(seqs, texts, strict=True)]
         out = RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
-        if seqs[0].prompt_logprobs:
-            out.prompt_logprobs, out.prompt_top_logprobs = seqs[0].prompt_logprobs, seqs[0].prompt_top_logprobs
+        first = seqs[0]
+        if first.prompt_logprobs:
+            out.prompt_logprobs, out.prompt_top_logprobs = first.prompt_logprobs, first.prompt_top_logprobs
         return out
 
 
 def _as_list(prompts) -> list:
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+    one_of_ids = isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+    if isinstance(prompts, str) or one_of_ids:
         return [prompts]
     return list(prompts)

@@ -10,9 +10,18 @@ import torch
 from torch import Tensor
 
 
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve: `param` names the offending field (the server reports it to the
+    client as OpenAI's `param`), `code` a machine-readable reason where one applies."""
+
+    def __init__(self, param: str, reason: str, code: str | None = None):
+        super().__init__(f"{param}: {reason}")
+        self.param, self.reason, self.code = param, reason, code
+
+
 @dataclass
 class SamplingParams:
-    """Per-request generation settings, named as in vLLM/OpenAI. Invalid values raise ValueError naming the field."""
+    """Per-request generation settings, named as in vLLM/OpenAI. Invalid values raise InvalidRequest."""
 
     n: int = 1
     temperature: float = 1.0  # 0 (below 1e-5) = greedy
@@ -66,7 +75,7 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise InvalidRequest(name, f"{why}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

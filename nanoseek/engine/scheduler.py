@@ -42,11 +42,6 @@ class Sequence:
     admitted: bool = False
     preempted: bool = False  # recomputed blocks of its own are not prefix-cache hits
     finish_reason: str | None = None
-    text: str = ""
-    stream_text: bool = True  # detokenise as tokens arrive; generate() needs the text only at the end
-    sent_text: int = 0  # characters already streamed
-    prefix_offset: int = 0  # output tokens [prefix_offset, read_offset) decode to the end of `text`
-    read_offset: int = 0
     draft: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
     draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from
     seq_id: int = field(default_factory=lambda: next(_ids))

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import socket
 import threading
 import time
@@ -31,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, mode
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..engine import LLM, SamplingParams
+from ..engine import LLM, InvalidRequest, SamplingParams
 from ..engine.llm import StreamDelta
 from ..tokenizer import (BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, THINK, compile_chat_template, render_chat,
                          token_bytes)
@@ -57,10 +56,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def _from_value_error(e: ValueError) -> APIError:
-    """Engine/sampler errors start with the name of the offending field."""
-    m = re.match(r"(\w+)", str(e))
-    return APIError(400, str(e), param=m.group(1) if m else None)
+def _refused(e: InvalidRequest, names: dict[str, str] | None = None) -> APIError:
+    """The engine's refusal as a 400 naming the request's field: `names` maps the engine's field names to
+    the request's where they differ (a chat's prompt is its `messages`)."""
+    param = (names or {}).get(e.param, e.param)
+    return APIError(400, f"{param}: {e.reason}", param=param, code=e.code)
 
 
 def _loc(loc: tuple) -> str:
@@ -115,21 +115,23 @@ MAX_PROMPTS = 64  # prompts in one /completions request
 
 
 class _Sampling(_Lenient):
+    """Types and the API's own limits; SamplingParams checks the values (its errors name the field)."""
+
     model_config = ConfigDict(extra="allow")  # so that `refuse_unimplemented` sees the fields it must refuse
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, le=2)  # OpenAI's limit
+    top_p: float = 1.0
+    max_tokens: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=16)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    top_k: int = Field(0, ge=-1)  # extensions, as in vLLM's server
-    min_p: float = Field(0.0, ge=0, le=1)
+    n: int = Field(1, le=16)  # choices per request
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_k: int = 0  # extensions, as in vLLM's server
+    min_p: float = 0.0
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
 
@@ -160,16 +162,16 @@ class _Sampling(_Lenient):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
     # a string, a list of strings, a list of token ids or a list of token-id lists, as OpenAI accepts
     prompt: str | list[str] | list[Annotated[int, Strict()]] | list[list[Annotated[int, Strict()]]]
-    logprobs: int | None = Field(None, ge=0, le=20)  # legacy: how many top log-probs per token
+    logprobs: int | None = None  # legacy: how many top log-probs per token
     echo: bool = False  # the prompt leads the text and, with logprobs, the log-probs
 
     @field_validator("prompt", mode="wrap")
@@ -373,8 +375,8 @@ class Server:
                            type="rate_limit_error", code="rate_limit_exceeded")
         try:
             return self.engine.add(prompt_ids, params)
-        except ValueError as e:
-            raise _from_value_error(e) from None
+        except InvalidRequest as e:
+            raise _refused(e) from None
 
     async def encode(self, text: str, param: str) -> list[int]:
         """A prompt's token ids, off the event loop (a megabyte prompt takes seconds to encode and would
@@ -400,25 +402,30 @@ class Server:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    def params(self, req: _Sampling, prompt_param: str, prompt_len: int, max_tokens: int | None, logprobs: bool,
-               top_logprobs: int, prompt_logprobs: int | None = None) -> SamplingParams:
-        room = self.llm.max_len - prompt_len
-        if room <= 0:
-            raise APIError(400, f"{prompt_param}: the prompt is {prompt_len} tokens; the context holds "
-                                f"{self.llm.max_len}", param=prompt_param, code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"max_tokens: {max_tokens} plus the {prompt_len}-token prompt exceeds the context "
-                                f"of {self.llm.max_len} tokens", param="max_tokens", code="context_length_exceeded")
+    def params(self, req: _Sampling, ids: list[int], max_tokens: int | None, logprobs: bool,
+               top_logprobs: int, prompt_logprobs: int | None = None,
+               names: dict[str, str] | None = None) -> SamplingParams:
+        """The engine's SamplingParams for one prompt, checked by the engine as the request will be (before
+        any prompt of the request is queued); 400 naming the request's field (see `_refused`)."""
+        room = self.llm.max_len - len(ids)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                max_tokens=max_tokens or max(self.llm.room(prompt_len), 1), ignore_eos=req.ignore_eos,
-                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
-                logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                max_tokens=max(self.llm.room(len(ids)), 1) if max_tokens is None else max_tokens,
+                ignore_eos=req.ignore_eos, stop=stop, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=logprobs,
+                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                 logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
-        except ValueError as e:
-            raise _from_value_error(e) from None
+            if max_tokens is not None and 0 < room < max_tokens:  # OpenAI refuses what the context would cut
+                # short (a prompt that does not fit at all is the engine's to refuse)
+                why = (f"{max_tokens} plus the {len(ids)}-token prompt exceeds the context of "
+                       f"{self.llm.max_len} tokens")
+                raise InvalidRequest("max_tokens", why, code="context_length_exceeded")
+            self.llm.check_request(ids, params)
+        except InvalidRequest as e:
+            raise _refused(e, names) from None
+        return params
 
     def reasoning_tokens(self, ids: list[int], in_reasoning: bool) -> int:
         if not in_reasoning and not (ids and ids[0] == self.think):
@@ -580,8 +587,9 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         prompt = server.render(req.messages)
         ids = await server.encode(prompt, "messages")
         in_reasoning = opens_reasoning(prompt)  # else the model may still open `<think>` itself
-        params = server.params(req, "messages", len(ids), req.max_completion_tokens or req.max_tokens,
-                               req.logprobs or bool(req.top_logprobs), req.top_logprobs or 0)
+        limit = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        params = server.params(req, ids, getattr(req, limit), req.logprobs or bool(req.top_logprobs),
+                               req.top_logprobs or 0, names={"prompt": "messages", "max_tokens": limit})
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
@@ -607,14 +615,13 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         for p in prompts:  # every prompt is checked before any is queued
             try:
                 ids.append(await server.encode(p, "prompt") if isinstance(p, str) else llm.encode(p))
-            except ValueError as e:  # token ids outside the vocabulary
-                raise _from_value_error(e) from None
-            if not ids[-1]:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
+            except InvalidRequest as e:  # token ids outside the vocabulary
+                raise _refused(e) from None
             texts.append(p if isinstance(p, str) else server.tokenizer.decode(p, skip_special_tokens=False))
         k = req.logprobs
-        params = [server.params(req, "prompt", len(i), req.max_tokens, k is not None, k or 0,
-                                k if req.echo and k is not None else None) for i in ids]
+        names = {"top_logprobs": "logprobs", "prompt_logprobs": "logprobs"}  # the legacy field holds both
+        params = [server.params(req, i, req.max_tokens, k is not None, k or 0,
+                                k if req.echo and k is not None else None, names) for i in ids]
         gens: list[Generation] = []
         try:
             for i, sp in zip(ids, params):

@@ -1,6 +1,6 @@
 """The bridge between one `LLM` and many HTTP handlers: a thread runs engine steps, handlers await deltas.
 
-Handlers never wait for a step: `add` validates at once (ValueError for bad input) and puts the request
+Handlers never wait for a step: `add` validates at once (InvalidRequest for bad input) and puts the request
 in an inbox; `abort` does the same. The engine thread drains the inbox between steps, so a client that
 goes away frees its cache blocks within one step, and hands each step's deltas to the event loop in one
 call. Only the engine thread touches the LLM.
@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from ..engine import LLM, SamplingParams
+from ..engine import LLM, InvalidRequest, SamplingParams
 from ..engine.llm import StreamDelta
 
 log = logging.getLogger("nanoseek.serve")
@@ -110,7 +110,7 @@ class AsyncEngine:
                         continue
                 try:
                     self.llm.add_request(item[1], item[2], request_id=item[0])
-                except ValueError as e:  # checked in `add`; only a changed engine could get here
+                except InvalidRequest as e:  # checked in `add`; only a changed engine could get here
                     self._fail(item[0], EngineError(str(e)))
             if not self.llm.has_unfinished():
                 with self._lock:

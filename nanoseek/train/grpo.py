@@ -250,7 +250,6 @@ class GRPOTrainer:
         cfg, g = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
         self._sync_policy()
-        self.llm.reset_prefix_cache()  # cached latents were computed with the previous weights
         was_training = self.model.training
         self.model.eval()
         want = cfg.prompts_per_step // self.d.world
@@ -389,18 +388,20 @@ class GRPOTrainer:
                           for i in range(0, r.ids.shape[0], size)])
 
     def after_step(self, step: int, record: dict) -> None:
+        self.llm.update_weights()  # the optimizer changed the policy the engine holds, in place
         if self.ref is not None and self.cfg.ref_reset_every and (step + 1) % self.cfg.ref_reset_every == 0:
             state = self.model.state_dict()
             self.ref.load_state_dict(state if self.ep is None else self.ep.full_state(state))
 
     def _sync_policy(self) -> None:
-        """Under expert parallelism, gather the trained experts into the rollout copy (every rank calls it)."""
+        """Under expert parallelism, gather the trained experts into the rollout copy (every rank calls it):
+        the engine holds that copy, so it is told its weights changed."""
         if self.ep is not None:
             self.ep.gather_experts_into(self.policy, self.model)
+            self.llm.update_weights()
 
     def evaluate(self, step: int) -> dict:
         self._sync_policy()
-        self.llm.reset_prefix_cache()
         self.model.eval()
         res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
         self.model.train()
@@ -412,6 +413,7 @@ class GRPOTrainer:
             ref = {k[len("ref."):]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
             if ref:
                 self.ref.load_state_dict(ref)
+            self.llm.update_weights()  # the checkpoint's weights were loaded into the policy in place
             if completions.exists() and self.d.main:  # as metrics.jsonl: rows past the checkpoint are redone
                 keep = [x for x in completions.read_text(encoding="utf-8").splitlines()
                         if x.strip() and json.loads(x).get("step", 0) <= self.trainer.step]

@@ -193,13 +193,9 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
     foreach on CPU for the small preset; FSDP's sharded parameters take the foreach path."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
-    if fused:  # the fused kernel updates in place without moving version counters: move them, so that
-        # weights derived from parameters (MLA's folded decoding weights) see the update
-        opt.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(decay + no_decay))
-    return opt
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
 class Trainer:
