@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_model
-from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
+from ..kernels import FUSED_LINEAR_MAX_ROWS
+from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from ..tokenizer import load_chat_template, load_tokenizer
 from .cache import BlockManager, LatentStore, PagedBatch
 from .sampling import (Sample, SamplingParams, apply_penalties, batch_sample, draw, is_int, is_number,
@@ -113,6 +114,7 @@ class LLM:
         # chunks stay eager: they are arithmetic-bound. There is a graph per kind of batch (one row or
         # several, 1 or 2 tokens a row, masked or not): past dynamo's default limit of 8 per function it
         # would quietly run the rest eagerly.
+        model.prepare("decode", compiled=compile)
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._decode_forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
