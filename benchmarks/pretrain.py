@@ -47,7 +47,7 @@ def bare_step_tps(steps: int, batch: int, seq: int) -> float:
     from nanoseek.train.loop import make_optimizer
     torch.manual_seed(0)
     cfg = ModelConfig.preset("small")
-    m = DeepSeekV3(cfg).train()
+    m = DeepSeekV3(cfg).train().prepare("train")
     opt = make_optimizer(m, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     times = []

@@ -57,10 +57,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset).replace(num_nextn_predict_layers=0)
-    ours = DeepSeekV3(cfg).train()
+    ours = DeepSeekV3(cfg).train().prepare("train")
     runners = {"nanoseek": make_step(ours, lambda m, x: m(x))}
     if args.compile:  # a second copy of the same weights, so both see the same updates' shapes and data
-        twin = DeepSeekV3(cfg).train()
+        twin = DeepSeekV3(cfg).train().prepare("train", compiled=True)
         twin.load_state_dict(ours.state_dict())
         compiled = torch.compile(twin)
         # as `nanoseek pretrain --compile` trains: the loss compiled too

@@ -3,7 +3,8 @@
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ModelConfig
 from .engine import LLM, SamplingParams
-from .model import DeepSeekV3, LatentCache
+from .latent_cache import LatentCache
+from .model import DeepSeekV3
 
 __all__ = ["ModelConfig", "DeepSeekV3", "LatentCache", "load_model", "save_model", "CheckpointError", "LLM",
            "SamplingParams"]

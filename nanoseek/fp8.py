@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .model import DeepSeekV3, MoE
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -169,9 +172,10 @@ class FP8Linear(nn.Linear):
 KEEP_HIGH_PRECISION = ("embed_tokens", "lm_head", "gate")
 
 
-def apply_fp8(model: nn.Module, pow2: bool = False) -> int:
+def apply_fp8(model: DeepSeekV3, pow2: bool = False) -> int:
     """Switch every eligible linear layer (attention projections, dense MLPs, shared and routed experts)
-    to FP8 in place; returns how many weight matrices now train in FP8."""
+    to FP8 in place, the routed experts by preparing the model's kernels again with the FP8 matmul; returns
+    how many weight matrices now train in FP8."""
     count = 0
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -179,7 +183,7 @@ def apply_fp8(model: nn.Module, pow2: bool = False) -> int:
             module.__class__ = FP8Linear
             module.pow2 = pow2
             count += 1
-        elif hasattr(module, "expert_linear"):  # MoE routed experts: stacked weights, one matmul each
-            module.expert_linear = lambda x, w: fp8_linear(x, w, pow2)
+        elif isinstance(module, MoE):  # routed experts: stacked weights, one matmul each
             count += module.n_experts * 2
+    model.prepare(model.kernels.job, model.kernels.compiled, expert_linear=partial(fp8_linear, pow2=pow2))
     return count

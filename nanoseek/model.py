@@ -1,9 +1,12 @@
-"""The DeepSeek-V3 architecture: MLA attention, DeepSeekMoE feed-forward, multi-token prediction.
+"""DeepSeek-V3 in the papers' notation: RMSNorm, RoPE with YaRN, MLA, DeepSeekMoE, multi-token prediction.
 
 Module and parameter names follow the Hugging Face checkpoint layout (REFERENCE §6) so that loading is a
 rename, except for two deliberate differences: routed experts are stacked into `[E, 2I, d]` / `[E, d, I]`
 tensors (one matmul per active expert, no per-expert modules), and the MTP modules live in `mtp.k`
 instead of `model.layers.{num_hidden_layers + k}`. `nanoseek.checkpoint` maps between the two.
+
+The functions below are the reference computations. `DeepSeekV3.prepare(job, compiled)` swaps faster
+forms of some of them in from `nanoseek.kernels`, once, for a job (training or decoding, compiled or not).
 """
 
 from __future__ import annotations
@@ -19,29 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-
-
-# A compiled CPU graph calls an external matmul for every F.linear. For the few rows of a decode step a
-# multiply-sum is cheaper: inductor fuses it into the kernel of the ops around it, with no library call (decode
-# steps of 1 to 4 rows 1.2-1.5x faster); at 6 to 8 rows the two were even, at 32 the library wins. The fused
-# loops are split across threads by row, so a one-row step leaves the other threads idle in them.
-FUSED_LINEAR_MAX_ROWS = 4
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, as a multiply-sum for a few rows in a compiled CPU inference graph."""
-    if (torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.numel() <= FUSED_LINEAR_MAX_ROWS * x.shape[-1]):
-        y = (x.unsqueeze(-2) * weight).sum(-1)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint names) through `linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+from .kernels import Kernels, grouped_experts_loop, select
+from .latent_cache import LatentCache
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32:  # nothing to cast: the weight goes into the norm's own kernel
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return (self.weight * y).to(x.dtype)
@@ -115,56 +97,73 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
+def rotations(angles: Tensor, magnitude: float) -> Tensor:
+    """The rotations e^(i angle), scaled by the YaRN attention factor, as complex numbers."""
+    return torch.polar(torch.full_like(angles, magnitude), angles)
+
+
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by multiplying them, as complex numbers, with `freqs`.
-
-    Eagerly one complex multiply instead of a dozen real ops (as DeepSeek's reference does); inside a
-    compiled graph, which inductor cannot generate complex code for, the real ops, which it fuses. In
-    fp32. x: [..., S, H, rope]; freqs from `DeepSeekV3.rope`: complex [..., S, 1, rope/2], or their
-    (real, imaginary) pairs [..., S, 1, rope/2, 2] when compiling.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if freqs.is_complex():
-        return torch.view_as_real(torch.view_as_complex(pairs) * freqs).flatten(-2).to(x.dtype)
-    (re, im), (cos, sin) = pairs.unbind(-1), freqs.unbind(-1)
-    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by multiplying them, as complex numbers, with `freqs`
+    (complex [..., S, 1, rope/2]), in fp32; x [..., S, H, rope]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
-def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None,
-                             block: int = 64) -> Tensor:
-    """Causal attention [B, H, S, d] as matmuls, each block of queries against the keys up to its own end
-    only, for compiled CPU training: fused, it skips the masked upper triangle that the CPU fused kernel
-    computes anyway, and v needs no padding to q's head size. The kernel's backward is the slow part: one
-    layer of the `small` preset at 8 x 256 tokens, forward + backward, 8.7 vs 12.6 ms (forward alone about
-    equal, so inference keeps the kernel). `mask` [B|1, 1, S, S] (bool, True = attend) narrows the causal
-    mask, e.g. to packed documents. Keeps every block's probabilities for the backward (S^2 / 2 per head),
-    where the kernel keeps one value per query; under bf16 autocast the scores are rounded to bf16 before
-    the float softmax, as in eager attention."""
-    s = q.shape[-2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # than strided views: a `small` step 1.03-1.06x faster
-    out = []
-    for start in range(0, s, block):
-        end = min(start + block, s)
-        scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
-        hide = torch.arange(end, device=q.device) > torch.arange(start, end, device=q.device)[:, None]
-        if mask is not None:
-            hide = hide | ~mask[..., start:end, :end]
-        out.append(scores.masked_fill(hide, float("-inf")).softmax(-1).to(v.dtype) @ v[..., :end, :])
-    return torch.cat(out, dim=-2)
+# ---- attention and the routed experts, as references ----------------------------------------------
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None,
+              causal: bool = False) -> Tensor:
+    """softmax(q k^T * scale + mask) v for each head: q [B,H,S,d], k [B,H,T,d], v [B,H,T,dv]; mask
+    [B|1,1,S,T] (bool, True = attend; or added to the scores), or `causal` (S == T) instead."""
+    pad = q.shape[-1] - v.shape[-1]  # the fused kernels want equal q/k/v head dims
+    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                       is_causal=causal, scale=scale)
+    return o[..., : v.shape[-1]]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """Queries attending to their own sequence (S == T): each to its position and those before it, and
+    with `mask` [B|1,1,S,S] (bool, True = attend; causal itself) only where it allows, e.g. within a
+    packed document."""
+    return attention(q, k, v, scale, mask, causal=mask is None)
+
+
+def routed_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor, out: Tensor,
+                   linear: Callable[[Tensor, Tensor], Tensor] = F.linear) -> Tensor:
+    """out + sum_k w_k Expert_{idx_k}(x) for tokens x [T, d] (weights, idx [T, K] from the gate), expert
+    by expert as in DeepSeek's code; the experts' weights are stacked, gate_up [E, 2I, d], down [E, d, I]."""
+    for e, n in enumerate(torch.bincount(idx.reshape(-1), minlength=gate_up.shape[0]).tolist()):
+        if n:
+            token, slot = torch.where(idx == e)
+            g, u = linear(x[token], gate_up[e]).chunk(2, dim=-1)
+            y = linear(F.silu(g) * u, down[e])
+            out = out.index_add(0, token, y * weights[token, slot, None].to(x.dtype))
+    return out
+
+
+REFERENCE = Kernels(job="reference", compiled=False, linear=F.linear, rotations=rotations,
+                    apply_rope=apply_rope, causal_attention=causal_attention, expert_linear=F.linear,
+                    routed_experts=routed_experts, grouped_experts=grouped_experts_loop)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) through the prepared `kernels.linear`."""
+
+    kernels = REFERENCE
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kernels.linear(x, self.weight, self.bias)
 
 
 # ---- the latent KV cache protocol ------------------------------------------------------------------
 class LatentCacheLike(Protocol):
-    """What absorbed MLA needs from a cache: append this layer's latents, get back the visible context.
+    """What MLA needs from a cache: append this layer's latents, get back the visible context.
 
     `update(layer, latent)` takes latent [B, S, kv_lora_rank + rope] of the new tokens and returns the
-    context [B, T, kv_lora_rank + rope] including them; when the cache keeps them is its own business (the
-    engine's paged cache at its `commit()` after the forward, this module's `LatentCache` at once).
+    context [B, T, kv_lora_rank + rope] including them (when the cache keeps them is its own business).
     `bias` [B or 1, S, T] is added to the attention scores (0 where attention is allowed, -inf where not),
-    or None when every query sees all T keys; it is the same for every layer of a forward, and is only read
-    where needed. `causal` is True when every row's new tokens start at position 0 with no padding (then
-    T == S and the bias is plain causal: the fused kernel then skips the masked half of the work, and never
-    needs the bias).
+    or None when every query sees all T keys; the same for every layer of a forward, read only where
+    needed. `causal`: every row's new tokens start at position 0 with no padding (T == S, plain causal:
+    the fused kernel then skips the masked half of the work).
     """
 
     causal: bool
@@ -173,60 +172,22 @@ class LatentCacheLike(Protocol):
     def update(self, layer: int, latent: Tensor) -> Tensor: ...
 
 
-class LatentCache:
-    """A simple contiguous cache of the MLA latent: only kv_lora_rank + rope values per token per layer.
-
-    The paged engine cache implements the same `update`; this one serves tests and simple generation.
-    Call `advance(S)` after each forward (the model does it) to commit the new tokens.
-    """
-
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-        n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
-        self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
-        self.length = 0
-        self._new = 0  # tokens of the forward in progress
-        self._bias: Tensor | None = None  # their attention bias, once built
-
-    def update(self, layer: int, latent: Tensor) -> Tensor:
-        s = latent.shape[1]
-        end = self.length + s
-        if end > self.data.shape[2]:
-            raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
-        self.data[layer, :, self.length:end] = latent
-        self._new = s
-        return self.data[layer, :, :end].to(latent.dtype)  # (a no-op unless the cache's dtype differs)
-
-    @property
-    def bias(self) -> Tensor | None:
-        """Causal over the tokens of the forward in progress (a single query sees everything); built once
-        per forward, on first use."""
-        if self._bias is None and self._new > 1:
-            k = torch.arange(self.length + self._new, device=self.data.device)
-            hidden = k[self.length:, None] < k[None, :]
-            self._bias = torch.zeros(1, *hidden.shape, device=self.data.device).masked_fill_(hidden, float("-inf"))
-        return self._bias
-
-    @property
-    def causal(self) -> bool:
-        return self.length == 0
-
-    def advance(self, n: int) -> None:
-        self.length += n
-        self._bias = None
-
-    def nbytes_per_token(self) -> int:
-        return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
-
-
 # ---- Multi-head Latent Attention (V3 report §2.1.1) ----------------------------------------------
 class MLA(nn.Module):
-    """Multi-head latent attention with low-rank q, low-rank kv and a decoupled shared rope key."""
+    """Multi-head latent attention with low-rank q, low-rank kv and a decoupled rope key shared by all heads.
 
+    Two forms: `decompressed` (training and prefill: k and v decompressed for every head) and `absorbed`
+    (decoding: the queries move into the latent space and attend over the cached latents themselves).
+    """
+
+    kernels = REFERENCE
     # Folding W_UK / W_UV into the projections (decoding) trades FLOPs for fewer operations: worth it while
     # the folded weights stay small (`small`: 1.34x the weights they replace), not for V3 (3.39x; 36B
     # parameters more over its 62 layers).
     fold_max_growth = 1.5
+    # The absorbed form reads every cached latent for each query: cheapest for the few queries of a decode
+    # step (and its drafts); a longer prefill chunk pays for decompressing its context once.
+    absorb_max_queries = 48
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -253,6 +214,21 @@ class MLA(nn.Module):
         self.fold = h * (r + self.rope) * q_in + c.hidden_size * h * r <= self.fold_max_growth * plain
         self._folded: tuple | None = None  # (source weights, (wq, wo))
 
+    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents
+        apart."""
+        q_in, latent = self._project(x, freqs)
+        if cache is None:  # training and scoring: the queries attend causally to their own sequence
+            q, k, v = self.decompressed(q_in, freqs, latent)
+            return self._output(self.kernels.causal_attention(q, k, v, self.scale, mask))
+        context = cache.update(self.layer_idx, latent)
+        if x.shape[1] <= self.absorb_max_queries:
+            return self.absorbed(q_in, freqs, context, cache.bias)
+        q, k, v = self.decompressed(q_in, freqs, context)  # a prefill chunk
+        bias = None if cache.causal or cache.bias is None else cache.bias.unsqueeze(1).to(q.dtype)
+        return self._output(attention(q, k, v, self.scale, bias, causal=cache.causal))
+
     def _project(self, x: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
         """(query input [B,S,q_lora_rank] (q_a normed; x without q lora), latent [B,S,rank+rope])."""
         if self.q_lora_rank:
@@ -263,72 +239,39 @@ class MLA(nn.Module):
     def _latent(self, kv_a: Tensor, freqs: Tensor) -> Tensor:
         """What the cache stores, from the kv down-projection: [c_kv (normed) | rotated k_pe]."""
         c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
+        k_pe = self.kernels.apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
         return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
 
     def _q_up(self) -> nn.Linear:
         return self.q_b_proj if self.q_lora_rank else self.q_proj
 
-    # Absorbed attention works on every cached latent per query: the cheapest for decoding and drafts, but
-    # for more queries than this it pays to decompress the context once and use the fused kernel.
-    absorb_max_queries = 48  # measured on CPU: below it absorbed wins at any context length
-
-    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents apart."""
-        q_in, latent = self._project(x, freqs)
-        if cache is None:
-            return self.o_proj(self._decompressed(q_in, freqs, latent, mask, causal=mask is None, uncached=True))
-        context = cache.update(self.layer_idx, latent)
-        if x.shape[1] > self.absorb_max_queries:  # a prefill chunk: decompressing the context once is cheaper
-            if cache.causal:  # plain causal: the kernel skips half the work
-                return self.o_proj(self._decompressed(q_in, freqs, context, None, causal=True))
-            bias = cache.bias
-            return self.o_proj(self._decompressed(q_in, freqs, context, None if bias is None else bias.unsqueeze(1),
-                                                  causal=False))
-        return self._absorbed(q_in, freqs, context, cache.bias)
-
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
         """Only hand the latents of x's positions to the cache, for positions no query is needed at."""
-        kv_a = self.fused_a_proj(x)[..., self.q_lora_rank:] if self.q_lora_rank else self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank:
+            kv_a = self.fused_a_proj(x)[..., self.q_lora_rank:]
+        else:
+            kv_a = self.kv_a_proj_with_mqa(x)
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
 
-    def _decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor, mask: Tensor | None,
-                      causal: bool, uncached: bool = False) -> Tensor:
-        """The ordinary path: k and v decompressed for every head from latent [B, T, rank+rope], then the
-        fused kernel (or, compiled CPU training, `blocked_causal_attention`); mask [B|1, 1, S, T] (bool, True =
-        attend; or an additive bias) or None, or `causal` (S == T); `uncached`: the queries attend to their
-        own positions, causally (a mask, e.g. packed documents, is causal too), which the blocked path needs.
-        -> [B, S, H * v]."""
+    def decompressed(self, q_in: Tensor, freqs: Tensor, latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Every head's q [B,H,S,nope+rope], and k [B,H,T,nope+rope], v [B,H,T,v] decompressed from the
+        latent [B,T,rank+rope] (REFERENCE §2): k = [c_kv W_UK | k_pe], v = c_kv W_UV."""
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
         q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
-        q = torch.cat([q[..., : self.nope], apply_rope(q[..., self.nope:], freqs)], dim=-1).transpose(1, 2)
+        q = torch.cat([q[..., : self.nope], self.kernels.apply_rope(q[..., self.nope:], freqs)], dim=-1)
         c_kv, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1).transpose(1, 2)
-        if uncached and self._blocked(q):
-            o = blocked_causal_attention(q, k, v.transpose(1, 2), self.scale, mask)
-            return o.transpose(1, 2).reshape(b, s, -1)
-        pad = q.shape[-1] - self.v_dim  # the fused CPU/GPU kernels want equal q/k/v head dims
-        v = F.pad(v, (0, pad)) if pad > 0 else v
-        if mask is not None and mask.is_floating_point():
-            mask = mask.to(q.dtype)  # a no-op unless the cache's dtype differs from the compute dtype
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-                                           scale=self.scale)
-        return o[..., : self.v_dim].transpose(1, 2).reshape(b, s, -1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(b, t, h, self.rope)], dim=-1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    # Compiled CPU training runs causal attention as blocked matmuls up to this length (memory: every
-    # block's probabilities are kept for the backward).
-    blocked_max_len = 1024
+    def _output(self, o: Tensor) -> Tensor:
+        """o_proj over the heads' outputs o [B,H,S,v] -> [B,S,d]."""
+        return self.o_proj(o.transpose(1, 2).flatten(2))
 
-    def _blocked(self, q: Tensor) -> bool:
-        return (torch.compiler.is_compiling() and torch.is_grad_enabled() and q.device.type == "cpu"
-                and q.shape[-2] <= self.blocked_max_len)
-
-    def _absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
-        """Attention computed in the latent space (REFERENCE §2), for a few queries per row against a cache.
+    def absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
+        """Attention computed in the latent space, for a few queries per row against a cache (REFERENCE §2).
 
         Each head's query becomes [q_nope W_UK | q_pe] (scaled), so scores are one matmul with the cached
         [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Small models fold W_UK
@@ -340,20 +283,22 @@ class MLA(nn.Module):
         h, r = self.n_heads, self.kv_rank
         folded = self.folded_weights()
         if folded is not None:
-            q = linear(q_in, folded[0]).view(b, s, h, r + self.rope)
+            q = self.kernels.linear(q_in, folded[0]).view(b, s, h, r + self.rope)
             q_lat, q_pe = q[..., :r], q[..., r:]
         else:
             w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)
             q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope) * self.scale
-            q_lat, q_pe = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope]), q[..., self.nope:]
-        q = torch.cat([q_lat, apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
+            q_lat = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope])
+            q_pe = q[..., self.nope:]
+        q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
         scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
         if bias is not None:
             scores.view(b, s, h, -1).add_(bias[:, :, None])
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
         if folded is not None:
-            return linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
-        return self.o_proj(torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope:]).flatten(2))
+            return self.kernels.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
+        o = torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope:])
+        return self.o_proj(o.flatten(2))
 
     def folded_weights(self) -> tuple[Tensor, Tensor] | None:
         """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
@@ -417,22 +362,37 @@ class RouterStats:
     load: list[Tensor] = field(default_factory=list)
     balance_loss: list[Tensor] = field(default_factory=list)
 
+    def record(self, scores: Tensor, idx: Tensor) -> None:
+        """Adds a layer's load and balance loss sum_i f_i P_i, averaged over sequences (alpha applied by the
+        trainer), from its scores [B, S, E] and choices [B, S, K]."""
+        b, s, e = scores.shape
+        flat = idx.reshape(b, -1)
+        self.load.append(flat.new_zeros(e).index_add_(0, flat.reshape(-1), torch.ones_like(flat.reshape(-1))))
+        ones = torch.ones_like(flat, dtype=torch.float)
+        counts = torch.zeros(b, e, device=scores.device).scatter_add_(1, flat, ones)
+        f = counts * (e / (idx.shape[-1] * s))
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        self.balance_loss.append((f * p).sum(-1).mean())
+
 
 class Gate(nn.Module):
     """Sigmoid router with group-limited top-k; the correction bias steers selection, never the weights."""
 
+    kernels = REFERENCE
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.top_k, self.n_group = config.num_experts_per_tok, config.n_group
+        self.topk_group = config.topk_group
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, d] -> (weights [T, K], expert ids [T, K], sigmoid scores [T, E]); routing in fp32."""
-        device = x.device.type  # entering autocast costs ~9 µs, a tenth of a decode step's routing: only if on
+        device = x.device.type  # entering autocast costs more than a decode step's routing: only if it is on
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            scores = linear(x.float(), self.weight.float()).sigmoid()
+            scores = self.kernels.linear(x.float(), self.weight.float()).sigmoid()
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             t, e = biased.shape
@@ -448,77 +408,10 @@ class Gate(nn.Module):
         return weights * self.scaling, idx, scores
 
 
-def _probe_grouped_mm() -> bool:
-    """torch._grouped_mm runs every expert's matmul in one call; older torch builds lack it (or its CPU
-    kernel), and then the experts run one matmul each."""
-    try:
-        torch._grouped_mm(torch.ones(2, 8), torch.ones(2, 8, 8), offs=torch.tensor([1, 2], dtype=torch.int32))
-        return True
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-GROUPED_MM_CPU = _probe_grouped_mm()
-
-
-def grouped_linear(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """x [N, in] with rows grouped by expert, w [E, out, in], offs [E] int32 end row of each group -> [N, out]."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast does not know this op: cast as it would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    mm = _opaque_grouped_mm if torch.compiler.is_compiling() else torch._grouped_mm
-    return mm(x, w.transpose(1, 2), offs=offs)
-
-
-@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
-def _opaque_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """torch._grouped_mm as an op opaque to torch.compile, whose own shape function accepts only bf16:
-    a [N, K] @ b [E, K, M] -> [N, M] with a's rows grouped, or a [K, N] @ b [N, M] -> [E, K, M] with the
-    shared N grouped (the weight gradient)."""
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-@_opaque_grouped_mm.register_fake
-def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    if b.dim() == 3:
-        return a.new_empty(a.shape[0], b.shape[-1])
-    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
-
-
-def _grouped_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _grouped_mm_backward(ctx, grad: Tensor) -> tuple:
-    a, b, offs = ctx.saved_tensors  # only the rows-grouped form is ever differentiated
-    grad_a = _opaque_grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    grad_b = _opaque_grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None
-
-
-_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-class _GatherRows(torch.autograd.Function):
-    """x[perm // k]: a permutation of x's rows each repeated k times. Its backward gathers too (by the
-    inverse permutation, then sums each row's k copies), where index_select's backward would scatter-add:
-    atomic adds in compiled CPU code, about 4 ms a MoE layer in a `small` training step."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, perm // k if k > 1 else perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple:
-        (inv,) = ctx.saved_tensors
-        grad = grad.index_select(0, inv)
-        return (grad.view(-1, ctx.k, grad.shape[-1]).sum(1) if ctx.k > 1 else grad), None, None, None
-
-
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
+
+    kernels = REFERENCE
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -529,95 +422,23 @@ class MoE(nn.Module):
         self.experts.gate_up = nn.Parameter(torch.empty(e, 2 * inter, d))
         self.experts.down = nn.Parameter(torch.empty(e, d, inter))
         self.shared_experts = MLP(d, inter * config.n_shared_experts) if config.n_shared_experts else None
-        self.expert_linear = F.linear  # fp8.apply_fp8 swaps in the FP8 matmul
         # Expert-parallel training (train.expert_parallel) sets this: then this module holds only its rank's
-        # experts, and `dispatcher(self, flat, weights, idx, scores, out)` adds the routed experts' outputs
-        # from the ranks that hold them, in place of the local expert path below.
+        # experts, and `dispatcher(self, x, weights, idx, scores, out)` adds the routed experts' outputs
+        # from the ranks that hold them, in place of `kernels.routed_experts`.
         self.dispatcher: Callable[..., Tensor] | None = None
-
-    # A decode step routes a few tokens: running just their K experts beats grouping rows by expert (a
-    # sort, a grouped matmul over every expert, a scatter). Eagerly that is a matmul per (token, expert),
-    # worth it up to 2 tokens on CPU; compiled on CPU, the gathered experts fuse into one kernel, which beat
-    # grouping by 1.1-1.4x a decode step at 4 to 128 rows (measured no further).
-    direct_max_tokens = 2
-    compiled_direct_max_tokens = 128
 
     def forward(self, x: Tensor, stats: RouterStats | None = None) -> Tensor:
         b, s, d = x.shape
-        flat = x.reshape(-1, d)
-        weights, idx, scores = self.gate(flat)
-        out = self.shared_experts(flat).to(flat.dtype) if self.shared_experts is not None else torch.zeros_like(flat)
-        if self.dispatcher is None and stats is None and not torch.is_grad_enabled():
-            gathered = torch.compiler.is_compiling() and self.expert_linear is F.linear
-            fused = gathered and flat.device.type == "cpu"
-            if flat.shape[0] <= (self.compiled_direct_max_tokens if fused else self.direct_max_tokens):
-                return (self._gathered if gathered else self._direct)(flat, weights, idx, out).view(b, s, d)
-        flat_idx = idx.reshape(-1)
-        # not bincount: its output's shape depends on the data, which torch.compile cannot trace
-        counts = flat_idx.new_zeros(self.n_experts).index_add_(0, flat_idx, torch.ones_like(flat_idx))
-        order = flat_idx.argsort(stable=True)  # the (token, slot) pairs grouped by expert
+        u = x.reshape(-1, d)
+        weights, idx, scores = self.gate(u)
+        out = self.shared_experts(u).to(u.dtype) if self.shared_experts is not None else torch.zeros_like(u)
         if self.dispatcher is not None:
-            out = self.dispatcher(self, flat, weights, idx, scores, out)
-        elif torch.compiler.is_compiling():  # gathers both ways: a compiled scatter-add is atomic (_GatherRows)
-            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-            xs = _GatherRows.apply(flat, order, inverse, self.top_k)  # each token once per slot, by expert
-            ys = _GatherRows.apply(self._experts(xs, counts), inverse, order, 1)  # back in token order
-            out = self._weighted_sum(out, ys.view(b * s, self.top_k, d), weights)
-        else:  # eagerly one scatter-add pass beats a gather, a product and a sum (0.6 vs 0.95 ms of ops, 1000 tokens)
-            token = order // self.top_k
-            xs = flat.index_select(0, token)  # index_select, not flat[token]: its backward is a cheap index_add
-            ys = self._experts(xs, counts) * weights.reshape(-1).index_select(0, order)[:, None].to(xs.dtype)
-            out = out.index_add(0, token, ys)
+            out = self.dispatcher(self, u, weights, idx, scores, out)
+        else:
+            out = self.kernels.routed_experts(u, weights, idx, self.experts.gate_up, self.experts.down, out)
         if stats is not None:
-            stats.load.append(counts)
-            stats.balance_loss.append(self._balance_loss(scores.view(b, s, -1), idx.view(b, s, -1)))
+            stats.record(scores.view(b, s, -1), idx.view(b, s, -1))
         return out.view(b, s, d)
-
-    def _gathered(self, flat: Tensor, weights: Tensor, idx: Tensor, out: Tensor) -> Tensor:
-        """out + each token's K experts, compiled for CPU: inductor turns these one-row matmuls into a fused
-        multiply-sum that reads the indexed weights in place, so the gathered [T, K, ...] weights are never
-        materialised (on CUDA they would be, so there only for a token or two)."""
-        g, u = torch.einsum("td,tkid->tki", flat, self.experts.gate_up[idx]).chunk(2, dim=-1)
-        y = torch.einsum("tki,tkdi->tkd", F.silu(g) * u, self.experts.down[idx])
-        return self._weighted_sum(out, y, weights)
-
-    @staticmethod
-    def _weighted_sum(out: Tensor, y: Tensor, weights: Tensor) -> Tensor:
-        """out + each token's K expert outputs y [T, K, d] weighted by the router weights [T, K]."""
-        return out + (y * weights[..., None].to(y.dtype)).sum(1)
-
-    def _direct(self, flat: Tensor, weights: Tensor, idx: Tensor, out: Tensor) -> Tensor:
-        """out + each token's K experts, for a token or two at inference (no grouping by expert)."""
-        for t, (ws, es) in enumerate(zip(weights.tolist(), idx.tolist())):  # plain float weights
-            for w, e in zip(ws, es):
-                out[t:t + 1].add_(self._expert(flat[t:t + 1], self.experts.gate_up[e], self.experts.down[e]), alpha=w)
-        return out
-
-    def _expert(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-        """One routed expert's SwiGLU over rows x."""
-        g, u = self.expert_linear(x, gate_up).chunk(2, dim=-1)
-        return self.expert_linear(F.silu(g) * u, down)
-
-    def _experts(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """Every routed expert's SwiGLU over its rows of xs (grouped by expert, counts [E] rows each)."""
-        gate_up, down = self.experts.gate_up, self.experts.down
-        if GROUPED_MM_CPU and xs.device.type == "cpu" and self.expert_linear is F.linear:
-            offs = counts.cumsum(0).to(torch.int32)
-            g, u = grouped_linear(xs, gate_up, offs).chunk(2, dim=-1)
-            return grouped_linear(F.silu(g) * u, down, offs)
-        # one matmul per active expert; split/unbind, not slicing: their backward is one concatenation
-        # instead of a full-size zero gradient per expert
-        return torch.cat([self._expert(chunk, gu, dn) for chunk, gu, dn in
-                          zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0)) if chunk.shape[0]])
-
-    def _balance_loss(self, scores: Tensor, idx: Tensor) -> Tensor:
-        """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (alpha applied by the trainer)."""
-        b, s, e = scores.shape
-        counts = torch.zeros(b, e, device=scores.device).scatter_add_(
-            1, idx.reshape(b, -1), torch.ones(b, idx.shape[1] * idx.shape[2], device=scores.device))
-        f = counts * (e / (self.top_k * s))
-        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
-        return (f * p).sum(-1).mean()
 
 
 # ---- decoder layer, MTP module, full model ------------------------------------------------------
@@ -625,7 +446,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = MLA(config, layer_idx)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -645,7 +467,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """Multi-token prediction module k (V3 report §2.2): h' = Layer(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]))."""
+    """Multi-token prediction module k (V3 report §2.2):
+    h' = Layer(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -702,7 +525,9 @@ def segment_positions_and_mask(segments: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DeepSeekV3(nn.Module):
-    """DeepSeek-V3: `model(input_ids)` -> logits [B, S, V]; ask for `mtp`/`router_stats` to get a ModelOutput."""
+    """DeepSeek-V3: `model(input_ids)` -> logits [B, S, V]; `mtp`/`router_stats` give a ModelOutput."""
+
+    kernels = REFERENCE
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -716,6 +541,20 @@ class DeepSeekV3(nn.Module):
         inv_freq, self.rope_attn_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
+
+    def prepare(self, job: str, compiled: bool = False,
+                expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None) -> DeepSeekV3:
+        """Choose, once for a job, the functions every module computes with (`nanoseek.kernels.select`):
+        "reference" (this file's), "train" or "decode"; `compiled` if torch.compile will run the model.
+        Call it on the model's final device. `expert_linear` replaces the routed experts' matmul (FP8).
+        Preparing again replaces the job's choice but keeps the FP8 matmul, and `compiled` once set (for
+        graphs compiled before); every choice computes the same sums, only at different speeds."""
+        chosen = select(REFERENCE, job, self.device, compiled or self.kernels.compiled,
+                        expert_linear or self.kernels.expert_linear)
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = chosen
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -732,12 +571,10 @@ class DeepSeekV3(nn.Module):
                 m.e_score_correction_bias.zero_()
 
     def rope(self, positions: Tensor) -> Tensor:
-        """Complex rotations [.., S, 1, rope/2] (magnitude: the YaRN attention factor) for integer
-        positions [S] or [B, S]; when compiling, as real pairs [.., S, 1, rope/2, 2] (see `apply_rope`)."""
+        """The rotations (magnitude: the YaRN attention factor) of integer positions [S] or [B, S], in the
+        form `kernels.apply_rope` takes ([.., S, 1, rope/2] complex for the reference)."""
         angles = positions.float()[..., None, None] * self.inv_freq
-        if torch.compiler.is_compiling():
-            return torch.stack([angles.cos(), angles.sin()], dim=-1) * self.rope_attn_factor
-        return torch.polar(torch.full_like(angles, self.rope_attn_factor), angles)
+        return self.kernels.rotations(angles, self.rope_attn_factor)
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
                       cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
@@ -764,9 +601,9 @@ class DeepSeekV3(nn.Module):
             cache.advance(input_ids.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: LatentCacheLike | None = None,
-                *, mtp: bool = False, router_stats: bool = False, segments: Tensor | None = None
-                ) -> Tensor | ModelOutput:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None,
+                cache: LatentCacheLike | None = None, *, mtp: bool = False, router_stats: bool = False,
+                segments: Tensor | None = None) -> Tensor | ModelOutput:
         """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents."""
         stats = RouterStats() if router_stats else None
         hidden = self.hidden_states(input_ids, positions, cache, stats, segments)

@@ -1,12 +1,10 @@
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import nanoseek.model as model_module
+import nanoseek.kernels.attention as attention_kernels
 from nanoseek import LatentCache, ModelConfig
-from nanoseek.model import MLA, Gate, MoE, blocked_causal_attention, segment_positions_and_mask
+from nanoseek.model import MLA, Gate, segment_positions_and_mask
 
 from conftest import random_model, require_cxx_compiler
 
@@ -14,11 +12,12 @@ from conftest import random_model, require_cxx_compiler
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"attention_bias": True}])
 @pytest.mark.parametrize("absorb_max_queries", [0, 1, 64])  # all decompressed; chunks only; all absorbed
 @pytest.mark.parametrize("fold", [False, True])  # W_UK / W_UV folded into the projections or applied per head
-def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fold, monkeypatch):
+@pytest.mark.parametrize("job", ["reference", "decode"])  # the model's own functions, or the engine's kernels
+def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fold, job, monkeypatch):
     monkeypatch.setattr(MLA, "absorb_max_queries", absorb_max_queries)
     monkeypatch.setattr(MLA, "fold_max_growth", float("inf") if fold else 0.0)
     c = ModelConfig.preset("tiny").replace(**changes)
-    m = random_model(c)
+    m = random_model(c).prepare(job)
     ids = torch.randint(0, c.vocab_size, (3, 20))
     with torch.no_grad():
         full = m(ids)
@@ -92,64 +91,6 @@ def test_group_limited_routing_keeps_topk_groups():
     groups = scores.view(64, 4, 2).topk(2, -1).values.sum(-1).topk(2, -1).indices
     for t in range(64):
         assert set((idx[t] // 2).tolist()) <= set(groups[t].tolist())
-
-
-@pytest.mark.parametrize("shape", [(2, 9), (1, 1), (1, 2)])  # decode-sized batches run their experts directly
-@pytest.mark.parametrize("grad", [True, False])
-@pytest.mark.parametrize("compiling", [False, True])  # the paths a compiled graph takes, run eagerly
-def test_moe_matches_per_token_reference(shape, grad, compiling, monkeypatch):
-    """Output, and with grad on every gradient, against a float64 loop over tokens and their experts: eagerly
-    (index_select / index_add) and as compiled (rows to and from expert order by gathers, gathering in the
-    backward too; or each token's experts gathered)."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-    c = ModelConfig.preset("tiny")
-    d, inter = c.hidden_size, c.moe_intermediate_size
-    moe = MoE(c)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    ref_moe = copy.deepcopy(moe).double()
-    x = torch.randn(*shape, d, requires_grad=grad)
-    x64 = x.detach().double().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        y = moe(x).reshape(-1, d)
-        flat = x64.reshape(-1, d)
-        w, idx, _ = ref_moe.gate(flat)
-        gu, dn = ref_moe.experts.gate_up, ref_moe.experts.down
-        rows = []
-        for t in range(flat.shape[0]):
-            row = ref_moe.shared_experts(flat[t])
-            for k in range(c.num_experts_per_tok):
-                e = idx[t, k]
-                row = row + w[t, k] * (dn[e] @ (F.silu(gu[e, :inter] @ flat[t]) * (gu[e, inter:] @ flat[t])))
-            rows.append(row)
-        ref = torch.stack(rows)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
-    if grad:
-        g = torch.randn_like(ref)
-        y.backward(g.float())
-        ref.backward(g)
-        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
-        for (name, p), p64 in zip(moe.named_parameters(), ref_moe.parameters()):
-            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, True)])
-def test_moe_direct_path_matches_grouped_path_in_low_precision(dtype, fp8, monkeypatch):
-    """The decode-sized direct path (float routing weights, in-place adds into the shared experts' output)
-    against the grouped path on the same tokens, in bf16 and with FP8 expert matmuls."""
-    from nanoseek.fp8 import apply_fp8
-    c = ModelConfig.preset("tiny")
-    m = random_model(c).to(dtype)
-    if fp8:
-        apply_fp8(m)
-    moe = m.model.layers[1].mlp
-    x = torch.randn(1, 2, c.hidden_size, dtype=dtype)
-    with torch.no_grad():
-        direct = moe(x)
-        monkeypatch.setattr(MoE, "direct_max_tokens", 0)
-        grouped = moe(x)
-    assert direct.dtype == grouped.dtype == dtype
-    torch.testing.assert_close(direct, grouped, rtol=2e-2, atol=2e-2)
 
 
 def test_latent_cache_of_another_dtype_serves_an_fp32_model():
@@ -228,44 +169,22 @@ def test_packed_segments_equal_separate_documents():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_blocked_causal_attention_matches_float64(packed):
-    """Blocks of queries (the last one short) against their keys only: output and every gradient as a
-    float64 causal softmax attention, with a value head narrower than q's, within packed documents too."""
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 3, 37, 12, requires_grad=True), torch.randn(2, 3, 37, 12, requires_grad=True)
-    v = torch.randn(2, 3, 37, 8, requires_grad=True)
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    q64, k64, v64 = leaves64
-    scores = (q64 @ k64.transpose(-1, -2)) * 0.3
-    mask = segment_positions_and_mask(torch.tensor([[0] * 20 + [1] * 17, [0] * 37]))[1] if packed else None
-    hide = torch.ones(37, 37, dtype=torch.bool).triu(1) if mask is None else ~mask
-    ref = scores.masked_fill(hide, float("-inf")).softmax(-1) @ v64
-    out = blocked_causal_attention(q, k, v, 0.3, mask, block=16)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(ref)
-    out.backward(g.float())
-    ref.backward(g)
-    for t, t64 in zip((q, k, v), leaves64):
-        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("packed", [False, True])
 def test_compiled_training_step_matches_eager(packed, monkeypatch):
-    """torch.compile(model) trains: loss and every gradient (the routed experts' through the grouped matmul
-    made opaque to the compiler, with its own backward; attention as blocked matmuls over two blocks and a
-    short one, packed documents too) match the eager model, MTP and router stats on."""
+    """torch.compile(model) trains, prepared for it: loss and every gradient (the routed experts' through the
+    grouped matmul made opaque to the compiler, with its own backward; attention as blocked matmuls over two
+    blocks and a short one, packed documents too) match the eager model, MTP and router stats on."""
     require_cxx_compiler()
     torch.manual_seed(0)
-    model = random_model(ModelConfig.preset("tiny")).train()
+    model = random_model(ModelConfig.preset("tiny")).train().prepare("train", compiled=True)
     ids = torch.randint(0, model.config.vocab_size, (2, 150))
     segments = torch.tensor([[0] * 70 + [1] * 80, [0] * 150]) if packed else None
     traced = []
-    blocked = model_module.blocked_causal_attention
+    blocked = attention_kernels.blocked_causal_attention
 
     def spy(q, k, v, scale, mask=None, block=64):
         traced.append(mask is not None)
         return blocked(q, k, v, scale, mask, block)
-    monkeypatch.setattr(model_module, "blocked_causal_attention", spy)
+    monkeypatch.setattr(attention_kernels, "blocked_causal_attention", spy)
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..model import FUSED_LINEAR_MAX_ROWS, MLA, DecoderLayer, DeepSeekV3, MTPLayer
+from ..kernels import FUSED_LINEAR_MAX_ROWS
+from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from .cache import LatentStore, PagedBatch
 from .scheduler import Sequence
 
@@ -66,6 +67,7 @@ class ModelRunner:
         num_blocks = max(int(cache_memory_mb * 2**20) // per_block, 1)
         self.store = LatentStore(model.config, num_blocks, block_size, dtype, model.device, speculative)
         self.num_blocks = num_blocks
+        model.prepare("decode", compiled=compile)
         self._mlas = [m for m in model.modules() if isinstance(m, MLA)]
         compiled = self._compiled if compile else lambda fn: fn
         self._decode = compiled(model.hidden_states)

@@ -153,7 +153,8 @@ class ExpertParallel:
         row, slot, expert = row[order], slot[order], expert[order]
         if row.numel():
             counts = expert.new_zeros(self.local).index_add_(0, expert, torch.ones_like(expert))
-            ys = moe._experts(x_in.index_select(0, row), counts) * w_in[row, slot][:, None]
+            ys = moe.kernels.grouped_experts(x_in.index_select(0, row), counts, moe.experts.gate_up, moe.experts.down)
+            ys = ys * w_in[row, slot][:, None]
             y = torch.zeros_like(x_in).index_add(0, row, ys)
         else:  # nothing received: still part of the graph, so that this rank joins the backward's all-to-all
             y = x_in * 0

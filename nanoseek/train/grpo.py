@@ -211,7 +211,7 @@ class GRPOTrainer:
         self.task = get_task(cfg.task, cfg.template)
         self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
                                                                "consistency": cfg.consistency_weight})
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False).prepare("train") if cfg.beta else None
         # what rollouts decode with: the training model itself, or under expert parallelism (where each rank
         # holds some experts, and ranks decode different prompts for different lengths) a whole copy that
         # shares every other parameter with it and gathers the experts before each rollout

@@ -224,6 +224,7 @@ class Trainer:
         if cfg.expert_parallel > 1:
             check_expert_parallel(cfg.expert_parallel, self.dist.world, model.config, cfg.fsdp)
             self.ep = ExpertParallel(model, cfg.expert_parallel, self.dist.rank, self.dist.world)
+        model.prepare("train", compiled=cfg.compile)  # once on its device, with its experts and precision
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
         self.wrapped = self._wrap(model)  # first: FSDP2 swaps the parameters for sharded ones

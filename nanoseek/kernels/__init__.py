@@ -1,0 +1,102 @@
+"""The model's fast paths, behind one seam.
+
+`nanoseek.model` computes with the reference functions it defines, in the papers' notation (e.g. the
+routed experts as DeepSeek's loop over experts). `select` returns, for a job, the `Kernels` that replace
+some of them with faster forms of the same computation; `DeepSeekV3.prepare(job, compiled)` calls it once
+and hands the result to every module, so no forward re-decides it. Each fast form's docstring names the
+reference it replaces, and tests/test_kernels.py holds it to that reference. This package imports nothing
+from the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import BLOCKED_MAX_LEN, blocked_causal_attention, blocked_up_to
+from .compiled import when_compiled
+from .experts import (
+    GROUPED_MM_CPU,
+    direct_experts,
+    gathered_experts,
+    gathered_sorted_experts,
+    grouped_experts_loop,
+    grouped_experts_mm,
+    sorted_experts,
+    up_to,
+)
+from .linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
+from .rope import apply_real_rope, real_rotations
+
+__all__ = ["Kernels", "select", "when_compiled", "JOBS", "FUSED_LINEAR_MAX_ROWS", "blocked_causal_attention",
+           "grouped_experts_loop"]
+
+JOBS = ("reference", "train", "decode")
+
+# Eagerly, running each token's K experts directly (a matmul pair per token and expert) beats sorting rows
+# by expert and scattering them back up to this many tokens.
+DIRECT_MAX_TOKENS = 2
+# In a compiled CPU graph the gathered experts fuse into one kernel that reads the weights in place, which
+# stays ahead of sorting over a whole decode batch.
+GATHERED_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What a model computes with; each field has the signature of the reference function it stands for."""
+
+    job: str  # "reference", "train" or "decode"
+    compiled: bool  # prepared for torch.compile
+    linear: Callable[..., Tensor]  # (x, weight, bias=None): F.linear, for every projection
+    rotations: Callable[[Tensor, float], Tensor]  # (angles, magnitude) -> what apply_rope takes
+    apply_rope: Callable[[Tensor, Tensor], Tensor]  # (x, rotations)
+    causal_attention: Callable[..., Tensor]  # (q, k, v, scale, mask=None), queries over their own sequence
+    expert_linear: Callable[[Tensor, Tensor], Tensor]  # the routed experts' matmul (FP8 swaps it)
+    routed_experts: Callable[..., Tensor]  # (x, weights, idx, gate_up, down, out) -> out + routed experts
+    grouped_experts: Callable[..., Tensor]  # (xs grouped by expert, counts, gate_up, down) -> their outputs
+
+
+def select(reference: Kernels, job: str, device: torch.device, compiled: bool = False,
+           expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None) -> Kernels:
+    """The kernels for `job` on `device`, `reference` (the model's functions) where no faster form applies.
+
+    "reference" runs the model's functions as written; "train" sorts rows by expert; "decode" also runs the
+    experts of a token or two directly. `compiled` adds the forms that pay inside a compiled graph: rope in
+    real pairs, rows to and from expert order by gathers, and on CPU blocked causal attention (training),
+    fused small-row projections and gathered experts (decoding). `expert_linear` is the routed experts'
+    matmul (F.linear, or FP8's)."""
+    if job not in JOBS:
+        raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
+    expert_linear = expert_linear or reference.expert_linear
+    plain = expert_linear is F.linear  # the grouped and gathered forms call the matmul ops themselves
+    cpu = device.type == "cpu"
+    kernels = replace(reference, job=job, compiled=compiled, expert_linear=expert_linear,
+                      routed_experts=partial(reference.routed_experts, linear=expert_linear),
+                      grouped_experts=partial(reference.grouped_experts, linear=expert_linear))
+    if job == "reference":
+        return kernels
+    grouped = grouped_experts_mm if plain and cpu and GROUPED_MM_CPU else kernels.grouped_experts
+    eager = partial(sorted_experts, grouped=grouped)
+    if job == "decode":
+        eager = up_to(DIRECT_MAX_TOKENS, partial(direct_experts, linear=expert_linear), eager)
+    kernels = replace(kernels, routed_experts=eager, grouped_experts=grouped)
+    if not compiled:
+        return kernels
+    traced = partial(gathered_sorted_experts, grouped=grouped)
+    if job == "decode":
+        few = gathered_experts if plain else partial(direct_experts, linear=expert_linear)
+        traced = up_to(GATHERED_MAX_TOKENS if plain and cpu else DIRECT_MAX_TOKENS, few, traced)
+    kernels = replace(kernels, routed_experts=when_compiled(traced, eager),
+                      rotations=when_compiled(real_rotations, reference.rotations),
+                      apply_rope=when_compiled(apply_real_rope, reference.apply_rope))
+    if cpu and job == "train":
+        blocked = blocked_up_to(BLOCKED_MAX_LEN, reference.causal_attention)
+        kernels = replace(kernels, causal_attention=when_compiled(blocked, reference.causal_attention))
+    if cpu and job == "decode":
+        kernels = replace(kernels, linear=when_compiled(small_row_linear, reference.linear))
+    return kernels
