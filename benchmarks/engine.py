@@ -29,8 +29,14 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> float:
     ids = torch.tensor(prompts)
     t = time.perf_counter()
     with torch.no_grad():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return time.perf_counter() - t
 
 
@@ -42,6 +48,7 @@ def ours_generate(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
 
 def hf_cache_bytes_per_token(hf, vocab: int) -> float:
     from transformers import DynamicCache
+
     cache = DynamicCache(config=hf.config)
     with torch.no_grad():
         hf(torch.randint(0, vocab, (1, 64)), cache=cache, use_cache=True)
@@ -64,8 +71,11 @@ def latency_table(llm: LLM, vocab: int, n: int, new_tokens: int, seed: int = 0) 
     t0 = time.perf_counter()
     for i in range(n):
         plen = int(torch.randint(16, 128, (1,), generator=g))
-        llm.add_request(torch.randint(0, vocab, (plen,), generator=g).tolist(),
-                        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), request_id=f"b{i}")
+        llm.add_request(
+            torch.randint(0, vocab, (plen,), generator=g).tolist(),
+            SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+            request_id=f"b{i}",
+        )
     while llm.has_unfinished():
         deltas = llm.step()
         now = time.perf_counter()
@@ -121,8 +131,10 @@ def mtp_speedup(model: DeepSeekV3, args) -> None:
         prompts = torch.randint(0, model.config.vocab_size, (args.mtp_prompts, args.prompt_len)).tolist()
         what = "random prompts"
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    llms = {"plain": LLM(model, tokenizer, compile=args.compile),
-            "MTP": LLM(model, tokenizer, speculative=True, compile=args.compile)}
+    llms = {
+        "plain": LLM(model, tokenizer, compile=args.compile),
+        "MTP": LLM(model, tokenizer, speculative=True, compile=args.compile),
+    }
     for llm in llms.values():  # compile every kind of decode batch first
         llm.warm_up()
         timed_stream(llm, prompts[0], params)
@@ -155,12 +167,16 @@ def mtp_speedup(model: DeepSeekV3, args) -> None:
             t = time.perf_counter()
             llm.generate(long, one)
             ttft[name].append(time.perf_counter() - t)
-    print(f"\nTTFT of a 1000-token prompt, medians of {2 * args.rounds + 1}: {statistics.median(ttft['plain']) * 1e3:.1f} "
-          f"ms plain, {statistics.median(ttft['MTP']) * 1e3:.1f} ms with MTP speculation")
-    print(f"MTP speculation, batch 1, {len(prompts)} {what} ({tokens / len(prompts):.0f} tokens each, identical "
-          f"outputs), medians of {args.rounds} rounds: acceptance {st['accepted'] / max(st['drafted'], 1):.1%}; "
-          f"decode {dec['plain']:.1f} -> {dec['MTP']:.1f} tok/s ({dec['MTP'] / dec['plain']:.2f}x); end to end with "
-          f"prefill {e2e['plain']:.1f} -> {e2e['MTP']:.1f} tok/s ({e2e['MTP'] / e2e['plain']:.2f}x)")
+    print(
+        f"\nTTFT of a 1000-token prompt, medians of {2 * args.rounds + 1}: {statistics.median(ttft['plain']) * 1e3:.1f} "
+        f"ms plain, {statistics.median(ttft['MTP']) * 1e3:.1f} ms with MTP speculation"
+    )
+    print(
+        f"MTP speculation, batch 1, {len(prompts)} {what} ({tokens / len(prompts):.0f} tokens each, identical "
+        f"outputs), medians of {args.rounds} rounds: acceptance {st['accepted'] / max(st['drafted'], 1):.1%}; "
+        f"decode {dec['plain']:.1f} -> {dec['MTP']:.1f} tok/s ({dec['MTP'] / dec['plain']:.2f}x); end to end with "
+        f"prefill {e2e['plain']:.1f} -> {e2e['MTP']:.1f} tok/s ({e2e['MTP'] / e2e['plain']:.2f}x)"
+    )
 
 
 def main() -> None:
@@ -176,6 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
+
     with tempfile.TemporaryDirectory() as d:
         if args.checkpoint:
             model = load_model(args.checkpoint)
@@ -185,9 +202,11 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     cfg = model.config
     vocab = cfg.vocab_size
-    print(f"model: {cfg.num_params() / 1e6:.2f}M params ({'trained ' + args.checkpoint if args.checkpoint else 'random ' + args.preset}), "
-          f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"nanoseek decode {'compiled' if args.compile else 'eager'}")
+    print(
+        f"model: {cfg.num_params() / 1e6:.2f}M params ({'trained ' + args.checkpoint if args.checkpoint else 'random ' + args.preset}), "
+        f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"nanoseek decode {'compiled' if args.compile else 'eager'}"
+    )
     print(f"\n{'batch':>6}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for batch in (1, 32):
         prompts = torch.randint(0, vocab, (batch, args.prompt_len)).tolist()
@@ -203,10 +222,12 @@ def main() -> None:
 
     ours_b = LatentStore.bytes_per_token(cfg, torch.float32, mtp=True)
     main_b = LatentStore.bytes_per_token(cfg, torch.float32)
-    print(f"\ncache bytes/token (fp32): nanoseek {main_b} main layers (+{ours_b - main_b} MTP layer when speculating) = "
-          f"{cfg.num_hidden_layers} x {cfg.latent_dim} x 4, the MLA minimum; transformers "
-          f"{hf_cache_bytes_per_token(hf, vocab):.0f}; decompressed K/V would be "
-          f"{cfg.num_hidden_layers * cfg.decompressed_cache_dim * 4}")
+    print(
+        f"\ncache bytes/token (fp32): nanoseek {main_b} main layers (+{ours_b - main_b} MTP layer when speculating) = "
+        f"{cfg.num_hidden_layers} x {cfg.latent_dim} x 4, the MLA minimum; transformers "
+        f"{hf_cache_bytes_per_token(hf, vocab):.0f}; decompressed K/V would be "
+        f"{cfg.num_hidden_layers * cfg.decompressed_cache_dim * 4}"
+    )
 
     # prefix cache: a 1000-token prompt whose first 90% was seen before, against a fresh one (alternating)
     llm = LLM(model, max_batched_tokens=2048, compile=args.compile)
@@ -222,8 +243,10 @@ def main() -> None:
         out = llm.generate(long[:900] + torch.randint(0, vocab, (100,)).tolist(), one)[0]
         hits.append(time.perf_counter() - t)
     miss, hit = statistics.median(misses), statistics.median(hits)
-    print(f"\nprefix cache TTFT, 1000-token prompt, medians of {len(hits)}: uncached {miss * 1e3:.1f} ms, 90% cached "
-          f"({out.num_cached_tokens} tokens hit) {hit * 1e3:.1f} ms -> {miss / hit:.1f}x lower")
+    print(
+        f"\nprefix cache TTFT, 1000-token prompt, medians of {len(hits)}: uncached {miss * 1e3:.1f} ms, 90% cached "
+        f"({out.num_cached_tokens} tokens hit) {hit * 1e3:.1f} ms -> {miss / hit:.1f}x lower"
+    )
 
     if model.mtp:
         mtp_speedup(model, args)

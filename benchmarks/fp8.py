@@ -15,8 +15,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanoseek.fp8 import (_SCALED_MM, dequantize_activation, dequantize_weight, fp8_linear, quantize_activation,
-                          quantize_weight)
+from nanoseek.fp8 import (
+    _SCALED_MM,
+    dequantize_activation,
+    dequantize_weight,
+    fp8_linear,
+    quantize_activation,
+    quantize_weight,
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,25 +72,34 @@ def gpu(m: int = 8192, k: int = 4096, n: int = 4096) -> None:
     flops = 2 * m * n * k
     t_bf16 = timeit(lambda: F.linear(xb, wb))
     print(f"{'path':<44}{'ms':>8}{'TFLOP/s':>10}{'vs bf16':>9}{'rel err':>10}")
-    print(f"{'bf16 F.linear':<44}{t_bf16 * 1e3:>8.3f}{flops / t_bf16 / 1e12:>10.0f}{1:>8.2f}x"
-          f"{rel(F.linear(xb, wb), ref):>10.4%}")
+    print(
+        f"{'bf16 F.linear':<44}{t_bf16 * 1e3:>8.3f}{flops / t_bf16 / 1e12:>10.0f}{1:>8.2f}x"
+        f"{rel(F.linear(xb, wb), ref):>10.4%}"
+    )
     xq, xs = quantize_activation(x)
     wq, ws = quantize_weight(w)
     f8 = torch.float8_e4m3fn
     one = torch.ones((), device=dev)
     candidates = {
         "scaled_mm, 1x128 x 128x128 blocks (V3)": lambda: torch._scaled_mm(
-            xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16),
+            xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16
+        ),
         "scaled_mm, per-tensor scales": lambda: torch._scaled_mm(
-            (x / (x.abs().max() / 448)).to(f8), (w / (w.abs().max() / 448)).to(f8).t(),
-            scale_a=one * (x.abs().max() / 448), scale_b=one * (w.abs().max() / 448), out_dtype=torch.bfloat16),
+            (x / (x.abs().max() / 448)).to(f8),
+            (w / (w.abs().max() / 448)).to(f8).t(),
+            scale_a=one * (x.abs().max() / 448),
+            scale_b=one * (w.abs().max() / 448),
+            out_dtype=torch.bfloat16,
+        ),
         "scaled_mm, row-wise scales": lambda: _rowwise(x, w),
     }
     for name, fn in candidates.items():
         try:
             out = fn()
             t = timeit(fn)
-            print(f"{name:<44}{t * 1e3:>8.3f}{flops / t / 1e12:>10.0f}{t_bf16 / t:>8.2f}x{rel(out, ref):>10.4%}")
+            print(
+                f"{name:<44}{t * 1e3:>8.3f}{flops / t / 1e12:>10.0f}{t_bf16 / t:>8.2f}x{rel(out, ref):>10.4%}"
+            )
         except Exception as e:  # report what this torch/GPU lacks, keep measuring the rest
             print(f"{name:<44}  not available here: {str(e).splitlines()[0][:90]}")
     t_q = timeit(lambda: quantize_activation(x))
@@ -93,21 +108,31 @@ def gpu(m: int = 8192, k: int = 4096, n: int = 4096) -> None:
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     xbr, wbr = xb.clone().requires_grad_(), wb.clone().requires_grad_()
     t_fwd = timeit(lambda: fp8_linear(x, w))
-    print(f"{'FP8Linear forward (nanoseek), quantising incl.':<44}{t_fwd * 1e3:>8.3f}{flops / t_fwd / 1e12:>10.0f}"
-          f"{t_bf16 / t_fwd:>8.2f}x")
+    print(
+        f"{'FP8Linear forward (nanoseek), quantising incl.':<44}{t_fwd * 1e3:>8.3f}{flops / t_fwd / 1e12:>10.0f}"
+        f"{t_bf16 / t_fwd:>8.2f}x"
+    )
     t_ours = timeit(lambda: fp8_linear(xr, wr).sum().backward(), iters=10)
     t_ref = timeit(lambda: F.linear(xbr, wbr).float().sum().backward(), iters=10)
-    print(f"{'FP8Linear fwd+bwd (nanoseek) vs bf16':<44}{t_ours * 1e3:>8.3f}{3 * flops / t_ours / 1e12:>10.0f}"
-          f"{t_ref / t_ours:>8.2f}x")
-    print("GEMMs on the tensor cores (b in 128x128 blocks: Fprop, Dgrad; b in 1x128 tiles: Wgrad):", _SCALED_MM)
+    print(
+        f"{'FP8Linear fwd+bwd (nanoseek) vs bf16':<44}{t_ours * 1e3:>8.3f}{3 * flops / t_ours / 1e12:>10.0f}"
+        f"{t_ref / t_ours:>8.2f}x"
+    )
+    print(
+        "GEMMs on the tensor cores (b in 128x128 blocks: Fprop, Dgrad; b in 1x128 tiles: Wgrad):", _SCALED_MM
+    )
 
 
 def _rowwise(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     sx = x.abs().amax(1, keepdim=True) / 448
     sw = w.abs().amax(1, keepdim=True) / 448
     return torch._scaled_mm(
-        (x / sx).to(torch.float8_e4m3fn), (w / sw).to(torch.float8_e4m3fn).t(), scale_a=sx, scale_b=sw.t(),
-        out_dtype=torch.bfloat16)
+        (x / sx).to(torch.float8_e4m3fn),
+        (w / sw).to(torch.float8_e4m3fn).t(),
+        scale_a=sx,
+        scale_b=sw.t(),
+        out_dtype=torch.bfloat16,
+    )
 
 
 def main() -> None:

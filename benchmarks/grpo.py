@@ -39,16 +39,39 @@ from nanoseek.train.loop import TrainConfig
 
 
 def run_nanoseek(args, out: Path) -> list[dict]:
-    cfg = GRPOConfig(task=args.task, group_size=args.group, prompts_per_step=args.prompts,
-                     max_new_tokens=args.max_new_tokens, temperature=1.0, beta=0.0, loss_type="dapo")
-    GRPOTrainer(args.checkpoint, cfg, TrainConfig(steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0,
-                                                  weight_decay=0.0, seed=0), out).train(progress=False)
+    cfg = GRPOConfig(
+        task=args.task,
+        group_size=args.group,
+        prompts_per_step=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="dapo",
+    )
+    GRPOTrainer(
+        args.checkpoint,
+        cfg,
+        TrainConfig(steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0, seed=0),
+        out,
+    ).train(progress=False)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-TRL_SETTINGS = ("bf16", "gradient_checkpointing", "per_device_train_batch_size", "num_generations",
-                "max_completion_length", "temperature", "learning_rate", "beta", "loss_type", "scale_rewards",
-                "num_iterations", "steps_per_generation", "use_cpu")
+TRL_SETTINGS = (
+    "bf16",
+    "gradient_checkpointing",
+    "per_device_train_batch_size",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "learning_rate",
+    "beta",
+    "loss_type",
+    "scale_rewards",
+    "num_iterations",
+    "steps_per_generation",
+    "use_cpu",
+)
 
 
 def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
@@ -74,12 +97,30 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "index": list(range(len(problems)))})
-    config = TRLConfig(output_dir=str(out), per_device_train_batch_size=args.prompts * args.group,
-                       num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0,
-                       learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                       beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
-                       steps_per_generation=1, max_steps=args.steps, logging_steps=1, save_strategy="no",
-                       report_to="none", use_cpu=True, seed=0, bf16=False, gradient_checkpointing=False)
+    config = TRLConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        num_iterations=1,
+        steps_per_generation=1,
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
     print("TRL GRPOConfig: " + ", ".join(f"{k}={getattr(config, k)}" for k in TRL_SETTINGS))
     times: list[float] = []
     lengths: list[float] = []
@@ -95,8 +136,14 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
 
-    trainer = TRLTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
-                         callbacks=[Timer()])
+    trainer = TRLTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Timer()],
+    )
     trainer.train()
     return times, lengths
 
@@ -117,25 +164,36 @@ def compare(args, task_name: str, rates: list[float]) -> None:
     # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
     tok, task, rng = load_tokenizer(args.checkpoint), get_task(task_name), random.Random(0)
-    prompt_len = statistics.mean(len(tok.encode(task.sample(rng).prompt, add_special_tokens=False).ids)
-                                 for _ in range(100))
+    prompt_len = statistics.mean(
+        len(tok.encode(task.sample(rng).prompt, add_special_tokens=False).ids) for _ in range(100)
+    )
     active = c.num_active_params(embedding=False)
     trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
     rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
     floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
-    print(f"\ncheckpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {task_name}, "
-          f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\ncheckpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {task_name}, "
+        f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")
     print(f"{'nanoseek GRPOTrainer':<34}{step:>16.3f}{ours_len:>17.1f}")
     if trl_times:
         trl, trl_len = statistics.median(trl_times[skip:]), statistics.mean(trl_lens[skip:] or trl_lens)
         print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}")
         same = abs(trl_len - ours_len) <= 0.15 * max(trl_len, ours_len)
-        print(f"nanoseek is {trl / step:.2f}x faster per step" + (
-            "" if same else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"))
-    print(f"rollouts are {rollout / step:.0%} of nanoseek's step ({rollout:.3f} s); FLOP floor {floor:.3f} s -> "
-          f"nanoseek at {step / floor:.2f}x the floor")
+        print(
+            f"nanoseek is {trl / step:.2f}x faster per step"
+            + (
+                ""
+                if same
+                else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"
+            )
+        )
+    print(
+        f"rollouts are {rollout / step:.0%} of nanoseek's step ({rollout:.3f} s); FLOP floor {floor:.3f} s -> "
+        f"nanoseek at {step / floor:.2f}x the floor"
+    )
 
 
 def main() -> None:
@@ -150,7 +208,9 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="time nanoseek alone")
     args = ap.parse_args()
     if not (Path(args.checkpoint) / "config.json").exists():
-        raise SystemExit(f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)")
+        raise SystemExit(
+            f"--checkpoint: {args.checkpoint} is not a checkpoint directory (run `nanoseek demo` first)"
+        )
     rates = [matmul_flops()]  # the floor's reference, timed around each run: a shared CPU drifts
     for task in args.task:
         compare(args, task, rates)

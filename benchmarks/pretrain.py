@@ -30,8 +30,19 @@ def run(name: str, *args: str, torchrun: int = 0) -> list[dict]:
     cmd = [sys.executable, "-m", "nanoseek.cli", "pretrain", *args, "--out", str(out)]
     env = dict(os.environ)
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "nanoseek.cli", "pretrain", *args, "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            "-m",
+            "nanoseek.cli",
+            "pretrain",
+            *args,
+            "--out",
+            str(out),
+        ]
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // torchrun))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -45,13 +56,14 @@ def bare_step_tps(steps: int, batch: int, seq: int) -> float:
     """The core issue's bare step (forward + backward + AdamW) on the same model, with MTP and balance loss."""
     from nanoseek import DeepSeekV3, ModelConfig
     from nanoseek.train.loop import make_optimizer
+
     torch.manual_seed(0)
     cfg = ModelConfig.preset("small")
     m = DeepSeekV3(cfg).train().prepare("train")
     opt = make_optimizer(m, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         t = time.perf_counter()
         out = m(ids[:, :-1], mtp=True, router_stats=True)
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -65,8 +77,18 @@ def bare_step_tps(steps: int, batch: int, seq: int) -> float:
 
 
 def overhead(args) -> None:
-    common = ["--preset", "small", "--steps", str(args.steps), "--eval-every", "0", "--eval-problems", "1",
-              "--num-docs", "6000"]
+    common = [
+        "--preset",
+        "small",
+        "--steps",
+        str(args.steps),
+        "--eval-every",
+        "0",
+        "--eval-problems",
+        "1",
+        "--num-docs",
+        "6000",
+    ]
     loop = median_tps(run("loop", *common))
     bare = bare_step_tps(args.steps, 16, 256)
     ddp = median_tps(run("ddp2", *common, torchrun=2))
@@ -85,39 +107,75 @@ def curves(a: list[dict], b: list[dict], names: tuple[str, str]) -> None:
 
 
 def moe_vs_dense(args) -> None:
-    common = ["--preset", "small", "--steps", str(args.steps), "--eval-every", str(max(args.steps // 6, 1)),
-              "--eval-problems", "1"]
+    common = [
+        "--preset",
+        "small",
+        "--steps",
+        str(args.steps),
+        "--eval-every",
+        str(max(args.steps // 6, 1)),
+        "--eval-problems",
+        "1",
+    ]
     moe, dense = run("moe", *common), run("dense", *common, "--dense")
     curves(moe, dense, ("MoE val", "dense val"))
     from nanoseek import ModelConfig
     from nanoseek.train.pretrain import dense_equivalent
+
     c = ModelConfig.preset("small")
-    print(f"activated params: MoE {c.num_active_params() / 1e6:.2f}M, dense {dense_equivalent(c).num_active_params() / 1e6:.2f}M")
+    print(
+        f"activated params: MoE {c.num_active_params() / 1e6:.2f}M, dense {dense_equivalent(c).num_active_params() / 1e6:.2f}M"
+    )
     fm, fd = moe[-1]["val_loss"], dense[-1]["val_loss"]
     print(f"final val loss: MoE {fm:.4f} vs dense {fd:.4f} (gap {fd - fm:+.4f}, {(fd - fm) / fd:+.1%})")
 
 
 def balance(args) -> None:
     from nanoseek.plots import plot_series
+
     common = ["--preset", "small", "--steps", str(args.steps), "--eval-every", "0", "--eval-problems", "1"]
     on, off = run("gamma", *common, "--gamma", "0.01"), run("gamma0", *common, "--gamma", "0")
     steps = [r["step"] for r in on]
-    plot_series(ROOT / "balance.png", "worst MoE layer max/mean expert load",
-                {"gamma 0.01": (steps, [r["load_max_mean"] for r in on]),
-                 "gamma 0": ([r["step"] for r in off], [r["load_max_mean"] for r in off])}, "max / mean")
-    print(f"final max/mean load (worst layer): gamma 0.01 -> {on[-1]['load_max_mean']:.2f}, "
-          f"gamma 0 -> {off[-1]['load_max_mean']:.2f}; plot {ROOT / 'balance.png'}")
+    plot_series(
+        ROOT / "balance.png",
+        "worst MoE layer max/mean expert load",
+        {
+            "gamma 0.01": (steps, [r["load_max_mean"] for r in on]),
+            "gamma 0": ([r["step"] for r in off], [r["load_max_mean"] for r in off]),
+        },
+        "max / mean",
+    )
+    print(
+        f"final max/mean load (worst layer): gamma 0.01 -> {on[-1]['load_max_mean']:.2f}, "
+        f"gamma 0 -> {off[-1]['load_max_mean']:.2f}; plot {ROOT / 'balance.png'}"
+    )
 
 
 def fp8(args) -> None:
     """V3 report §3.3: FP8 training stays within 0.25% relative loss of BF16. Two runs that differ in
     rounding drift apart as any two seeds do, so each seed's pair is compared and the mean is reported."""
     from nanoseek.plots import plot_series
+
     rows, curves_ = [], {}
     for seed in range(args.seeds):
-        common = ["--preset", "small", "--steps", str(args.steps), "--eval-every", str(max(args.steps // 6, 1)),
-                  "--eval-problems", "0", "--batch-size", "8", "--seq-len", "128", "--val-batches",
-                  str(args.val_batches), "--seed", str(seed)]
+        common = [
+            "--preset",
+            "small",
+            "--steps",
+            str(args.steps),
+            "--eval-every",
+            str(max(args.steps // 6, 1)),
+            "--eval-problems",
+            "0",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "128",
+            "--val-batches",
+            str(args.val_batches),
+            "--seed",
+            str(seed),
+        ]
         recs, secs = {}, {}
         for precision in ("bf16", "fp8"):
             t = time.perf_counter()
@@ -127,14 +185,20 @@ def fp8(args) -> None:
             curves_[f"{precision} seed {seed}"] = ([s for s, _ in val], [v for _, v in val])
         print(f"seed {seed}:")
         curves(recs["bf16"], recs["fp8"], ("bf16 val", "fp8 val"))
-        rows.append((seed, recs["bf16"][-1]["val_loss"], recs["fp8"][-1]["val_loss"], secs["bf16"], secs["fp8"]))
+        rows.append(
+            (seed, recs["bf16"][-1]["val_loss"], recs["fp8"][-1]["val_loss"], secs["bf16"], secs["fp8"])
+        )
     plot_series(ROOT / "fp8.png", "validation loss, small preset", curves_)
     where = "CUDA" if torch.cuda.is_available() else "CPU, FP8 GEMMs emulated"
-    print(f"\n{'seed':>4}{'bf16 val':>10}{'fp8 val':>10}{'fp8 vs bf16':>13}{'bf16 s':>8}{'fp8 s':>8}   ({where})")
+    print(
+        f"\n{'seed':>4}{'bf16 val':>10}{'fp8 val':>10}{'fp8 vs bf16':>13}{'bf16 s':>8}{'fp8 s':>8}   ({where})"
+    )
     for seed, a, b, ta, tb in rows:
         print(f"{seed:>4}{a:>10.4f}{b:>10.4f}{(b - a) / a:>+13.3%}{ta:>8.0f}{tb:>8.0f}")
     a, b = statistics.mean(r[1] for r in rows), statistics.mean(r[2] for r in rows)
-    print(f"{'mean':>4}{a:>10.4f}{b:>10.4f}{(b - a) / a:>+13.3%}   (V3 report: under 0.25%); plot {ROOT / 'fp8.png'}")
+    print(
+        f"{'mean':>4}{a:>10.4f}{b:>10.4f}{(b - a) / a:>+13.3%}   (V3 report: under 0.25%); plot {ROOT / 'fp8.png'}"
+    )
 
 
 def main() -> None:
@@ -142,7 +206,9 @@ def main() -> None:
     ap.add_argument("which", choices=["overhead", "moe-vs-dense", "balance", "fp8"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=1, help="fp8: bf16/fp8 pairs, one per seed")
-    ap.add_argument("--val-batches", type=int, default=32, help="fp8: validation batches (8 x 128 tokens each)")
+    ap.add_argument(
+        "--val-batches", type=int, default=32, help="fp8: validation batches (8 x 128 tokens each)"
+    )
     args = ap.parse_args()
     ROOT.mkdir(parents=True, exist_ok=True)
     {"overhead": overhead, "moe-vs-dense": moe_vs_dense, "balance": balance, "fp8": fp8}[args.which](args)

@@ -43,8 +43,14 @@ class Record:
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> Record:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     rec = Record(time.perf_counter())
     async with session.post(url + "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -59,15 +65,21 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int
     return rec
 
 
-async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> tuple[list[Record], float]:
+async def run_load(
+    url: str, prompts: list[list[int]], max_tokens: int, concurrency: int
+) -> tuple[list[Record], float]:
     """`vllm bench serve`'s client in miniature: aiohttp (C-accelerated, as vLLM's), so that on a 2-core
     machine the client takes as little of the CPU the server is measured on as it can."""
     limit = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+
         async def bounded(p):
             async with limit:
                 return await one_request(session, url, p, max_tokens)
+
         t = time.perf_counter()
         records = await asyncio.gather(*(bounded(p) for p in prompts))
         return records, time.perf_counter() - t
@@ -83,8 +95,15 @@ def summarise(name: str, records: list[Record], duration: float) -> dict[str, fl
     tpot = [(r.chunks[-1] - r.chunks[0]) / max(r.tokens - 1, 1) for r in records]
     itl = [b - a for r in records for a, b in zip(r.chunks, r.chunks[1:])]
     out = sum(r.tokens for r in records)
-    row = {"tok/s": out / duration, "TTFT p50": pct(ttft, .5), "TTFT p99": pct(ttft, .99), "TPOT p50": pct(tpot, .5),
-           "TPOT p99": pct(tpot, .99), "ITL p50": pct(itl, .5), "ITL p99": pct(itl, .99)}
+    row = {
+        "tok/s": out / duration,
+        "TTFT p50": pct(ttft, 0.5),
+        "TTFT p99": pct(ttft, 0.99),
+        "TPOT p50": pct(tpot, 0.5),
+        "TPOT p99": pct(tpot, 0.99),
+        "ITL p50": pct(itl, 0.5),
+        "ITL p99": pct(itl, 0.99),
+    }
     print(f"{name:<28}" + "".join(f"{v:>10.1f}" for v in row.values()))
     return row
 
@@ -102,17 +121,34 @@ def build_model(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 @contextmanager
-def server_process(path: str, concurrency: int, max_pending: int, threads: int | None, batched_tokens: int,
-                   compile: bool):
+def server_process(
+    path: str, concurrency: int, max_pending: int, threads: int | None, batched_tokens: int, compile: bool
+):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", path, "--port", str(port),
-                             "--max-concurrency", str(concurrency), "--max-queue", str(max_pending),
-                             "--max-num-batched-tokens", str(batched_tokens),
-                             "--log-level", "warning", *(["--threads", str(threads)] if threads else []),
-                             *(["--compile"] if compile else [])],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "serve",
+            path,
+            "--port",
+            str(port),
+            "--max-concurrency",
+            str(concurrency),
+            "--max-queue",
+            str(max_pending),
+            "--max-num-batched-tokens",
+            str(batched_tokens),
+            "--log-level",
+            "warning",
+            *(["--threads", str(threads)] if threads else []),
+            *(["--compile"] if compile else []),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(3000):  # up to 5 minutes: a compiling server builds its graphs before it listens
@@ -129,7 +165,9 @@ def server_process(path: str, concurrency: int, max_pending: int, threads: int |
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="checkpoint directory with tokenizer (default: a random small model)")
+    ap.add_argument(
+        "--checkpoint", help="checkpoint directory with tokenizer (default: a random small model)"
+    )
     ap.add_argument("--preset", default="small")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -137,23 +175,37 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--system-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3, help="alternating engine / server runs (medians)")
-    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="per engine step, engine and server alike")
+    ap.add_argument(
+        "--max-batched-tokens", type=int, default=2048, help="per engine step, engine and server alike"
+    )
     ap.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode steps, engine and server alike")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode steps, engine and server alike"
+    )
     args = ap.parse_args()
     path, _tmp = build_model(args)
-    llm = LLM(path, max_num_seqs=args.concurrency, max_batched_tokens=args.max_batched_tokens, compile=args.compile)
+    llm = LLM(
+        path, max_num_seqs=args.concurrency, max_batched_tokens=args.max_batched_tokens, compile=args.compile
+    )
     vocab = llm.config.vocab_size
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[list[int]]:  # fresh random ids: no accidental prefix hits
         return torch.randint(16, vocab, (n, length), generator=g).tolist()
 
-    print(f"model {path}: {llm.config.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads, "
-          f"{'compiled' if args.compile else 'eager'} decoding; "
-          f"{args.requests} requests, input {args.input_len}, output {args.output_len} tokens")
-    print(f"{'run':<28}" + "".join(f"{h:>10}" for h in ("tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-                                                         "ITL p50", "ITL p99")) + "   (ms)")
+    print(
+        f"model {path}: {llm.config.num_params() / 1e6:.2f}M params, {torch.get_num_threads()} threads, "
+        f"{'compiled' if args.compile else 'eager'} decoding; "
+        f"{args.requests} requests, input {args.input_len}, output {args.output_len} tokens"
+    )
+    print(
+        f"{'run':<28}"
+        + "".join(
+            f"{h:>10}"
+            for h in ("tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99")
+        )
+        + "   (ms)"
+    )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     c = args.concurrency
     cores = torch.get_num_threads()
@@ -163,7 +215,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         llm.warm_up()
     served: dict[int, list[float]] = {1: [], c: []}
-    with server_process(path, c, args.requests, args.server_threads, args.max_batched_tokens, args.compile) as url:
+    with server_process(
+        path, c, args.requests, args.server_threads, args.max_batched_tokens, args.compile
+    ) as url:
         # a shared CPU drifts by tens of percent within minutes: alternate the runs, compare medians
         for _ in range(args.rounds):
             for threads, rates in engine.items():
@@ -174,23 +228,36 @@ def main() -> None:
                 print(f"{f'engine alone, {threads} thread(s)':<28}{rates[-1]:>10.1f}")
             torch.set_num_threads(cores)
             for conc in (1, c):
-                records, dur = asyncio.run(run_load(url, prompts(args.requests, args.input_len), args.output_len, conc))
+                records, dur = asyncio.run(
+                    run_load(url, prompts(args.requests, args.input_len), args.output_len, conc)
+                )
                 served[conc].append(summarise(f"server, concurrency {conc}", records, dur)["tok/s"])
         system = prompts(1, args.system_len)[0]
-        asyncio.run(run_load(url, [system + prompts(1, 16)[0]], 4, 1))  # put the shared system prompt in cache
-        miss, _ = asyncio.run(run_load(url, [p + q for p, q in zip(prompts(8, args.system_len), prompts(8, 16))], 4, 1))
+        asyncio.run(
+            run_load(url, [system + prompts(1, 16)[0]], 4, 1)
+        )  # put the shared system prompt in cache
+        miss, _ = asyncio.run(
+            run_load(url, [p + q for p, q in zip(prompts(8, args.system_len), prompts(8, 16))], 4, 1)
+        )
         hit, _ = asyncio.run(run_load(url, [system + q for q in prompts(8, 16)], 4, 1))
-    e, e_server, one, many = (statistics.median(x)
-                              for x in (engine[cores], engine[threads_served], served[1], served[c]))
-    print(f"\nmedians of {args.rounds} rounds: engine alone {e:.1f} ({cores} threads), {e_server:.1f} "
-          f"({threads_served}, as in the server); server at concurrency 1 {one:.1f} and {c} {many:.1f} output tok/s")
+    e, e_server, one, many = (
+        statistics.median(x) for x in (engine[cores], engine[threads_served], served[1], served[c])
+    )
+    print(
+        f"\nmedians of {args.rounds} rounds: engine alone {e:.1f} ({cores} threads), {e_server:.1f} "
+        f"({threads_served}, as in the server); server at concurrency 1 {one:.1f} and {c} {many:.1f} output tok/s"
+    )
     print(f"concurrency {c} vs 1: {many / one:.2f}x output tokens/s")
-    print(f"server overhead at concurrency {c} vs the engine alone: {1 - many / e:.1%} on {cores} threads, "
-          f"{1 - many / e_server:.1%} on the server's {threads_served}")
+    print(
+        f"server overhead at concurrency {c} vs the engine alone: {1 - many / e:.1%} on {cores} threads, "
+        f"{1 - many / e_server:.1%} on the server's {threads_served}"
+    )
     ttft_miss = statistics.median(r.chunks[0] - r.start for r in miss)
     ttft_hit = statistics.median(r.chunks[0] - r.start for r in hit)
-    print(f"{args.system_len}-token system prompt, median TTFT: miss {ttft_miss * 1e3:.1f} ms, hit "
-          f"{ttft_hit * 1e3:.1f} ms -> {ttft_miss / ttft_hit:.1f}x lower on hits")
+    print(
+        f"{args.system_len}-token system prompt, median TTFT: miss {ttft_miss * 1e3:.1f} ms, hit "
+        f"{ttft_hit * 1e3:.1f} ms -> {ttft_miss / ttft_hit:.1f}x lower on hits"
+    )
 
 
 if __name__ == "__main__":

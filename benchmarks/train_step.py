@@ -64,12 +64,17 @@ def main() -> None:
         twin.load_state_dict(ours.state_dict())
         compiled = torch.compile(twin)
         # as `nanoseek pretrain --compile` trains: the loss compiled too
-        runners["nanoseek compiled"] = make_step(twin, lambda m, x: compiled(x), torch.compile(next_token_loss))
+        runners["nanoseek compiled"] = make_step(
+            twin, lambda m, x: compiled(x), torch.compile(next_token_loss)
+        )
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
+
         with tempfile.TemporaryDirectory() as d:
             save_model(ours, d)
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
+            hf = AutoModelForCausalLM.from_pretrained(
+                d, dtype=torch.float32, attn_implementation="sdpa"
+            ).train()
         runners["transformers"] = make_step(hf, lambda m, x: m(x).logits)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     for run in runners.values():
@@ -84,15 +89,19 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     tokens = args.batch * args.seq
     step_flops = tokens * cfg.train_flops_per_token(args.seq)
-    print(f"preset {args.preset}: {cfg.num_params() / 1e6:.2f}M params, {cfg.num_active_params() / 1e6:.2f}M active, "
-          f"batch {args.batch} x {args.seq}, {torch.get_num_threads()} threads")
+    print(
+        f"preset {args.preset}: {cfg.num_params() / 1e6:.2f}M params, {cfg.num_active_params() / 1e6:.2f}M active, "
+        f"batch {args.batch} x {args.seq}, {torch.get_num_threads()} threads"
+    )
     print(f"1024x1024 fp32 matmul: {statistics.median(peaks) / 1e9:.1f} GFLOP/s (median of the rounds)")
     print(f"{'impl':<18}{'step s (median)':>16}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU vs matmul':>15}")
     tps = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         tps[name] = tokens / med
-        mfu = statistics.median(step_flops / t / p for t, p in zip(ts, peaks))  # each step against its round's rate
+        mfu = statistics.median(
+            step_flops / t / p for t, p in zip(ts, peaks)
+        )  # each step against its round's rate
         print(f"{name:<18}{med:>16.3f}{tps[name]:>12.0f}{step_flops / med / 1e9:>10.1f}{mfu:>15.1%}")
     for name in [n for n in tps if n != "transformers" and "transformers" in tps]:
         print(f"speed-up {name} / transformers: {tps[name] / tps['transformers']:.2f}x")

@@ -50,9 +50,15 @@ def free_port() -> int:
 def preload_libraries(vllm_python: str) -> list[str]:
     """tcmalloc and Intel OpenMP, as vLLM's CPU docs advise, where this machine has them: the intel-openmp
     wheel puts libiomp5 in the virtualenv's lib; tcmalloc comes from the system or vLLM's own libs."""
-    venv = Path(os.path.abspath(vllm_python)).parent.parent  # (not resolved: a venv's python links outside it)
-    patterns = ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so*", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so*",
-                "/usr/lib64/libtcmalloc_minimal.so*", str(venv / "lib/python3*/site-packages/vllm/libs/libtcmalloc*")]
+    venv = Path(
+        os.path.abspath(vllm_python)
+    ).parent.parent  # (not resolved: a venv's python links outside it)
+    patterns = [
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so*",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so*",
+        "/usr/lib64/libtcmalloc_minimal.so*",
+        str(venv / "lib/python3*/site-packages/vllm/libs/libtcmalloc*"),
+    ]
     tcmalloc = next((p for pat in patterns for p in sorted(glob.glob(pat))), None)
     iomp = next(iter(sorted(glob.glob(str(venv / "lib/libiomp5.so")))), None)
     return [p for p in (tcmalloc, iomp) if p]
@@ -60,22 +66,50 @@ def preload_libraries(vllm_python: str) -> list[str]:
 
 def start_vllm(args: argparse.Namespace, model: str, port: int, log: Path) -> tuple[subprocess.Popen, dict]:
     preload = preload_libraries(args.vllm_python)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
-           "VLLM_CPU_OMP_THREADS_BIND": args.threads_bind}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": args.threads_bind,
+    }
     if preload:
-        env["LD_PRELOAD"] = ":".join(preload + ([os.environ["LD_PRELOAD"]] if os.environ.get("LD_PRELOAD") else []))
-    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--served-model-name", "nanoseek", "--dtype", "float32", "--reasoning-parser", "deepseek_r1",
-           "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max(args.batch_sizes)),
-           "--seed", "0", "--uvicorn-log-level", "warning"]
-    shown = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD") if k in env}
+        env["LD_PRELOAD"] = ":".join(
+            preload + ([os.environ["LD_PRELOAD"]] if os.environ.get("LD_PRELOAD") else [])
+        )
+    cmd = [
+        args.vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        "nanoseek",
+        "--dtype",
+        "float32",
+        "--reasoning-parser",
+        "deepseek_r1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max(args.batch_sizes)),
+        "--seed",
+        "0",
+        "--uvicorn-log-level",
+        "warning",
+    ]
+    shown = {
+        k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD") if k in env
+    }
     print("vLLM configuration: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     if not any("tcmalloc" in p for p in preload):
         print("  (no tcmalloc on this machine: vLLM's docs advise `apt-get install libtcmalloc-minimal4`)")
     print("  " + " ".join(cmd[1:]))
     with open(log, "w") as f:  # the child keeps its own copy of the descriptor
         # a session of its own: stopping it stops its engine processes too (`stop_vllm`)
-        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), shown
+        return subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        ), shown
 
 
 def stop_vllm(proc: subprocess.Popen) -> None:
@@ -95,8 +129,10 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> N
     t = time.perf_counter()
     while time.perf_counter() - t < timeout:
         if proc.poll() is not None:
-            sys.exit(f"vLLM's server exited with code {proc.returncode} before it was ready; the end of its log "
-                     f"({log}):\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:]))
+            sys.exit(
+                f"vLLM's server exited with code {proc.returncode} before it was ready; the end of its log "
+                f"({log}):\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:])
+            )
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 print(f"vLLM ready after {time.perf_counter() - t:.0f} s")
@@ -107,10 +143,18 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> N
     sys.exit(f"vLLM's server was not ready within {timeout:.0f} s; see {log}")
 
 
-def vllm_complete(url: str, prompts: list[list[int]], max_tokens: int, ignore_eos: bool) -> tuple[list[list[int]], int]:
+def vllm_complete(
+    url: str, prompts: list[list[int]], max_tokens: int, ignore_eos: bool
+) -> tuple[list[list[int]], int]:
     """One /v1/completions request for the whole batch: (token ids per prompt, completion tokens)."""
-    body = {"model": "nanoseek", "prompt": prompts, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": ignore_eos, "return_token_ids": True}
+    body = {
+        "model": "nanoseek",
+        "prompt": prompts,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": ignore_eos,
+        "return_token_ids": True,
+    }
     r = httpx.post(url + "/v1/completions", json=body, timeout=None)
     r.raise_for_status()
     data = r.json()
@@ -128,27 +172,41 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="runs/demo/rl", help="source checkpoint (default: the demo's RL model)")
-    ap.add_argument("--task", default="addition@2", help="task whose held-out problems are the prompts (the demo's)")
+    ap.add_argument(
+        "--checkpoint", default="runs/demo/rl", help="source checkpoint (default: the demo's RL model)"
+    )
+    ap.add_argument(
+        "--task", default="addition@2", help="task whose held-out problems are the prompts (the demo's)"
+    )
     ap.add_argument("--export-dir", help="where to write the export (default: a temporary directory)")
-    ap.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="interpreter with vllm-cpu installed")
+    ap.add_argument(
+        "--vllm-python", default=".venv-vllm/bin/python", help="interpreter with vllm-cpu installed"
+    )
     ap.add_argument("--prompts", type=int, default=32, help="prompts for the greedy agreement")
     ap.add_argument("--agree-tokens", type=int, default=48, help="max tokens per agreement completion")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per sequence in the speed runs")
+    ap.add_argument(
+        "--max-tokens", type=int, default=128, help="output tokens per sequence in the speed runs"
+    )
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the speed runs (medians)")
     ap.add_argument("--kv-cache-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--threads-bind", default=f"0-{os.cpu_count() - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
-    ap.add_argument("--pause", type=float, default=2.0,
-                    help="seconds between timed runs: vLLM's worker busy-polls its queue for a second after "
-                         "each request, which would otherwise take a core from the next run")
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=2.0,
+        help="seconds between timed runs: vLLM's worker busy-polls its queue for a second after "
+        "each request, which would otherwise take a core from the next run",
+    )
     ap.add_argument("--startup-timeout", type=float, default=1200, help="seconds to wait for vLLM's server")
     args = ap.parse_args()
 
     src = Path(args.checkpoint)
     if not (src / "config.json").is_file():
-        sys.exit(f"{src}: no checkpoint there; make one with `make demo` (or `nanoseek demo`, about 6 minutes), "
-                 f"or pass --checkpoint")
+        sys.exit(
+            f"{src}: no checkpoint there; make one with `make demo` (or `nanoseek demo`, about 6 minutes), "
+            f"or pass --checkpoint"
+        )
     vllm_python = args.vllm_python if Path(args.vllm_python).is_absolute() else str(ROOT / args.vllm_python)
     if not Path(vllm_python).exists():
         sys.exit(f"{args.vllm_python}: no such interpreter; `make interop` installs vllm-cpu into .venv-vllm")
@@ -157,19 +215,26 @@ def main() -> None:
     out = Path(args.export_dir or Path(tmp.name) / "export")
     t = time.perf_counter()
     export(src, out, "vllm")
-    print(f"exported {src} -> {out} in {time.perf_counter() - t:.1f} s (MLA widened to kv_lora_rank 512 + "
-          f"qk_rope_head_dim 64)")
+    print(
+        f"exported {src} -> {out} in {time.perf_counter() - t:.1f} s (MLA widened to kv_lora_rank 512 + "
+        f"qk_rope_head_dim 64)"
+    )
 
     source = LLM(src)  # eager, on the source checkpoint: the reference for agreement
-    eos = {source.config.eos_token_id} if isinstance(source.config.eos_token_id, int) else set(
-        source.config.eos_token_id or [])
+    eos = (
+        {source.config.eos_token_id}
+        if isinstance(source.config.eos_token_id, int)
+        else set(source.config.eos_token_id or [])
+    )
     n_prompts = max(args.prompts, max(args.batch_sizes))
     problems = held_out_problems(args.task, n_prompts, seed=0)
     while len(problems) < n_prompts:  # a small task holds out few questions: repeat them
         problems += problems[: n_prompts - len(problems)]
     ids = [source.encode(p.prompt) for p in problems]
-    print(f"{len(ids)} prompts from {args.task}'s held-out problems, {min(map(len, ids))}-{max(map(len, ids))} "
-          f"tokens; torch {torch.__version__}, {torch.get_num_threads()} threads for nanoseek")
+    print(
+        f"{len(ids)} prompts from {args.task}'s held-out problems, {min(map(len, ids))}-{max(map(len, ids))} "
+        f"tokens; torch {torch.__version__}, {torch.get_num_threads()} threads for nanoseek"
+    )
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -180,8 +245,10 @@ def main() -> None:
 
         # (a) greedy agreement: nanoseek on the source, vLLM on the export, token for token
         agree_ids = ids[: args.prompts]
-        ours = [o.token_ids for o in source.generate(agree_ids, SamplingParams(temperature=0,
-                                                                               max_tokens=args.agree_tokens))]
+        ours = [
+            o.token_ids
+            for o in source.generate(agree_ids, SamplingParams(temperature=0, max_tokens=args.agree_tokens))
+        ]
         theirs, _ = vllm_complete(url, agree_ids, args.agree_tokens, ignore_eos=False)
         same = 0
         for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -190,16 +257,27 @@ def main() -> None:
                 same += 1
             else:
                 k = first_difference(a, b)
-                print(f"  prompt {i}: first difference at output token {k} (nanoseek {a[k:k + 4]}, "
-                      f"vLLM {b[k:k + 4]}; lengths {len(a)} / {len(b)})")
-        print(f"(a) greedy agreement: {same}/{len(agree_ids)} completions identical token for token "
-              f"(max {args.agree_tokens} tokens, stopping at EOS)")
+                print(
+                    f"  prompt {i}: first difference at output token {k} (nanoseek {a[k : k + 4]}, "
+                    f"vLLM {b[k : k + 4]}; lengths {len(a)} / {len(b)})"
+                )
+        print(
+            f"(a) greedy agreement: {same}/{len(agree_ids)} completions identical token for token "
+            f"(max {args.agree_tokens} tokens, stopping at EOS)"
+        )
 
         # (b) the reasoning split of a chat request
         question = problems[0].question
-        r = httpx.post(url + "/v1/chat/completions", timeout=None, json={
-            "model": "nanoseek", "messages": [{"role": "user", "content": question}], "temperature": 0,
-            "max_tokens": args.agree_tokens})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=None,
+            json={
+                "model": "nanoseek",
+                "messages": [{"role": "user", "content": question}],
+                "temperature": 0,
+                "max_tokens": args.agree_tokens,
+            },
+        )
         r.raise_for_status()
         msg = r.json()["choices"][0]["message"]
         prompt = render_chat([{"role": "user", "content": question}])
@@ -212,8 +290,12 @@ def main() -> None:
         print(f"    nanoseek content:           {content!r}")
 
         # (c) output tokens/s on the export, alternating rounds
-        fast = LLM(out, compile=True, prefix_caching=False,  # vLLM's CPU MLA runs without prefix caching
-                   max_num_seqs=max(args.batch_sizes))
+        fast = LLM(
+            out,
+            compile=True,
+            prefix_caching=False,  # vLLM's CPU MLA runs without prefix caching
+            max_num_seqs=max(args.batch_sizes),
+        )
         t = time.perf_counter()
         fast.warm_up()
         print(f"nanoseek compiled its decode graphs in {time.perf_counter() - t:.0f} s")
@@ -235,16 +317,22 @@ def main() -> None:
                         tokens = vllm_complete(url, ids[:b], args.max_tokens, ignore_eos=True)[1]
                     dt = time.perf_counter() - t
                     if tokens != b * args.max_tokens:
-                        sys.exit(f"{name} produced {tokens} output tokens at batch {b}, expected {b * args.max_tokens}")
+                        sys.exit(
+                            f"{name} produced {tokens} output tokens at batch {b}, expected {b * args.max_tokens}"
+                        )
                     rates.setdefault((name, b), []).append(tokens / dt)
-                    print(f"  round {rnd + 1}, batch {b:>3}, {name:<8}: {tokens} tokens in {dt:6.2f} s = "
-                          f"{tokens / dt:8.1f} tok/s")
+                    print(
+                        f"  round {rnd + 1}, batch {b:>3}, {name:<8}: {tokens} tokens in {dt:6.2f} s = "
+                        f"{tokens / dt:8.1f} tok/s"
+                    )
     finally:
         stop_vllm(proc)
 
-    print(f"\nmedians of {args.rounds} rounds, output tokens/s on the export ({args.max_tokens} tokens per sequence, "
-          f"greedy, ignore_eos; same token counts checked); 1-minute load average {load:.2f} before the "
-          f"runs, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores")
+    print(
+        f"\nmedians of {args.rounds} rounds, output tokens/s on the export ({args.max_tokens} tokens per sequence, "
+        f"greedy, ignore_eos; same token counts checked); 1-minute load average {load:.2f} before the "
+        f"runs, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores"
+    )
     print(f"{'':<22}{'nanoseek':>12}{'vLLM':>12}{'nanoseek/vLLM':>16}")
     for b in args.batch_sizes:
         ours_rate, theirs_rate = statistics.median(rates["nanoseek", b]), statistics.median(rates["vLLM", b])

@@ -6,6 +6,14 @@ from .engine import LLM, SamplingParams
 from .latent_cache import LatentCache
 from .model import DeepSeekV3
 
-__all__ = ["ModelConfig", "DeepSeekV3", "LatentCache", "load_model", "save_model", "CheckpointError", "LLM",
-           "SamplingParams"]
+__all__ = [
+    "ModelConfig",
+    "DeepSeekV3",
+    "LatentCache",
+    "load_model",
+    "save_model",
+    "CheckpointError",
+    "LLM",
+    "SamplingParams",
+]
 __version__ = "0.1.0"

@@ -23,8 +23,12 @@ from .config import ModelConfig
 from .fp8 import BLOCK, dequantize_weight, quantize_weight
 from .model import DeepSeekV3, rope_inv_freq
 
-FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                           "weight_block_size": [BLOCK, BLOCK]}
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [BLOCK, BLOCK],
+}
 _ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn}
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's tensors
 
@@ -94,7 +98,8 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
     for prefix, per_expert in experts.items():
         ids = sorted(per_expert)
         sd[prefix + ".gate_up"] = torch.stack(
-            [torch.cat([per_expert[j]["gate_proj"], per_expert[j]["up_proj"]]) for j in ids])
+            [torch.cat([per_expert[j]["gate_proj"], per_expert[j]["up_proj"]]) for j in ids]
+        )
         sd[prefix + ".down"] = torch.stack([per_expert[j]["down_proj"] for j in ids])
     second = re.compile(r"(.+)\.(up_proj|kv_a_proj_with_mqa)\.(weight|bias)")
     for m in [m for m in map(second.fullmatch, list(sd)) if m]:
@@ -120,18 +125,24 @@ def _from_hf(config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tenso
 def dequantize_fp8(weight: Tensor, scale_inv: Tensor, name: str = "weight") -> Tensor:
     """float8_e4m3fn [out, in] with fp32 scale_inv [ceil(out/128), ceil(in/128)] -> fp32 (ragged edges ok)."""
     if weight.dim() != 2:
-        raise CheckpointError(f"FP8 tensor {name} has shape {tuple(weight.shape)}; only 2-D weights are block-scaled")
+        raise CheckpointError(
+            f"FP8 tensor {name} has shape {tuple(weight.shape)}; only 2-D weights are block-scaled"
+        )
     out_f, in_f = weight.shape
     want = (math.ceil(out_f / BLOCK), math.ceil(in_f / BLOCK))
     if tuple(scale_inv.shape) != want:
-        raise CheckpointError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} "
-                              f"for FP8 weight {name} of shape {(out_f, in_f)}")
+        raise CheckpointError(
+            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} "
+            f"for FP8 weight {name} of shape {(out_f, in_f)}"
+        )
     return dequantize_weight(weight, scale_inv)
 
 
 def _fp8_eligible(name: str, t: Tensor) -> bool:
     """As in the public V3 checkpoints: 2-D projection weights in FP8; embeddings, head, router, norms not."""
-    return t.dim() == 2 and not re.search(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$", name)
+    return t.dim() == 2 and not re.search(
+        r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate|norm)\.weight$", name
+    )
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -189,8 +200,9 @@ def _dequantize_all(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = torch.float32) -> DeepSeekV3:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+) -> DeepSeekV3:
     """Load a Hugging Face-format DeepSeek-V3 directory, or a Hub id `org/name[@revision]`; returns the
     model in eval mode.
 
@@ -198,13 +210,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     (as transformers writes) loads as a model without MTP. Errors name the file or tensor at fault.
     """
     from .hub import resolve_checkpoint  # (hub imports this module)
+
     path = resolve_checkpoint(path)
     config = ModelConfig.from_json(path)
     tensors = _dequantize_all(_read_tensors(_weight_files(path)))
     n_mtp = config.num_nextn_predict_layers
     if n_mtp and not any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in tensors):
-        print(f"nanoseek: {path} has no MTP weights; loading without MTP (num_nextn_predict_layers 0)",
-              file=sys.stderr)
+        print(
+            f"nanoseek: {path} has no MTP weights; loading without MTP (num_nextn_predict_layers 0)",
+            file=sys.stderr,
+        )
         config = config.replace(num_nextn_predict_layers=0)
     expected = _expected_shapes(config)
     missing = sorted(set(expected) - set(tensors))
@@ -221,8 +236,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = DeepSeekV3(config)
     if dtype is not None:  # the router stays at least fp32 (its bias moves in steps of 1e-3)
         router = torch.promote_types(dtype, torch.float32)
-        state = {k: v.to(router if k.endswith(("gate.weight", "e_score_correction_bias")) else dtype)
-                 for k, v in state.items()}
+        state = {
+            k: v.to(router if k.endswith(("gate.weight", "e_score_correction_bias")) else dtype)
+            for k, v in state.items()
+        }
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True gave the head a Parameter of its own
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -245,8 +262,13 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
 
 
-def save_model(model: DeepSeekV3, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-               dtype: torch.dtype | None = None, fp8: bool = False) -> Path:
+def save_model(
+    model: DeepSeekV3,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    fp8: bool = False,
+) -> Path:
     """Write `model` as a Hugging Face checkpoint directory (sharded above max_shard_size), atomically.
 
     `fp8=True` stores projection weights as float8_e4m3fn with 128x128-block `weight_scale_inv` and a
@@ -279,15 +301,22 @@ def save_model(model: DeepSeekV3, path: str | os.PathLike, max_shard_size: int |
             size = 0
         shards[-1][k] = t
         size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, shard in zip(names, shards):
-        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(
+            path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"})
+        )
     index = path / "model.safetensors.index.json"
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic_write_text(
+            index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     elif index.exists():
         index.unlink()
     for stale in path.glob("model*.safetensors"):

@@ -8,8 +8,9 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, ModelConfig
@@ -18,14 +19,16 @@ from .config import PRESETS, ModelConfig
 def describe(config: ModelConfig, name: str) -> str:
     """Parameter counts, FLOPs per token and latent-cache size of a config, as printed by `nanoseek info`."""
     ratio = config.latent_dim / config.decompressed_cache_dim
-    return "\n".join([
-        f"{name}: {config.num_params() / 1e6:,.2f}M parameters (+{config.num_mtp_params() / 1e6:,.2f}M MTP), "
-        f"{config.num_active_params() / 1e6:,.2f}M activated per token",
-        f"  training FLOPs/token at seq 4096: {config.train_flops_per_token(4096):.3e}; "
-        f"decode FLOPs/token at context 4096: {config.decode_flops_per_token(4096):.3e}",
-        f"  MLA cache per token per layer: {config.latent_dim} values vs {config.decompressed_cache_dim} "
-        f"decompressed ({config.latent_dim}/{config.decompressed_cache_dim} = {ratio:.2%})",
-    ])
+    return "\n".join(
+        [
+            f"{name}: {config.num_params() / 1e6:,.2f}M parameters (+{config.num_mtp_params() / 1e6:,.2f}M MTP), "
+            f"{config.num_active_params() / 1e6:,.2f}M activated per token",
+            f"  training FLOPs/token at seq 4096: {config.train_flops_per_token(4096):.3e}; "
+            f"decode FLOPs/token at context 4096: {config.decode_flops_per_token(4096):.3e}",
+            f"  MLA cache per token per layer: {config.latent_dim} values vs {config.decompressed_cache_dim} "
+            f"decompressed ({config.latent_dim}/{config.decompressed_cache_dim} = {ratio:.2%})",
+        ]
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -35,12 +38,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
+
     run_demo(config_from(DemoConfig, args))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from .data import read_documents
     from .tokenizer import save_tokenizer, train_tokenizer
+
     docs = [d for path in args.corpus for d in read_documents(path)]
     tok = train_tokenizer(docs, args.vocab_size)
     save_tokenizer(tok, args.out)
@@ -50,25 +55,35 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig
     from .train.pretrain import PretrainConfig, pretrain
+
     pretrain(config_from(PretrainConfig, args), config_from(TrainConfig, args), args.out, resume=args.resume)
 
 
 def cmd_grpo(args: argparse.Namespace) -> None:
     from .train.grpo import GRPOConfig, GRPOTrainer
     from .train.loop import TrainConfig
+
     GRPOTrainer(args.init, config_from(GRPOConfig, args), config_from(TrainConfig, args), args.out).train(
-        resume=args.resume)
+        resume=args.resume
+    )
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig
     from .train.sft import SFTConfig, sft
-    sft(config_from(SFTConfig, args, eval_problems=0), config_from(TrainConfig, args), args.out, resume=args.resume)
+
+    sft(
+        config_from(SFTConfig, args, eval_problems=0),
+        config_from(TrainConfig, args),
+        args.out,
+        resume=args.resume,
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .engine import LLM
     from .train.distill import SampleConfig, print_rates, rejection_sample, write_jsonl
+
     records, rates = rejection_sample(LLM(args.model), config_from(SampleConfig, args))
     write_jsonl(args.out, records)
     print_rates(rates, len(records))
@@ -77,11 +92,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from .train.distill import DistillConfig, SampleConfig, distill
+
     distill(config_from(DistillConfig, args, sample=config_from(SampleConfig, args)), args.out, args.seed)
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
     from .cost import training_cost, v3_implied_mfu
+
     mfu = args.mfu if args.mfu is not None else v3_implied_mfu()
     c = training_cost(ModelConfig.preset(args.preset), args.tokens, args.gpu, mfu, args.seq_len, args.price)
     print(f"{args.preset}: {args.tokens:.3g} tokens on {args.gpu} at {mfu:.0%} utilisation: {c.line()}")
@@ -89,11 +106,13 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
+
     from .atomic import atomic_write_text
     from .data import held_out_problems
     from .engine import LLM
     from .eval import evaluate
     from .tasks import TASKS, get_task
+
     llm = LLM(args.checkpoint)
     rows = []
     for name in args.task or sorted(TASKS):
@@ -111,17 +130,22 @@ COMPILING = "compiling the decode forwards (10-45 s the first time; about 90 s w
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode forwards: faster decoding once compiled (10-45 s, cached on disk)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode forwards: faster decoding once compiled (10-45 s, cached on disk)",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import LLM, SamplingParams
+
     llm = LLM(args.checkpoint, speculative=args.speculative, compile=args.compile)
     if args.compile:
         print(COMPILING, file=sys.stderr, flush=True)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
     for delta in llm.stream(args.prompt, params):
         print(delta.text, end="", flush=True)
     print()
@@ -129,8 +153,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
-    out = export(args.checkpoint, args.out, target=args.target, dtype=None if args.dtype == "auto" else args.dtype,
-                 check=not args.no_check)
+
+    out = export(
+        args.checkpoint,
+        args.out,
+        target=args.target,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        check=not args.no_check,
+    )
     print(f"exported {args.checkpoint} for {args.target} -> {out}")
 
 
@@ -142,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve.api import create_app
     from .serve.async_engine import server_threads
     from .tokenizer import read_chat_template
+
     chat_template = None  # None: the checkpoint's own template (tokenizer_config.json), else the built-in one
     if args.chat_template is not None:  # checked before the model loads, so a typo fails at once
         try:
@@ -149,23 +180,46 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ValueError(f"--chat-template: {e}") from None
     torch.set_num_threads(server_threads(args.threads))
-    llm = LLM(args.checkpoint, max_num_seqs=args.max_concurrency, max_batched_tokens=args.max_num_batched_tokens,
-              cache_memory_mb=args.cache_memory_mb, speculative=args.speculative, compile=args.compile)
+    llm = LLM(
+        args.checkpoint,
+        max_num_seqs=args.max_concurrency,
+        max_batched_tokens=args.max_num_batched_tokens,
+        cache_memory_mb=args.cache_memory_mb,
+        speculative=args.speculative,
+        compile=args.compile,
+    )
     if args.compile:
         print(COMPILING, flush=True)
         llm.warm_up()
-    app = create_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_pending=args.max_concurrency + args.max_queue, chat_template=chat_template)
-    print(f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/")
+    app = create_app(
+        llm,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_pending=args.max_concurrency + args.max_queue,
+        chat_template=chat_template,
+    )
+    print(
+        f"serving {args.checkpoint} as {args.served_model_name!r}: chat page at http://{args.host}:{args.port}/"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
-    info = push(args.checkpoint, args.repo_id, private=args.private, revision=args.revision,
-                commit_message=args.commit_message, license=args.license)
-    print(f"pushed {args.checkpoint} to {args.repo_id}" + (f"@{args.revision}" if args.revision else "")
-          + (f": {info}" if info else ""))
+
+    info = push(
+        args.checkpoint,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license=args.license,
+    )
+    print(
+        f"pushed {args.checkpoint} to {args.repo_id}"
+        + (f"@{args.revision}" if args.revision else "")
+        + (f": {info}" if info else "")
+    )
 
 
 HUB_ID = "or a Hugging Face Hub id org/name[@revision]"
@@ -174,6 +228,7 @@ HUB_ID = "or a Hugging Face Hub id org/name[@revision]"
 def _report_to(value: str) -> str:
     """--report-to checked at parse time, before any data or model is built."""
     from .train.report import check_available, parse_report_to
+
     try:
         check_available(parse_report_to(value))
     except ValueError as e:
@@ -185,14 +240,24 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default (none where there is nothing to show)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or action.default is None or isinstance(action.default, bool) \
-                or action.default == argparse.SUPPRESS:
+        if (
+            action.required
+            or action.default is None
+            or isinstance(action.default, bool)
+            or action.default == argparse.SUPPRESS
+        ):
             return action.help or ""
         return super()._get_help_string(action)
 
 
-def add_options(p: argparse.ArgumentParser, cls: type, *, only: set[str] | None = None, skip: set[str] = frozenset(),
-                defaults: dict[str, Any] | None = None) -> None:
+def add_options(
+    p: argparse.ArgumentParser,
+    cls: type,
+    *,
+    only: set[str] | None = None,
+    skip: set[str] = frozenset(),
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Flags for the fields of a config dataclass made with `config.option`: name, type, default, choices
     and help come from the field (`defaults` overrides a default for this command); `config_from` reads
     them back. A bool field is a switch: `--name` when it defaults to False, `--no-name` when to True; a
@@ -213,9 +278,15 @@ def add_options(p: argparse.ArgumentParser, cls: type, *, only: set[str] | None 
         else:
             flag = f.metadata["flag"] or f"--{name}"
             args = typing.get_args(kind)
-            if typing.get_origin(kind) is tuple and args[-1] is Ellipsis:  # repeatable; none given: the default
-                kw.update(action="append", type=args[0], default=None,
-                          help=f"{kw['help']} (default: {' '.join(map(str, default))})")
+            if (
+                typing.get_origin(kind) is tuple and args[-1] is Ellipsis
+            ):  # repeatable; none given: the default
+                kw.update(
+                    action="append",
+                    type=args[0],
+                    default=None,
+                    help=f"{kw['help']} (default: {' '.join(map(str, default))})",
+                )
             elif typing.get_origin(kind) is tuple:
                 kw.update(nargs=len(args), type=args[0], default=default)
             else:
@@ -253,6 +324,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"--config: cannot read {path} ({e})") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
+
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -281,8 +353,9 @@ def _file_value(action: argparse.Action, value: Any) -> Any:
         raise ValueError(f"{flag}: must be a single value, got {value!r}")
     else:
         value = parse(str(value))
-    if action.choices is not None and any(v not in action.choices for v in (value if isinstance(value, list)
-                                                                             else [value])):
+    if action.choices is not None and any(
+        v not in action.choices for v in (value if isinstance(value, list) else [value])
+    ):
         raise ValueError(f"{flag}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     action.required = False
     return value
@@ -294,31 +367,48 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, argparse.ArgumentParser] = {}
 
-    def command(name: str, help: str, func: Callable[[argparse.Namespace], None], within: Any = sub,
-                key: str | None = None) -> argparse.ArgumentParser:
+    def command(
+        name: str,
+        help: str,
+        func: Callable[[argparse.Namespace], None],
+        within: Any = sub,
+        key: str | None = None,
+    ) -> argparse.ArgumentParser:
         """A command's parser (`within` another command's subcommands: `key` is that command's name)."""
         p = within.add_parser(name, help=help, description=help, formatter_class=_Help)
-        p.add_argument("--config", metavar="FILE", help="a JSON or YAML file of flags (names with dashes or "
-                       "underscores); flags given on the command line win")
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="a JSON or YAML file of flags (names with dashes or "
+            "underscores); flags given on the command line win",
+        )
         p.set_defaults(func=func)
         commands[key or name] = p
         return p
 
     p = command("info", "parameter counts, FLOPs and cache size of presets", cmd_info)
-    p.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: every preset")
+    p.add_argument(
+        "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: every preset"
+    )
     from .demo import DemoConfig
     from .train.distill import DistillConfig, SampleConfig
     from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
     from .train.loop import TrainConfig
     from .train.pretrain import PretrainConfig
     from .train.sft import SFT_TRAIN_DEFAULTS, SFTConfig
+
     p = command("demo", "R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)", cmd_demo)
     add_options(p, DemoConfig)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", description="tokenizer tools")
     tsub = p.add_subparsers(dest="action", required=True, help="what to do")
-    t = command("train", "train a byte-level BPE with the chat/reasoning special tokens", cmd_tokenizer,
-                within=tsub, key="tokenizer")
+    t = command(
+        "train",
+        "train a byte-level BPE with the chat/reasoning special tokens",
+        cmd_tokenizer,
+        within=tsub,
+        key="tokenizer",
+    )
     t.add_argument("--corpus", nargs="+", required=True, help=".txt/.jsonl/.parquet files")
     t.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary")
     t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
@@ -330,18 +420,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_options(p, TrainConfig)
 
     p = command("grpo", "reinforcement learning with GRPO on a verifiable task (torchrun-ready)", cmd_grpo)
-    p.add_argument("--init", required=True, help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}")
+    p.add_argument(
+        "--init", required=True, help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_options(p, GRPOConfig)
     add_options(p, TrainConfig, skip={"compile", "fsdp"}, defaults=GRPO_TRAIN_DEFAULTS)
 
-    p = command("sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)", cmd_sft)
-    p.add_argument("--init", required=True, help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}")
+    p = command(
+        "sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)", cmd_sft
+    )
+    p.add_argument(
+        "--init", required=True, help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}"
+    )
     p.add_argument("--data", required=True, help="JSONL of {messages: [...]} with optional reasoning_content")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    add_options(p, SFTConfig, only={"seq_len", "batch_size", "mtp_lambda", "eval_every", "strict", "val_fraction"})
+    add_options(
+        p, SFTConfig, only={"seq_len", "batch_size", "mtp_lambda", "eval_every", "strict", "val_fraction"}
+    )
     add_options(p, TrainConfig, skip={"compile"}, defaults=SFT_TRAIN_DEFAULTS)
 
     p = command("sample", "rejection sampling: verified-correct samples as SFT JSONL", cmd_sample)
@@ -369,7 +467,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--k", type=int, default=0, help="samples per problem for pass@1 and cons@k")
     p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
     p.add_argument("--seed", type=int, default=0, help="picks the held-out problems (as training's --seed)")
-    p.add_argument("--template", choices=["chat", "r1zero"], default="chat", help="the prompt format trained on")
+    p.add_argument(
+        "--template", choices=["chat", "r1zero"], default="chat", help="the prompt format trained on"
+    )
     p.add_argument("--out", help="JSONL of every sample")
 
     p = command("generate", "stream a completion to the terminal", cmd_generate)
@@ -387,12 +487,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
     p.add_argument("--served-model-name", default="nanoseek", help="the model name clients ask for")
-    p.add_argument("--chat-template", metavar="FILE",
-                   help="a Jinja chat template to render chat requests with (default: the checkpoint's)")
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template to render chat requests with (default: the checkpoint's)",
+    )
     p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="further requests that may wait (then 429)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="tokens one engine step may compute (prefill chunks + decodes)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="tokens one engine step may compute (prefill chunks + decodes)",
+    )
     p.add_argument("--cache-memory-mb", type=float, default=256, help="memory of the paged latent cache")
     _engine_flags(p)
     p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
@@ -401,21 +508,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = command("export", "write a checkpoint in the shape another engine needs (same outputs)", cmd_export)
     p.add_argument("checkpoint", help=f"source checkpoint directory {HUB_ID}")
     p.add_argument("out", help="directory to write the export to (config.json, weights, tokenizer)")
-    p.add_argument("--for", dest="target", required=True, choices=["vllm"],
-                   help="vllm: MLA widened, function-preserving, to kv_lora_rank 512 + qk_rope_head_dim 64 "
-                        "unless already so (the 576-wide latent vLLM's CPU backend requires; its GPU backends "
-                        "take it too)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weight dtype of the export (auto: the source's; FP8 sources as bfloat16)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip comparing the export's logits with the source's on a few tokens before writing")
+    p.add_argument(
+        "--for",
+        dest="target",
+        required=True,
+        choices=["vllm"],
+        help="vllm: MLA widened, function-preserving, to kv_lora_rank 512 + qk_rope_head_dim 64 "
+        "unless already so (the 576-wide latent vLLM's CPU backend requires; its GPU backends "
+        "take it too)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weight dtype of the export (auto: the source's; FP8 sources as bfloat16)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip comparing the export's logits with the source's on a few tokens before writing",
+    )
 
     p = command("push", "upload a checkpoint to the Hugging Face Hub with a generated model card", cmd_push)
     p.add_argument("checkpoint", help="checkpoint directory (its model, tokenizer and config are uploaded)")
     p.add_argument("repo_id", help="org/name of the Hub model repository (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--revision", "--branch", dest="revision", help="branch to push to (created if missing; "
-                   "default: main)")
+    p.add_argument(
+        "--revision",
+        "--branch",
+        dest="revision",
+        help="branch to push to (created if missing; default: main)",
+    )
     p.add_argument("--commit-message", help="default: 'Upload DIR with nanoseek'")
     p.add_argument("--license", help="license id for the model card's metadata (e.g. mit, apache-2.0)")
 
@@ -437,8 +560,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(str(e))
         # a key is a field (balance_alpha, doc_mask) or a flag's name (alpha); not a switch's negation
         actions = {a.dest: a for a in p._actions}
-        actions |= {o.lstrip("-").replace("-", "_"): a for a in p._actions for o in a.option_strings
-                    if not isinstance(a, argparse._StoreFalseAction)}
+        actions |= {
+            o.lstrip("-").replace("-", "_"): a
+            for a in p._actions
+            for o in a.option_strings
+            if not isinstance(a, argparse._StoreFalseAction)
+        }
         unknown = sorted(set(values) - set(actions) - {"config", "func"})
         if unknown:
             p.error(f"--config: {path} sets {', '.join(unknown)}, which `nanoseek {name}` does not take")

@@ -28,8 +28,6 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: tuple |
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
-
-
 @dataclass
 class ModelConfig:
     """DeepSeek-V3 architecture hyper-parameters; defaults are the published V3 values (REFERENCE §1)."""
@@ -65,8 +63,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = field(
         default_factory=lambda: {
-            "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
         }
     )
     rope_interleave: bool = True
@@ -116,15 +119,29 @@ class ModelConfig:
                     f"config field '{f.name}' must be {_type_name(hints[f.name])}, "
                     f"got {type(value).__name__} {value!r}"
                 )
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ]
         if self.n_routed_experts:
             positive += ["moe_intermediate_size", "n_group", "num_experts_per_tok"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field '{name}' must be > 0, got {getattr(self, name)}")
-        for name in ["num_nextn_predict_layers", "n_shared_experts", "n_routed_experts", "qk_nope_head_dim",
-                     "first_k_dense_replace"]:
+        for name in [
+            "num_nextn_predict_layers",
+            "n_shared_experts",
+            "n_routed_experts",
+            "qk_nope_head_dim",
+            "first_k_dense_replace",
+        ]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
@@ -135,18 +152,24 @@ class ModelConfig:
                 raise ValueError(f"config field 'rope_scaling': only YaRN is supported, got type {kind!r}")
             factor = self.rope_scaling.get("factor")
             if kind == "yarn" and not (_matches(factor, float) and factor > 0):
-                raise ValueError(f"config field 'rope_scaling': YaRN needs a numeric factor > 0, got {factor!r}")
+                raise ValueError(
+                    f"config field 'rope_scaling': YaRN needs a numeric factor > 0, got {factor!r}"
+                )
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"config field 'qk_rope_head_dim' must be even, got {self.qk_rope_head_dim}")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group:
-                raise ValueError(f"config field 'n_group' ({self.n_group}) must divide "
-                                 f"n_routed_experts ({self.n_routed_experts})")
+                raise ValueError(
+                    f"config field 'n_group' ({self.n_group}) must divide "
+                    f"n_routed_experts ({self.n_routed_experts})"
+                )
             if not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"config field 'topk_group' must be in [1, n_group], got {self.topk_group}")
             per_group = self.n_routed_experts // self.n_group
             if self.num_experts_per_tok > self.topk_group * per_group:
-                raise ValueError("config field 'num_experts_per_tok' exceeds the experts in topk_group groups")
+                raise ValueError(
+                    "config field 'num_experts_per_tok' exceeds the experts in topk_group groups"
+                )
             if self.scoring_func != "sigmoid":
                 raise ValueError(f"config field 'scoring_func' must be 'sigmoid', got {self.scoring_func!r}")
         if self.hidden_act != "silu":
@@ -154,7 +177,7 @@ class ModelConfig:
 
     # ---- config.json ----------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict; unknown keys go to `extra`, `rope_parameters` is understood."""
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -177,19 +200,28 @@ class ModelConfig:
         return cls(**kwargs, extra=d)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "extra"
+        }
         rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rs = dict(self.rope_scaling)
             kind = rs.pop("type", None) or rs.pop("rope_type", None)
             d["rope_scaling"] = {"type": kind, "rope_type": kind, **rs}
             rope_parameters = {"rope_type": kind, "rope_theta": self.rope_theta, **rs}
-        out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **self.extra, **d,
-               "rope_parameters": rope_parameters}
+        out = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            **self.extra,
+            **d,
+            "rope_parameters": rope_parameters,
+        }
         return out
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -211,12 +243,12 @@ class ModelConfig:
         d["torch_dtype"] = dtype
         atomic_write_text(Path(directory) / "config.json", json.dumps(d, indent=2) + "\n")
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- presets --------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         """`tiny` (tests), `small` (the demo MoE), `dense-small` (distillation student), `v3` (counting)."""
         try:
             return cls(**PRESETS[name])
@@ -230,7 +262,11 @@ class ModelConfig:
             q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
         else:
             q = d * h * self.qk_head_dim
-        kv = d * self.latent_dim + self.kv_lora_rank + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        kv = (
+            d * self.latent_dim
+            + self.kv_lora_rank
+            + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        )
         return q + kv + h * self.v_head_dim * d
 
     def _ffn_params(self, i: int) -> tuple[int, int]:
@@ -263,7 +299,11 @@ class ModelConfig:
 
     def num_params(self, mtp: bool = False) -> int:
         """Main-model parameters (embedding and head included); `mtp=True` adds the MTP modules."""
-        n = self._embed_head() + self.hidden_size + sum(self._layer_params(i)[0] for i in range(self.num_hidden_layers))
+        n = (
+            self._embed_head()
+            + self.hidden_size
+            + sum(self._layer_params(i)[0] for i in range(self.num_hidden_layers))
+        )
         return n + (self.num_nextn_predict_layers * self._mtp_params()[0] if mtp else 0)
 
     def num_mtp_params(self) -> int:
@@ -293,7 +333,9 @@ class ModelConfig:
         """Forward FLOPs of one decoded token against `context_len` cached tokens (absorbed MLA)."""
         n = self.num_active_params(embedding=False) - self.hidden_size
         h = self.num_attention_heads
-        absorb = 2 * h * self.qk_nope_head_dim * self.kv_lora_rank + 2 * h * self.v_head_dim * self.kv_lora_rank
+        absorb = (
+            2 * h * self.qk_nope_head_dim * self.kv_lora_rank + 2 * h * self.v_head_dim * self.kv_lora_rank
+        )
         per_layer_attn = 2 * h * (self.latent_dim + self.kv_lora_rank) * context_len
         return 2.0 * n + self.num_hidden_layers * (per_layer_attn + absorb)
 
@@ -327,20 +369,56 @@ def _type_name(hint: Any) -> str:
 
 
 _TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-    num_hidden_layers=2, num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4,
-    n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48,
-    qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, max_position_embeddings=512, initializer_range=0.02, rms_norm_eps=1e-6,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_nextn_predict_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    qk_nope_head_dim=16,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=512,
+    initializer_range=0.02,
+    rms_norm_eps=1e-6,
     rope_scaling=None,
 )
 
 _SMALL = dict(
-    vocab_size=1024, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
-    num_hidden_layers=4, num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4,
-    n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96,
-    qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=2, topk_group=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
+    vocab_size=1024,
+    hidden_size=192,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_nextn_predict_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=64,
+    q_lora_rank=96,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    qk_nope_head_dim=32,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
+    rms_norm_eps=1e-6,
     rope_scaling=None,
 )
 
@@ -348,8 +426,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "small": _SMALL,
     # the distillation student: every layer dense, MLA kept, at most half the small preset's active params
-    "dense-small": {**_SMALL, "hidden_size": 128, "num_hidden_layers": 4, "first_k_dense_replace": 4,
-                    "intermediate_size": 256, "q_lora_rank": 64, "kv_lora_rank": 32, "n_routed_experts": 0,
-                    "n_shared_experts": 0, "num_nextn_predict_layers": 0, "n_group": 1, "topk_group": 1},
+    "dense-small": {
+        **_SMALL,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 4,
+        "intermediate_size": 256,
+        "q_lora_rank": 64,
+        "kv_lora_rank": 32,
+        "n_routed_experts": 0,
+        "n_shared_experts": 0,
+        "num_nextn_predict_layers": 0,
+        "n_group": 1,
+        "topk_group": 1,
+    },
     "v3": {},
 }

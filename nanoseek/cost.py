@@ -23,8 +23,14 @@ class Cost:
         return f"{self.flops:.3e} FLOPs, {self.gpu_hours:,.1f} GPU-hours, ${self.dollars:,.2f}"
 
 
-def training_cost(config: ModelConfig, tokens: float, gpu: str = "h800", mfu: float | None = None,
-                  seq_len: int = V3_SEQ_LEN, price: float = PRICE_PER_GPU_HOUR) -> Cost:
+def training_cost(
+    config: ModelConfig,
+    tokens: float,
+    gpu: str = "h800",
+    mfu: float | None = None,
+    seq_len: int = V3_SEQ_LEN,
+    price: float = PRICE_PER_GPU_HOUR,
+) -> Cost:
     """Cost of training `tokens` tokens; `mfu` defaults to V3's implied utilisation."""
     if gpu not in GPU_PEAK:
         raise ValueError(f"gpu: unknown GPU {gpu!r}; choose from {sorted(GPU_PEAK)}")

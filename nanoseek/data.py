@@ -25,8 +25,13 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from a disjoint RNG strea
 Document = str | tuple[str, ...]  # a text, or pieces tokenised separately (prompt, completion)
 
 
-def builtin_documents(n: int, seed: int, tasks: tuple[str, ...] = ("arithmetic", "countdown"),
-                      scratchpad: float = 0.25, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+def builtin_documents(
+    n: int,
+    seed: int,
+    tasks: tuple[str, ...] = ("arithmetic", "countdown"),
+    scratchpad: float = 0.25,
+    exclude: set[str] | None = None,
+) -> list[tuple[str, str]]:
     """n worked examples (prompt, completion), cycling over tasks (`name@levels` limits the levels drawn);
     problems whose question is in `exclude` are skipped.
 
@@ -50,7 +55,7 @@ def tokenize(tok, docs: list[Document]) -> list[list[int]]:
     flat = tok.encode_batch([x for ps in pieces for x in ps], add_special_tokens=False)
     out, i = [], 0
     for ps in pieces:
-        out.append([t for e in flat[i:i + len(ps)] for t in e.ids])
+        out.append([t for e in flat[i : i + len(ps)] for t in e.ids])
         i += len(ps)
     return out
 
@@ -82,7 +87,9 @@ def training_problems(task: Task, rng: random.Random, n: int, held_out: set[str]
             out.append(p)
             if len(out) == n:
                 return out
-    raise ValueError(f"task: {task.name} yields too few problems outside the {len(held_out)} held out for evaluation")
+    raise ValueError(
+        f"task: {task.name} yields too few problems outside the {len(held_out)} held out for evaluation"
+    )
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
@@ -95,8 +102,11 @@ def read_documents(path: str | os.PathLike) -> list[str]:
         if suffix == ".txt":
             docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
         elif suffix == ".jsonl":
-            docs = [_record_text(_json_line(line, path, i + 1), path, i + 1)
-                    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+            docs = [
+                _record_text(_json_line(line, path, i + 1), path, i + 1)
+                for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())
+                if line.strip()
+            ]
         elif suffix == ".parquet":
             try:
                 import datasets

@@ -35,8 +35,9 @@ class DemoConfig:
     max_new_tokens: int = option(48, "completion length limit")
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
-    with_distill: bool = option(False, "also distil the RL model into a dense student, against GRPO on that "
-                                "student")
+    with_distill: bool = option(
+        False, "also distil the RL model into a dense student, against GRPO on that student"
+    )
 
 
 def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
@@ -44,9 +45,19 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
     inside <think> and half answering at once with an empty one. After a few minutes of pretraining the
     thought-out answers are far more often right than the immediate ones, but the base thinks only about
     half the time: the gap that GRPO, rewarded for correct answers only, can find."""
-    return PretrainConfig(preset=preset, tasks=(cfg.task,), scratchpad=0.5, seq_len=128, bias_gamma=0.001,
-                          batch_size=16, num_docs=cfg.num_docs, eval_every=0, eval_problems=0,
-                          held_out=cfg.eval_problems, **kw)
+    return PretrainConfig(
+        preset=preset,
+        tasks=(cfg.task,),
+        scratchpad=0.5,
+        seq_len=128,
+        bias_gamma=0.001,
+        batch_size=16,
+        num_docs=cfg.num_docs,
+        eval_every=0,
+        eval_problems=0,
+        held_out=cfg.eval_problems,
+        **kw,
+    )
 
 
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
@@ -64,40 +75,65 @@ def run_demo(cfg: DemoConfig) -> dict:
     problems = held_out_problems(cfg.task, cfg.eval_problems, cfg.seed)
 
     print(f"[1/5] pretraining the small DeepSeek-V3-style base ({cfg.pretrain_steps} steps)")
-    teacher_base = pretrain(_base_data(cfg, "small"), TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20,
-                                                                       seed=cfg.seed), out / "base")
+    teacher_base = pretrain(
+        _base_data(cfg, "small"),
+        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed),
+        out / "base",
+    )
     print("[2/5] evaluating the base")
     base = _eval(out / "base", cfg, problems)
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
     t = time.perf_counter()
-    grpo_cfg = GRPOConfig(task=cfg.task, prompts_per_step=16, max_new_tokens=cfg.max_new_tokens,
-                          eval_every=0, eval_problems=cfg.eval_problems)  # the held-out problems GRPO never trains on
-    teacher_rl = GRPOTrainer(out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl").train()
+    grpo_cfg = GRPOConfig(
+        task=cfg.task,
+        prompts_per_step=16,
+        max_new_tokens=cfg.max_new_tokens,
+        eval_every=0,
+        eval_problems=cfg.eval_problems,
+    )  # the held-out problems GRPO never trains on
+    teacher_rl = GRPOTrainer(
+        out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl"
+    ).train()
     rl_seconds = time.perf_counter() - t
     rl = _eval(out / "rl", cfg, problems)
 
     print(f"[4/5] control: supervised training of the same base for the same {rl_seconds:.0f}s")
-    pretrain(_base_data(cfg, "small", init=str(out / "base")),
-             TrainConfig(steps=10**6, lr=5e-4, warmup=5, min_lr_ratio=1.0, seed=cfg.seed + 1,
-                         max_seconds=rl_seconds), out / "sft_control")
+    pretrain(
+        _base_data(cfg, "small", init=str(out / "base")),
+        TrainConfig(
+            steps=10**6, lr=5e-4, warmup=5, min_lr_ratio=1.0, seed=cfg.seed + 1, max_seconds=rl_seconds
+        ),
+        out / "sft_control",
+    )
     sft = _eval(out / "sft_control", cfg, problems)
 
     extra = {}
     if cfg.with_distill:
         extra = _distillation(cfg, out, problems, grpo_cfg)
-        extra["teacher"] = {"active_params": teacher_base["active_params"],
-                            "seconds": teacher_base["seconds"] + teacher_rl["seconds"],
-                            "flops": teacher_base["cost"]["flops"] + teacher_rl["flops"]}
+        extra["teacher"] = {
+            "active_params": teacher_base["active_params"],
+            "seconds": teacher_base["seconds"] + teacher_rl["seconds"],
+            "flops": teacher_base["cost"]["flops"] + teacher_rl["flops"],
+        }
     print("[5/5] writing the report")
     seconds = time.perf_counter() - t_start
-    summary = {"task": cfg.task, "seconds": seconds, "grpo_seconds": rl_seconds,
-               "base": _row(base), "rl": _row(rl), "sft_control": _row(sft), **extra}
+    summary = {
+        "task": cfg.task,
+        "seconds": seconds,
+        "grpo_seconds": rl_seconds,
+        "base": _row(base),
+        "rl": _row(rl),
+        "sft_control": _row(sft),
+        **extra,
+    }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", _report(cfg, summary, base, rl, sft))
     _samples(out, base, rl)
-    print(f"\ngreedy accuracy {base.greedy:.0%} -> {rl.greedy:.0%} after GRPO ({sft.greedy:.0%} for the SFT control); "
-          f"mean length {base.mean_len:.1f} -> {rl.mean_len:.1f} tokens; {seconds / 60:.1f} min in all")
+    print(
+        f"\ngreedy accuracy {base.greedy:.0%} -> {rl.greedy:.0%} after GRPO ({sft.greedy:.0%} for the SFT control); "
+        f"mean length {base.mean_len:.1f} -> {rl.mean_len:.1f} tokens; {seconds / 60:.1f} min in all"
+    )
     print(f"report: {out / 'report.md'}\nchat with it: nanoseek serve {out / 'rl'}")
     return summary
 
@@ -106,26 +142,44 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
     """R1 §4.1 in miniature: distil the RL teacher into a dense student half its size, against GRPO run
     directly on the same student base for the same wall time."""
     print("[4b] distillation: a dense student base, then SFT on verified teacher samples")
-    student = pretrain(_base_data(cfg, "dense-small", tokenizer=str(out / "base")),
-                       TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed), out / "student_base")
+    student = pretrain(
+        _base_data(cfg, "dense-small", tokenizer=str(out / "base")),
+        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed),
+        out / "student_base",
+    )
     t = time.perf_counter()
     try:
-        d = distill(DistillConfig(teacher=str(out / "rl"), student_init=str(out / "student_base"), steps=200,
-                                  batch_size=8, sample=SampleConfig(task=cfg.task, problems=400, n=8,
-                                                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)),
-                    out / "student_distill", cfg.seed)
+        d = distill(
+            DistillConfig(
+                teacher=str(out / "rl"),
+                student_init=str(out / "student_base"),
+                steps=200,
+                batch_size=8,
+                sample=SampleConfig(
+                    task=cfg.task, problems=400, n=8, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+                ),
+            ),
+            out / "student_distill",
+            cfg.seed,
+        )
     except ValueError as e:  # e.g. a teacher with no verified-correct sample: report it, keep the rest
         print(f"distillation skipped: {e}")
         return {"distill_error": str(e)}
     budget = time.perf_counter() - t
     print(f"[4c] GRPO directly on the student base for the same {budget:.0f}s")
-    g = GRPOTrainer(out / "student_base", grpo_cfg, _rl_schedule(cfg, steps=10**6, max_seconds=budget),
-                    out / "student_rl").train()
-    distilled, student_rl = _eval(out / "student_distill", cfg, problems), _eval(out / "student_rl", cfg, problems)
+    g = GRPOTrainer(
+        out / "student_base", grpo_cfg, _rl_schedule(cfg, steps=10**6, max_seconds=budget), out / "student_rl"
+    ).train()
+    distilled, student_rl = (
+        _eval(out / "student_distill", cfg, problems),
+        _eval(out / "student_rl", cfg, problems),
+    )
     flops = student["cost"]["flops"]
-    return {"student_active_params": student["active_params"],
-            "student_distill": {**_row(distilled), "seconds": budget, "flops": flops + d["flops"]},
-            "student_rl": {**_row(student_rl), "seconds": g["seconds"], "flops": flops + g["flops"]}}
+    return {
+        "student_active_params": student["active_params"],
+        "student_distill": {**_row(distilled), "seconds": budget, "flops": flops + d["flops"]},
+        "student_rl": {**_row(student_rl), "seconds": g["seconds"], "flops": flops + g["flops"]},
+    }
 
 
 def _row(r: EvalResult) -> dict:
@@ -134,34 +188,61 @@ def _row(r: EvalResult) -> dict:
 
 def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: EvalResult) -> str:
     lines = [
-        "# nanoseek demo: R1-Zero in miniature", "",
+        "# nanoseek demo: R1-Zero in miniature",
+        "",
         f"Task: `{cfg.task}`, {cfg.eval_problems} held-out problems; pass@1 and cons@{cfg.eval_k} from "
-        f"{cfg.eval_k} samples at temperature 0.6, top-p 0.95. Total time {s['seconds'] / 60:.1f} min.", "",
-        f"| model | greedy | pass@1 | cons@{cfg.eval_k} | mean tokens |", "|---|---|---|---|---|",
+        f"{cfg.eval_k} samples at temperature 0.6, top-p 0.95. Total time {s['seconds'] / 60:.1f} min.",
+        "",
+        f"| model | greedy | pass@1 | cons@{cfg.eval_k} | mean tokens |",
+        "|---|---|---|---|---|",
     ]
-    rows = [("base (pretrained)", "base"), ("GRPO (rule rewards only)", "rl"),
-            ("control: SFT for the same wall time", "sft_control")]
+    rows = [
+        ("base (pretrained)", "base"),
+        ("GRPO (rule rewards only)", "rl"),
+        ("control: SFT for the same wall time", "sft_control"),
+    ]
     if "student_distill" in s:
-        rows += [("dense student, distilled from the GRPO teacher", "student_distill"),
-                 ("dense student, GRPO for the same time", "student_rl")]
+        rows += [
+            ("dense student, distilled from the GRPO teacher", "student_distill"),
+            ("dense student, GRPO for the same time", "student_rl"),
+        ]
     for name, key in rows:
         r = s[key]
-        lines.append(f"| {name} | {r['greedy']:.1%} | {r['pass@1']:.1%} | {r['cons@k']:.1%} | {r['mean_len']:.1f} |")
+        lines.append(
+            f"| {name} | {r['greedy']:.1%} | {r['pass@1']:.1%} | {r['cons@k']:.1%} | {r['mean_len']:.1f} |"
+        )
     if "distill_error" in s:
         lines += ["", f"Distillation could not run: {s['distill_error']}."]
     if "student_distill" in s:
         t = s["teacher"]
-        lines += ["", f"Teacher: small MoE, {t['active_params'] / 1e6:.2f}M activated parameters, pretraining + GRPO "
-                  f"{t['seconds']:.0f} s, {t['flops']:.2e} FLOPs. "
-                  f"Student: dense-small, {s['student_active_params'] / 1e6:.2f}M activated parameters. Cost after "
-                  "the student's pretraining: " + "; ".join(
-                      f"{k.replace('student_', '')} {s[k]['seconds']:.0f} s, {s[k]['flops']:.2e} FLOPs"
-                      for k in ("student_distill", "student_rl"))]
-    lines += ["", "![pretraining loss](base/loss.png)", "![GRPO accuracy](rl/accuracy.png)",
-              "![completion length](rl/length.png)", "", "## Samples (greedy)", ""]
+        lines += [
+            "",
+            f"Teacher: small MoE, {t['active_params'] / 1e6:.2f}M activated parameters, pretraining + GRPO "
+            f"{t['seconds']:.0f} s, {t['flops']:.2e} FLOPs. "
+            f"Student: dense-small, {s['student_active_params'] / 1e6:.2f}M activated parameters. Cost after "
+            "the student's pretraining: "
+            + "; ".join(
+                f"{k.replace('student_', '')} {s[k]['seconds']:.0f} s, {s[k]['flops']:.2e} FLOPs"
+                for k in ("student_distill", "student_rl")
+            ),
+        ]
+    lines += [
+        "",
+        "![pretraining loss](base/loss.png)",
+        "![GRPO accuracy](rl/accuracy.png)",
+        "![completion length](rl/length.png)",
+        "",
+        "## Samples (greedy)",
+        "",
+    ]
     for b, r in list(zip(base.samples, rl.samples))[:4]:
-        lines += [f"**{b['prompt']}**", "", f"- before: `{b['completion'].strip()}` ({'right' if b['correct'] else 'wrong'})",
-                  f"- after: `{r['completion'].strip()}` ({'right' if r['correct'] else 'wrong'})", ""]
+        lines += [
+            f"**{b['prompt']}**",
+            "",
+            f"- before: `{b['completion'].strip()}` ({'right' if b['correct'] else 'wrong'})",
+            f"- after: `{r['completion'].strip()}` ({'right' if r['correct'] else 'wrong'})",
+            "",
+        ]
     lines += [f"Chat with the result: `nanoseek serve {Path(cfg.out) / 'rl'}`", ""]
     return "\n".join(lines)
 

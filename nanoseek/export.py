@@ -53,14 +53,20 @@ def check_vllm_shape(config: ModelConfig) -> None:
     r, d = config.kv_lora_rank, config.qk_rope_head_dim
     width = f"kv_lora_rank {r} + qk_rope_head_dim {d} = {r + d}"
     if r > VLLM_KV_LORA_RANK:
-        raise ExportError(f"{width}: kv_lora_rank above {VLLM_KV_LORA_RANK} cannot be reduced to vLLM's "
-                          f"{VLLM_KV_LORA_RANK} + {VLLM_ROPE_DIM} latent without changing the model")
+        raise ExportError(
+            f"{width}: kv_lora_rank above {VLLM_KV_LORA_RANK} cannot be reduced to vLLM's "
+            f"{VLLM_KV_LORA_RANK} + {VLLM_ROPE_DIM} latent without changing the model"
+        )
     if d > VLLM_ROPE_DIM:
-        raise ExportError(f"{width}: qk_rope_head_dim above {VLLM_ROPE_DIM} cannot be reduced to vLLM's "
-                          f"{VLLM_KV_LORA_RANK} + {VLLM_ROPE_DIM} latent without changing the model")
+        raise ExportError(
+            f"{width}: qk_rope_head_dim above {VLLM_ROPE_DIM} cannot be reduced to vLLM's "
+            f"{VLLM_KV_LORA_RANK} + {VLLM_ROPE_DIM} latent without changing the model"
+        )
     if VLLM_ROPE_DIM % d:
-        raise ExportError(f"{width}: qk_rope_head_dim must divide {VLLM_ROPE_DIM}, so that its rope "
-                          f"frequencies are among those of a {VLLM_ROPE_DIM}-wide head")
+        raise ExportError(
+            f"{width}: qk_rope_head_dim must divide {VLLM_ROPE_DIM}, so that its rope "
+            f"frequencies are among those of a {VLLM_ROPE_DIM}-wide head"
+        )
     if not config.rope_interleave:
         raise ExportError("rope_interleave false: nanoseek reads rope rows as interleaved pairs only")
     kind = config.rope_scaling and (config.rope_scaling.get("rope_type") or config.rope_scaling.get("type"))
@@ -74,8 +80,9 @@ def _yarn_beta(config: ModelConfig, dim: int, corr: float) -> float:
     return orig / (2 * math.pi) * math.exp(-2 * math.log(config.rope_theta) * corr / dim)
 
 
-def widened_config(config: ModelConfig, rank: int = VLLM_KV_LORA_RANK,
-                   rope: int = VLLM_ROPE_DIM) -> ModelConfig:
+def widened_config(
+    config: ModelConfig, rank: int = VLLM_KV_LORA_RANK, rope: int = VLLM_ROPE_DIM
+) -> ModelConfig:
     """`config` with kv_lora_rank `rank` and qk_rope_head_dim `rope`, its YaRN ramp re-targeted so that pair
     k*j of the new head has pair j's frequency (k = rope / old rope). Raises ExportError when they differ."""
     old = config.qk_rope_head_dim
@@ -92,14 +99,19 @@ def widened_config(config: ModelConfig, rank: int = VLLM_KV_LORA_RANK,
             # floor/ceil and the clamps are taken at the new width: aim inside the integer we need
             trunc = config.yarn.get("truncate", True)
             lo, hi = (k * low + 0.5, k * high - 0.5) if trunc else (k * low, k * high)
-            scaling = {**config.rope_scaling, "beta_fast": _yarn_beta(new, rope, lo),
-                       "beta_slow": _yarn_beta(new, rope, hi)}
+            scaling = {
+                **config.rope_scaling,
+                "beta_fast": _yarn_beta(new, rope, lo),
+                "beta_slow": _yarn_beta(new, rope, hi),
+            }
             new = new.replace(rope_scaling=scaling)
     (f_old, a_old), (f_new, a_new) = rope_inv_freq(config), rope_inv_freq(new)
     same = torch.allclose(f_new[::k], f_old, rtol=1e-6, atol=0) and math.isclose(a_new, a_old, rel_tol=1e-9)
     if not same:
-        raise ExportError(f"rope_scaling {config.rope_scaling}: the frequencies of a {old}-wide rope head "
-                          f"do not map onto a {rope}-wide one")
+        raise ExportError(
+            f"rope_scaling {config.rope_scaling}: the frequencies of a {old}-wide rope head "
+            f"do not map onto a {rope}-wide one"
+        )
     return new
 
 
@@ -156,8 +168,10 @@ def _widen_tensor(name: str, t: Tensor, old: ModelConfig, new: ModelConfig) -> T
 def widen_model(model: DeepSeekV3, config: ModelConfig) -> DeepSeekV3:
     """A new model of `config` (from `widened_config`) computing what `model` computes, in float32."""
     old = model.config
-    state = {name: _widen_tensor(name, t.detach().float() if t.is_floating_point() else t, old, config)
-             for name, t in model.state_dict().items()}
+    state = {
+        name: _widen_tensor(name, t.detach().float() if t.is_floating_point() else t, old, config)
+        for name, t in model.state_dict().items()
+    }
     with torch.device("meta"):
         new = DeepSeekV3(config)
     new.load_state_dict(state, strict=True, assign=True)
@@ -178,8 +192,9 @@ def _check_same_function(src: DeepSeekV3, dst: DeepSeekV3, tokens: int = 24, rto
     for want, got in pairs:
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
         if not err < rtol:
-            raise ExportError(f"the widened model's logits differ from the source's "
-                              f"(relative error {err:.2e})")
+            raise ExportError(
+                f"the widened model's logits differ from the source's (relative error {err:.2e})"
+            )
 
 
 # ---- the directory ---------------------------------------------------------------------------------
@@ -209,8 +224,13 @@ def _write_tokenizer(src: Path, out: Path) -> bool:
     return True
 
 
-def export(src: str | os.PathLike, out: str | os.PathLike, target: str = "vllm", dtype: str | None = None,
-           check: bool = True) -> Path:
+def export(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    target: str = "vllm",
+    dtype: str | None = None,
+    check: bool = True,
+) -> Path:
     """Write `src` (a checkpoint directory or Hub id) to `out` in the shape `target` needs; returns `out`.
 
     dtype: "float32", "bfloat16" or "float16" (default: the source's; FP8 sources as bfloat16).
@@ -240,6 +260,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, target: str = "vllm",
     if gen.is_file():  # the source's may say more than save_model's ids
         atomic_write_text(out / gen.name, gen.read_text())
     if not _write_tokenizer(src, out):
-        print(f"nanoseek: {src} has no tokenizer.json; {out} has none either (engines need one)",
-              file=sys.stderr)
+        print(
+            f"nanoseek: {src} has no tokenizer.json; {out} has none either (engines need one)",
+            file=sys.stderr,
+        )
     return out

@@ -78,8 +78,10 @@ def quantize_activation(x: Tensor, tile: int = BLOCK, pow2: bool = False) -> tup
         all_nan = (nan | ~real).all(-1)
         if bool(all_nan.any()):
             where = tuple(int(i) for i in all_nan.nonzero()[0])
-            raise ValueError(f"FP8 quantisation: activation tile {where} (row index..., tile) is entirely NaN; "
-                             "the values feeding this layer have diverged")
+            raise ValueError(
+                f"FP8 quantisation: activation tile {where} (row index..., tile) is entirely NaN; "
+                "the values feeding this layer have diverged"
+            )
     scale = _scale(tiles.abs().masked_fill(~finite, 0).amax(-1), pow2)
     q = (tiles / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q.view(*x.shape[:-1], -1)[..., :k], scale
@@ -108,13 +110,21 @@ def _scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, kind: str
     if _SCALED_MM.get(kind) is False or not hasattr(torch, "_scaled_mm"):
         return None
     try:  # cuBLAS wants a row-major, b column-major, and both scale tensors outer-dimension-major
-        out = torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=a_scale.t().contiguous().t(),
-                               scale_b=b_scale.contiguous().t(), out_dtype=torch.float32)
+        out = torch._scaled_mm(
+            a.contiguous(),
+            b.contiguous().t(),
+            scale_a=a_scale.t().contiguous().t(),
+            scale_b=b_scale.contiguous().t(),
+            out_dtype=torch.float32,
+        )
         _SCALED_MM[kind] = True
         return out
     except (RuntimeError, TypeError, ValueError) as e:
-        log.warning("torch._scaled_mm takes no 1x128 x %s scaling here (%s); emulating that FP8 GEMM",
-                    "128x128" if kind == "block" else "1x128", str(e).splitlines()[0])
+        log.warning(
+            "torch._scaled_mm takes no 1x128 x %s scaling here (%s); emulating that FP8 GEMM",
+            "128x128" if kind == "block" else "1x128",
+            str(e).splitlines()[0],
+        )
         _SCALED_MM[kind] = False
         return None
 

@@ -19,8 +19,15 @@ from .checkpoint import CheckpointError, _weight_files
 from .config import PRESETS, ModelConfig
 
 # what a checkpoint needs, and nothing else (no optimizer state, plots or logs)
-HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+HUB_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 _PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"({_PART}/{_PART})(?:@([^\s@]+))?")
 
@@ -75,19 +82,28 @@ def _download(spec: str, repo_id: str, revision: str | None) -> Path:
         raise CheckpointError(f"{where} it needs huggingface_hub (pip install huggingface_hub)") from None
     offline = _offline()
     try:
-        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS),
-                                     cache_dir=_cache_dir(), local_files_only=offline)
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(HUB_PATTERNS),
+            cache_dir=_cache_dir(),
+            local_files_only=offline,
+        )
     except LocalEntryNotFoundError:
         if offline:
             cache = _cache_dir() or "the default cache"
-            raise CheckpointError(f"{where} it is not in the local cache ({cache}) and HF_HUB_OFFLINE is "
-                                  "set: download it once online, or unset HF_HUB_OFFLINE") from None
+            raise CheckpointError(
+                f"{where} it is not in the local cache ({cache}) and HF_HUB_OFFLINE is "
+                "set: download it once online, or unset HF_HUB_OFFLINE"
+            ) from None
         raise CheckpointError(f"{where} it is not cached and the Hub could not be reached") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{where}: revision {revision!r} not found in {repo_id}") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{where}: no such repository, or it is private or gated "
-                              "(set HF_TOKEN to a token that may read it)") from None
+        raise CheckpointError(
+            f"{where}: no such repository, or it is private or gated "
+            "(set HF_TOKEN to a token that may read it)"
+        ) from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{where}: download failed ({e})") from None
     path = Path(snapshot)
@@ -106,13 +122,29 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
     ModelConfig.from_json(path)  # a config that does not parse is refused before any upload
     files = [path / "config.json", *_weight_files(path)]
-    files += [path / n for n in ("model.safetensors.index.json", "generation_config.json", "tokenizer.json",
-                                  "tokenizer_config.json", "chat_template.jinja") if (path / n).exists()]
+    files += [
+        path / n
+        for n in (
+            "model.safetensors.index.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        )
+        if (path / n).exists()
+    ]
     return files
 
 
-def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, license: str | None = None) -> Any:
+def push(
+    path: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    license: str | None = None,
+) -> Any:
     """Upload a checkpoint directory (model, tokenizer, config) with a generated README.md model card.
 
     Creates the repository (and the branch `revision`) when missing; the token is huggingface_hub's
@@ -138,10 +170,14 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
             _link(f.resolve(), staged / f.name)
         (staged / "README.md").write_text(card, encoding="utf-8")
         names = sorted(p.name for p in staged.iterdir())
-        return api.upload_folder(repo_id=repo_id, folder_path=str(staged), repo_type="model",
-                                 revision=revision,
-                                 commit_message=commit_message or f"Upload {Path(path).name} with nanoseek",
-                                 allow_patterns=names)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(staged),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or f"Upload {Path(path).name} with nanoseek",
+            allow_patterns=names,
+        )
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -187,6 +223,7 @@ def _training_meta(path: Path) -> dict:
     state = path / "training_state.safetensors"
     if state.exists():
         from safetensors import SafetensorError, safe_open
+
         try:
             with safe_open(str(state), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("json", "{}"))
@@ -226,15 +263,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def model_card(path: str | os.PathLike, repo_id: str, *, license: str | None = None,
-               revision: str | None = None) -> str:
+def model_card(
+    path: str | os.PathLike, repo_id: str, *, license: str | None = None, revision: str | None = None
+) -> str:
     """A README.md for the Hub: YAML metadata, architecture, parameter counts, training and evaluation as
     far as the directory records them, and how to load the model."""
     path = Path(path)
     config = ModelConfig.from_json(path)
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    tags = ["deepseek_v3", "nanoseek", "mla"] + (["moe"] if moe_layers else []) + \
-           (["mtp"] if config.num_nextn_predict_layers else [])
+    tags = (
+        ["deepseek_v3", "nanoseek", "mla"]
+        + (["moe"] if moe_layers else [])
+        + (["mtp"] if config.num_nextn_predict_layers else [])
+    )
     meta = _training_meta(path)
     run, train = meta.get("run_config") or {}, meta.get("train_config") or {}
     if "group_size" in run:
@@ -246,34 +287,68 @@ def model_card(path: str | os.PathLike, repo_id: str, *, license: str | None = N
 
     name = repo_id.split("/")[-1]
     preset = _preset_name(config)
-    lines = [f"# {name}", "",
-             ("A DeepSeek-V3-architecture language model made with nanoseek (DeepSeek-V3/R1 in miniature): "
-              "Multi-head Latent Attention, DeepSeekMoE with auxiliary-loss-free balancing and multi-token "
-              "prediction, in the public DeepSeek-V3 checkpoint format."), "",
-             "## Architecture", ""]
+    lines = [
+        f"# {name}",
+        "",
+        (
+            "A DeepSeek-V3-architecture language model made with nanoseek (DeepSeek-V3/R1 in miniature): "
+            "Multi-head Latent Attention, DeepSeekMoE with auxiliary-loss-free balancing and multi-token "
+            "prediction, in the public DeepSeek-V3 checkpoint format."
+        ),
+        "",
+        "## Architecture",
+        "",
+    ]
     if preset:
-        lines += [f"nanoseek preset `{preset}`" + (" (vocabulary resized)" if config.vocab_size !=
-                                                   ModelConfig.preset(preset).vocab_size else "") + ".", ""]
+        lines += [
+            f"nanoseek preset `{preset}`"
+            + (" (vocabulary resized)" if config.vocab_size != ModelConfig.preset(preset).vocab_size else "")
+            + ".",
+            "",
+        ]
     q = f"q_lora_rank {config.q_lora_rank}" if config.q_lora_rank else "no query compression"
     dense_layers = config.num_hidden_layers - moe_layers
-    rows = [("layers", f"{config.num_hidden_layers} ({dense_layers} dense, {moe_layers} MoE)"),
-            ("hidden size", config.hidden_size),
-            ("attention", (f"MLA, {config.num_attention_heads} heads; kv_lora_rank {config.kv_lora_rank}, "
-                           f"{q}; qk_nope/qk_rope/v head dims {config.qk_nope_head_dim}/"
-                           f"{config.qk_rope_head_dim}/{config.v_head_dim}"))]
+    rows = [
+        ("layers", f"{config.num_hidden_layers} ({dense_layers} dense, {moe_layers} MoE)"),
+        ("hidden size", config.hidden_size),
+        (
+            "attention",
+            (
+                f"MLA, {config.num_attention_heads} heads; kv_lora_rank {config.kv_lora_rank}, "
+                f"{q}; qk_nope/qk_rope/v head dims {config.qk_nope_head_dim}/"
+                f"{config.qk_rope_head_dim}/{config.v_head_dim}"
+            ),
+        ),
+    ]
     if moe_layers:
-        rows.append(("experts", (f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok} per "
-                                 f"token within the best {config.topk_group} of {config.n_group} groups) + "
-                                 f"{config.n_shared_experts} shared, width {config.moe_intermediate_size}")))
-    rows += [("dense FFN width", config.intermediate_size),
-             ("multi-token prediction", f"{config.num_nextn_predict_layers} module(s)"
-              if config.num_nextn_predict_layers else "none"),
-             ("vocabulary", config.vocab_size), ("context", config.max_position_embeddings)]
+        rows.append(
+            (
+                "experts",
+                (
+                    f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok} per "
+                    f"token within the best {config.topk_group} of {config.n_group} groups) + "
+                    f"{config.n_shared_experts} shared, width {config.moe_intermediate_size}"
+                ),
+            )
+        )
+    rows += [
+        ("dense FFN width", config.intermediate_size),
+        (
+            "multi-token prediction",
+            f"{config.num_nextn_predict_layers} module(s)" if config.num_nextn_predict_layers else "none",
+        ),
+        ("vocabulary", config.vocab_size),
+        ("context", config.max_position_embeddings),
+    ]
     lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
-    lines += ["## Parameters", "",
-              f"- total: {config.num_params():,} (main model)",
-              f"- activated per token: {config.num_active_params():,}",
-              f"- multi-token prediction modules: {config.num_mtp_params():,}", ""]
+    lines += [
+        "## Parameters",
+        "",
+        f"- total: {config.num_params():,} (main model)",
+        f"- activated per token: {config.num_active_params():,}",
+        f"- multi-token prediction modules: {config.num_mtp_params():,}",
+        "",
+    ]
 
     records = _metrics(path / "metrics.jsonl")
     summary = _read_json(path / "pretrain_summary.json")
@@ -285,15 +360,25 @@ def model_card(path: str | os.PathLike, repo_id: str, *, license: str | None = N
         facts = []
         if steps:
             facts.append(f"{steps} optimizer steps")
-        for key, label in (("lr", "peak learning rate"), ("schedule", "schedule"), ("precision", "precision"),
-                           ("seed", "seed")):
+        for key, label in (
+            ("lr", "peak learning rate"),
+            ("schedule", "schedule"),
+            ("precision", "precision"),
+            ("seed", "seed"),
+        ):
             if key in train:
                 facts.append(f"{label} {_fmt(train[key])}")
-        for key, label in (("task", "task"), ("preset", "preset"), ("data", "data"),
-                           ("seq_len", "sequence length"), ("batch_size", "batch size"),
-                           ("group_size", "group size"),
-                           ("prompts_per_step", "prompts per step"), ("loss_type", "loss"),
-                           ("beta", "KL beta")):
+        for key, label in (
+            ("task", "task"),
+            ("preset", "preset"),
+            ("data", "data"),
+            ("seq_len", "sequence length"),
+            ("batch_size", "batch size"),
+            ("group_size", "group size"),
+            ("prompts_per_step", "prompts per step"),
+            ("loss_type", "loss"),
+            ("beta", "KL beta"),
+        ):
             if key in run:
                 facts.append(f"{label} {_fmt(run[key])}")
         if summary.get("cost", {}).get("tokens"):
@@ -303,32 +388,59 @@ def model_card(path: str | os.PathLike, repo_id: str, *, license: str | None = N
         if records:
             last = records[-1]
             shown = ("loss", "mtp_loss", "val_loss", "reward_mean", "accuracy", "format_rate", "mean_len")
-            final = [(k, v) for k, v in last.items()
-                     if (k in shown or k.startswith("reward/")) and isinstance(v, (int, float))]
+            final = [
+                (k, v)
+                for k, v in last.items()
+                if (k in shown or k.startswith("reward/")) and isinstance(v, (int, float))
+            ]
             if final:
-                lines += ["", f"At the last step ({last.get('step')}): " +
-                          ", ".join(f"{k} {_fmt(v)}" for k, v in final) + "."]
+                lines += [
+                    "",
+                    f"At the last step ({last.get('step')}): "
+                    + ", ".join(f"{k} {_fmt(v)}" for k, v in final)
+                    + ".",
+                ]
         lines.append("")
 
     evals = _evaluations(path, records, summary)
     if evals:
-        lines += ["## Evaluation", "", "Held-out problems, never trained on.", "",
-                  "| task | metric | value |", "|---|---|---|",
-                  *[f"| {t} | {m} | {_fmt(v)} |" for t, m, v in evals], ""]
+        lines += [
+            "## Evaluation",
+            "",
+            "Held-out problems, never trained on.",
+            "",
+            "| task | metric | value |",
+            "|---|---|---|",
+            *[f"| {t} | {m} | {_fmt(v)} |" for t, m, v in evals],
+            "",
+        ]
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     rev = f', revision="{revision}"' if revision else ""
-    lines += ["## Use", "", "With nanoseek:", "", "```python",
-              "from nanoseek import LLM, SamplingParams",
-              f'llm = LLM("{at}")',
-              'print(llm.generate(["What is 12 + 7"], SamplingParams(temperature=0, max_tokens=64))[0].text)',
-              "```", "", "```bash", f"nanoseek serve {at}   # OpenAI-compatible API and a chat page",
-              "```", "",
-              "With transformers (DeepseekV3ForCausalLM):", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev})',
-              "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "With nanoseek:",
+        "",
+        "```python",
+        "from nanoseek import LLM, SamplingParams",
+        f'llm = LLM("{at}")',
+        'print(llm.generate(["What is 12 + 7"], SamplingParams(temperature=0, max_tokens=64))[0].text)',
+        "```",
+        "",
+        "```bash",
+        f"nanoseek serve {at}   # OpenAI-compatible API and a chat page",
+        "```",
+        "",
+        "With transformers (DeepseekV3ForCausalLM):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev})',
+        "```",
+        "",
+    ]
     return "\n".join(front + lines)
 
 
@@ -336,7 +448,7 @@ def _evaluations(path: Path, records: list[dict], summary: dict) -> list[tuple[s
     """(task, metric, value) rows: GRPO's last held-out evaluation, pretraining's held-out accuracy, and the
     demo's summary row for this directory."""
     rows: list[tuple[str, str, float]] = []
-    run = (_training_meta(path).get("run_config") or {})
+    run = _training_meta(path).get("run_config") or {}
     for r in reversed(records):
         ev = {k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_")}
         if ev:
@@ -347,6 +459,9 @@ def _evaluations(path: Path, records: list[dict], summary: dict) -> list[tuple[s
             rows += [(task, k, v) for k, v in res.items() if isinstance(v, (int, float))]
     demo = _read_json(path.parent / "summary.json")
     if isinstance(demo, dict) and isinstance(demo.get(path.name), dict):
-        rows += [(demo.get("task", "task"), k, v) for k, v in demo[path.name].items()
-                 if isinstance(v, (int, float))]
+        rows += [
+            (demo.get("task", "task"), k, v)
+            for k, v in demo[path.name].items()
+            if isinstance(v, (int, float))
+        ]
     return rows

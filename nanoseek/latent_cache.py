@@ -15,8 +15,14 @@ class LatentCache:
     Call `advance(S)` after each forward (the model does it) to commit the new tokens.
     """
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
         self.data = torch.zeros(n_layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
         self.length = 0
@@ -28,7 +34,7 @@ class LatentCache:
         end = self.length + s
         if end > self.data.shape[2]:
             raise ValueError(f"LatentCache full: {end} tokens > max_len {self.data.shape[2]}")
-        self.data[layer, :, self.length:end] = latent
+        self.data[layer, :, self.length : end] = latent
         self._new = s
         return self.data[layer, :, :end].to(latent.dtype)  # (a no-op unless the cache's dtype differs)
 
@@ -38,7 +44,7 @@ class LatentCache:
         per forward, on first use."""
         if self._bias is None and self._new > 1:
             k = torch.arange(self.length + self._new, device=self.data.device)
-            hidden = k[self.length:, None] < k[None, :]
+            hidden = k[self.length :, None] < k[None, :]
             bias = torch.zeros(1, *hidden.shape, device=self.data.device)
             self._bias = bias.masked_fill_(hidden, float("-inf"))
         return self._bias

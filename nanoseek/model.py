@@ -110,13 +110,15 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
 
 
 # ---- attention and the routed experts, as references ----------------------------------------------
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None,
-              causal: bool = False) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None, causal: bool = False
+) -> Tensor:
     """softmax(q k^T * scale + mask) v for each head: q [B,H,S,d], k [B,H,T,d], v [B,H,T,dv]; mask
     [B|1,1,S,T] (bool, True = attend; or added to the scores), or `causal` (S == T) instead."""
     pad = q.shape[-1] - v.shape[-1]  # the fused kernels want equal q/k/v head dims
-    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
-                                       is_causal=causal, scale=scale)
+    o = F.scaled_dot_product_attention(
+        q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask, is_causal=causal, scale=scale
+    )
     return o[..., : v.shape[-1]]
 
 
@@ -127,8 +129,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor
     return attention(q, k, v, scale, mask, causal=mask is None)
 
 
-def routed_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor, out: Tensor,
-                   linear: Callable[[Tensor, Tensor], Tensor] = F.linear) -> Tensor:
+def routed_experts(
+    x: Tensor,
+    weights: Tensor,
+    idx: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    out: Tensor,
+    linear: Callable[[Tensor, Tensor], Tensor] = F.linear,
+) -> Tensor:
     """out + sum_k w_k Expert_{idx_k}(x) for tokens x [T, d] (weights, idx [T, K] from the gate), expert
     by expert as in DeepSeek's code; the experts' weights are stacked, gate_up [E, 2I, d], down [E, d, I]."""
     for e, n in enumerate(torch.bincount(idx.reshape(-1), minlength=gate_up.shape[0]).tolist()):
@@ -140,9 +149,17 @@ def routed_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, dow
     return out
 
 
-REFERENCE = Kernels(job="reference", compiled=False, linear=F.linear, rotations=rotations,
-                    apply_rope=apply_rope, causal_attention=causal_attention, expert_linear=F.linear,
-                    routed_experts=routed_experts, grouped_experts=grouped_experts_loop)
+REFERENCE = Kernels(
+    job="reference",
+    compiled=False,
+    linear=F.linear,
+    rotations=rotations,
+    apply_rope=apply_rope,
+    causal_attention=causal_attention,
+    expert_linear=F.linear,
+    routed_experts=routed_experts,
+    grouped_experts=grouped_experts_loop,
+)
 
 
 class Linear(nn.Linear):
@@ -194,7 +211,11 @@ class MLA(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.n_heads, self.nope, self.rope, self.v_dim = (
-            c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
         self.kv_rank = c.kv_lora_rank
         self.scale = softmax_scale(c)
         qk = c.qk_head_dim
@@ -214,8 +235,9 @@ class MLA(nn.Module):
         self.fold = h * (r + self.rope) * q_in + c.hidden_size * h * r <= self.fold_max_growth * plain
         self._folded: tuple | None = None  # (source weights, (wq, wo))
 
-    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents
         apart."""
         q_in, latent = self._project(x, freqs)
@@ -248,7 +270,7 @@ class MLA(nn.Module):
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
         """Only hand the latents of x's positions to the cache, for positions no query is needed at."""
         if self.q_lora_rank:
-            kv_a = self.fused_a_proj(x)[..., self.q_lora_rank:]
+            kv_a = self.fused_a_proj(x)[..., self.q_lora_rank :]
         else:
             kv_a = self.kv_a_proj_with_mqa(x)
         cache.update(self.layer_idx, self._latent(kv_a, freqs))
@@ -259,7 +281,7 @@ class MLA(nn.Module):
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
         q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
-        q = torch.cat([q[..., : self.nope], self.kernels.apply_rope(q[..., self.nope:], freqs)], dim=-1)
+        q = torch.cat([q[..., : self.nope], self.kernels.apply_rope(q[..., self.nope :], freqs)], dim=-1)
         c_kv, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -289,7 +311,7 @@ class MLA(nn.Module):
             w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)
             q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope) * self.scale
             q_lat = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope])
-            q_pe = q[..., self.nope:]
+            q_pe = q[..., self.nope :]
         q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
         scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
         if bias is not None:
@@ -297,7 +319,7 @@ class MLA(nn.Module):
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
         if folded is not None:
             return self.kernels.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
-        o = torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope:])
+        o = torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope :])
         return self.o_proj(o.flatten(2))
 
     def folded_weights(self) -> tuple[Tensor, Tensor] | None:
@@ -314,8 +336,11 @@ class MLA(nn.Module):
         if torch.compiler.is_compiling():
             return self._folded[1] if self._folded is not None else self._fold(*sources)
         cached = self._folded
-        if (cached is None or any(a is not w for a, w in zip(cached[0], sources))
-                or (cached[1][0].dtype, cached[1][0].device) != (sources[0].dtype, sources[0].device)):
+        if (
+            cached is None
+            or any(a is not w for a, w in zip(cached[0], sources))
+            or (cached[1][0].dtype, cached[1][0].device) != (sources[0].dtype, sources[0].device)
+        ):
             self._folded = (sources, self._fold(*sources))
         return self._folded[1]
 
@@ -336,7 +361,9 @@ class MLA(nn.Module):
             kv, q = kv_w.float().view(h, nope + v, r), q_w.float().view(h, nope + rope, -1)
             q_lat = kv[:, :nope].transpose(1, 2) @ q[:, :nope]  # [H, rank, q_in]: q_in -> q_nope W_UK
             wq = torch.cat([q_lat, q[:, nope:]], dim=1).reshape(h * (r + rope), -1) * self.scale
-            wo = (o_w.float().view(-1, h, v).transpose(0, 1) @ kv[:, nope:]).transpose(0, 1).reshape(-1, h * r)
+            wo = (
+                (o_w.float().view(-1, h, v).transpose(0, 1) @ kv[:, nope:]).transpose(0, 1).reshape(-1, h * r)
+            )
         return wq.to(q_w.dtype), wo.to(o_w.dtype)
 
 
@@ -451,8 +478,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
-                stats: RouterStats | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        cache: LatentCacheLike | None = None,
+        stats: RouterStats | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), freqs, cache, mask)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
@@ -477,17 +510,29 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h: Tensor, next_emb: Tensor, freqs: Tensor,  # type: ignore[override]
-                cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        next_emb: Tensor,
+        freqs: Tensor,  # type: ignore[override]
+        cache: LatentCacheLike | None = None,
+        stats: RouterStats | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         return self.block(self.combine(h, next_emb), freqs, cache, stats, mask)
 
     def combine(self, h: Tensor, next_emb: Tensor) -> Tensor:
         """The layer's input from h_i and the embedding of t_{i+k}."""
         return self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
 
-    def block(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None,
-              stats: RouterStats | None = None, mask: Tensor | None = None) -> Tensor:
+    def block(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        cache: LatentCacheLike | None = None,
+        stats: RouterStats | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         """The decoder layer over an already combined input."""
         return super().forward(x, freqs, cache, stats, mask)
 
@@ -542,15 +587,24 @@ class DeepSeekV3(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
-    def prepare(self, job: str, compiled: bool = False,
-                expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None) -> DeepSeekV3:
+    def prepare(
+        self,
+        job: str,
+        compiled: bool = False,
+        expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> DeepSeekV3:
         """Choose, once for a job, the functions every module computes with (`nanoseek.kernels.select`):
         "reference" (this file's), "train" or "decode"; `compiled` if torch.compile will run the model.
         Call it on the model's final device. `expert_linear` replaces the routed experts' matmul (FP8).
         Preparing again replaces the job's choice but keeps the FP8 matmul, and `compiled` once set (for
         graphs compiled before); every choice computes the same sums, only at different speeds."""
-        chosen = select(REFERENCE, job, self.device, compiled or self.kernels.compiled,
-                        expert_linear or self.kernels.expert_linear)
+        chosen = select(
+            REFERENCE,
+            job,
+            self.device,
+            compiled or self.kernels.compiled,
+            expert_linear or self.kernels.expert_linear,
+        )
         for module in self.modules():
             if hasattr(module, "kernels"):
                 module.kernels = chosen
@@ -576,9 +630,14 @@ class DeepSeekV3(nn.Module):
         angles = positions.float()[..., None, None] * self.inv_freq
         return self.kernels.rotations(angles, self.rope_attn_factor)
 
-    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
-                      cache: LatentCacheLike | None = None, stats: RouterStats | None = None,
-                      segments: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: LatentCacheLike | None = None,
+        stats: RouterStats | None = None,
+        segments: Tensor | None = None,
+    ) -> Tensor:
         """Final-normed hidden states [B, S, d]; the engine applies `lm_head` only where it needs logits.
 
         positions ([S] or [B, S]) default to 0..S-1, offset by a LatentCache's committed length.
@@ -601,9 +660,16 @@ class DeepSeekV3(nn.Module):
             cache.advance(input_ids.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None,
-                cache: LatentCacheLike | None = None, *, mtp: bool = False, router_stats: bool = False,
-                segments: Tensor | None = None) -> Tensor | ModelOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: LatentCacheLike | None = None,
+        *,
+        mtp: bool = False,
+        router_stats: bool = False,
+        segments: Tensor | None = None,
+    ) -> Tensor | ModelOutput:
         """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents."""
         stats = RouterStats() if router_stats else None
         hidden = self.hidden_states(input_ids, positions, cache, stats, segments)
@@ -623,8 +689,14 @@ class DeepSeekV3(nn.Module):
                 if s - k <= 0:
                     break
                 emb = self.model.embed_tokens(input_ids[:, k:])
-                h = module(h[:, : s - k], emb, self.rope(pos[..., : s - k]), None, stats,
-                           None if mask is None else mask[..., : s - k, : s - k])
+                h = module(
+                    h[:, : s - k],
+                    emb,
+                    self.rope(pos[..., : s - k]),
+                    None,
+                    stats,
+                    None if mask is None else mask[..., : s - k, : s - k],
+                )
                 out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
         if stats is not None and stats.load:
             out.expert_load = torch.stack(stats.load)

@@ -6,10 +6,16 @@ import os
 from pathlib import Path
 
 
-def plot_series(path: str | os.PathLike, title: str, series: dict[str, tuple[list[float], list[float]]],
-                ylabel: str = "", logy: bool = False) -> None:
+def plot_series(
+    path: str | os.PathLike,
+    title: str,
+    series: dict[str, tuple[list[float], list[float]]],
+    ylabel: str = "",
+    logy: bool = False,
+) -> None:
     """One figure with a line per named (x, y) series, written atomically as PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

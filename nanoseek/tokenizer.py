@@ -42,8 +42,10 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}"
     "{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-    + ASSISTANT + "{{ c }}" + EOS +
-    "{% endif %}{% endfor %}"
+    + ASSISTANT
+    + "{{ c }}"
+    + EOS
+    + "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "<think>\n{% endif %}"
 )
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file; it wins over tokenizer_config.json
@@ -54,8 +56,13 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # transformers replaces Jinja's tojson, which escapes HTML characters a prompt must keep
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -78,8 +85,9 @@ class _Generation(Extension):
 @functools.lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     # the environment transformers' apply_chat_template uses: same whitespace control, globals and filters
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -105,8 +113,15 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True, templa
     # transformers drops None-valued keys: templates test `'content' in m`, not for None
     plain = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
     try:
-        return compiled.render(messages=plain, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+        return compiled.render(
+            messages=plain,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            bos_token=BOS,
+            eos_token=EOS,
+            pad_token=PAD,
+        )
     except Exception as e:  # whatever a template does wrong is about these messages, never a crash
         raise ValueError(f"messages: the chat template cannot render them: {e}") from None
 
@@ -156,7 +171,11 @@ def read_chat_template(path: str | os.PathLike) -> str:
 
 def _byte_level_alphabet() -> dict[str, int]:
     """The printable character byte-level BPE uses for each byte (GPT-2's table), inverted: char -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in chars):
         chars[b] = chr(256 + n)
@@ -180,16 +199,24 @@ def token_bytes(tok: Tokenizer, token_id: int, added: set[int] | None = None) ->
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE; digits are split one per token (it helps small models do arithmetic)."""
     if vocab_size < MIN_VOCAB:
-        raise ValueError(f"vocab_size: {vocab_size} is too small; the 256 bytes and {len(SPECIAL_TOKENS)} "
-                         f"special tokens need at least {MIN_VOCAB}")
+        raise ValueError(
+            f"vocab_size: {vocab_size} is too small; the 256 bytes and {len(SPECIAL_TOKENS)} "
+            f"special tokens need at least {MIN_VOCAB}"
+        )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)  # the trainer marks every one of its tokens special
     return with_r1_conventions(tok)
 
@@ -208,8 +235,9 @@ def with_r1_conventions(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data)) if changed else tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, model_max_length: int = 2048,
-                   chat_template: str | None = None) -> None:
+def save_tokenizer(
+    tok: Tokenizer, out_dir: str | os.PathLike, model_max_length: int = 2048, chat_template: str | None = None
+) -> None:
     """Write tokenizer.json and tokenizer_config.json (R1's conventions, whatever tok was loaded from).
     `chat_template`: the Jinja template to ship (default: the built-in R1 one)."""
     template = CHAT_TEMPLATE if chat_template is None else chat_template
@@ -218,9 +246,15 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, model_max_length:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "tokenizer.json", with_r1_conventions(tok).to_str())
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length, "chat_template": template,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": template,
     }
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
     # transformers reads chat_template.jinja before tokenizer_config.json: a stale one would shadow ours
@@ -244,4 +278,3 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         f = Path(src) / name
         if f.exists():
             atomic_write_text(Path(dst) / name, f.read_text())
-

@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 
 from nanoseek import DeepSeekV3, ModelConfig
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek.cli"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+    "nanoseek.cli",
+]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 
 
@@ -37,9 +45,23 @@ def tiny_base(tmp_path_factory):
     """A tiny base checkpoint with its tokenizer, pretrained for a few steps on built-in arithmetic."""
     from nanoseek.train.loop import TrainConfig
     from nanoseek.train.pretrain import PretrainConfig, pretrain
+
     out = tmp_path_factory.mktemp("base") / "base"
-    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0,
-                            eval_every=0, tasks=("arithmetic",)), TrainConfig(steps=3, warmup=1), out, progress=False)
+    pretrain(
+        PretrainConfig(
+            preset="tiny",
+            seq_len=64,
+            batch_size=4,
+            num_docs=300,
+            vocab_size=400,
+            eval_problems=0,
+            eval_every=0,
+            tasks=("arithmetic",),
+        ),
+        TrainConfig(steps=3, warmup=1),
+        out,
+        progress=False,
+    )
     return out
 
 

@@ -52,10 +52,14 @@ MULTILINE = """{{ bos_token }}
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "<think>\nadd two and two</think>\n\n4"},
-     {"role": "user", "content": "and {{ 3+3 }}? ünïcode 😀"},
-     {"role": "assistant", "content": "<think>a</think>b</think>6"}, {"role": "user", "content": "thanks"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd two and two</think>\n\n4"},
+        {"role": "user", "content": "and {{ 3+3 }}? ünïcode 😀"},
+        {"role": "assistant", "content": "<think>a</think>b</think>6"},
+        {"role": "user", "content": "thanks"},
+    ],
 ]
 
 
@@ -91,7 +95,8 @@ def _flags(path) -> dict[str, bool]:
 def test_tags_are_added_tokens_that_are_not_special(tok, hf_dir):
     added = tok.get_added_tokens_decoder()
     assert {added[i].content: added[i].special for i in range(len(SPECIAL_TOKENS))} == {
-        t: t not in TAGS for t in SPECIAL_TOKENS}  # same ids as ever: 0..8 in SPECIAL_TOKENS order
+        t: t not in TAGS for t in SPECIAL_TOKENS
+    }  # same ids as ever: 0..8 in SPECIAL_TOKENS order
     assert _flags(hf_dir) == {t: t not in TAGS for t in SPECIAL_TOKENS}
     ids = tok.encode(TEXT, add_special_tokens=False).ids
     for i, t in enumerate(SPECIAL_TOKENS):
@@ -139,8 +144,9 @@ def test_render_chat_equals_transformers_apply_chat_template(hf_dir, generation_
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
     for messages in CONVERSATIONS:
         for template in (None, MULTILINE, NO_THINK):
-            expected = hf.apply_chat_template(messages, tokenize=False, chat_template=template,
-                                              add_generation_prompt=generation_prompt)
+            expected = hf.apply_chat_template(
+                messages, tokenize=False, chat_template=template, add_generation_prompt=generation_prompt
+            )
             assert render_chat(messages, generation_prompt, template=template) == expected
     text = render_chat(CONVERSATIONS[2])
     assert text.endswith(ASSISTANT + THINK + "\n") and "add two" not in text and "</think>" not in text
@@ -162,8 +168,10 @@ def test_load_chat_template(tmp_path, hf_dir):
     save_tokenizer(load_tokenizer(hf_dir), tmp_path, chat_template=NO_THINK)
     assert load_chat_template(tmp_path) == NO_THINK
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = [{"name": "tool_use", "template": "x"},
-                               {"name": "default", "template": MULTILINE}]
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "x"},
+        {"name": "default", "template": MULTILINE},
+    ]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_chat_template(tmp_path) == MULTILINE
     (tmp_path / "chat_template.jinja").write_text("jinja file")  # transformers reads this one first
@@ -187,8 +195,11 @@ def no_think_checkpoint(tok, tmp_path_factory):
 
 
 def _chat(url: str, content: str = "2+2?") -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8},
+    )
 
 
 @pytest.mark.parametrize("override", [None, "default", "no_think"])
@@ -225,8 +236,10 @@ def test_template_error_is_a_400_naming_messages(no_think_checkpoint):
         create_app(llm, chat_template="{% if %}")
 
 
-@pytest.mark.parametrize("content, why", [
-    (None, "cannot read"), ("{% for m in messages %}", "not a valid Jinja"), ("  \n", "empty")])
+@pytest.mark.parametrize(
+    "content, why",
+    [(None, "cannot read"), ("{% for m in messages %}", "not a valid Jinja"), ("  \n", "empty")],
+)
 def test_bad_chat_template_flag_is_refused_before_loading(tmp_path, capsys, content, why):
     f = tmp_path / "template.jinja"
     if content is not None:

@@ -3,23 +3,34 @@ import math
 
 import pytest
 import torch
+from conftest import random_model
 from safetensors.torch import load_file, save_file
 
 from nanoseek import CheckpointError, ModelConfig, load_model, save_model
 from nanoseek.checkpoint import dequantize_fp8
 
-from conftest import random_model
-
 transformers = pytest.importorskip("transformers")
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
-        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 VARIANTS = {
     "moe": {},
     "yarn": {"rope_scaling": YARN},
     "q_lora_null": {"q_lora_rank": None},
-    "dense_only": {"first_k_dense_replace": 2, "n_routed_experts": 0, "n_shared_experts": 0, "n_group": 1,
-                   "topk_group": 1},
+    "dense_only": {
+        "first_k_dense_replace": 2,
+        "n_routed_experts": 0,
+        "n_shared_experts": 0,
+        "n_group": 1,
+        "topk_group": 1,
+    },
     "yarn_moe_no_group": {"rope_scaling": YARN, "n_group": 1, "topk_group": 1},
 }
 
@@ -56,7 +67,7 @@ def test_round_trip_sharded_keeps_mtp_and_bias(tmp_path):
         a, b = m(ids, mtp=True), back(ids, mtp=True)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.mtp_logits[0], b.mtp_logits[0])
-    for (k, v), (k2, v2) in zip(m.named_buffers(), back.named_buffers()):
+    for (k, v), (_, v2) in zip(m.named_buffers(), back.named_buffers()):
         assert torch.equal(v, v2), k
     save_model(back, tmp_path)  # re-save unsharded: stale shards and index are removed
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
@@ -89,9 +100,9 @@ def quantize_fp8(w):
     s = torch.empty(rows, cols, dtype=torch.float32)
     for i in range(rows):
         for j in range(cols):
-            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double()
+            blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].double()
             scale = blk.abs().max() / 448.0
-            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (blk / scale).to(torch.float8_e4m3fn)
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (blk / scale).to(torch.float8_e4m3fn)
             s[i, j] = scale
     return q, s
 
@@ -117,15 +128,19 @@ def test_load_fp8_checkpoint(tmp_path):
     tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name])
     save_file(tensors, tmp_path / "model.safetensors")
     back = load_model(tmp_path)
-    torch.testing.assert_close(back.model.layers[0].self_attn.q_b_proj.weight,
-                               dequantize_fp8(tensors[name], tensors[name + "_scale_inv"]))
+    torch.testing.assert_close(
+        back.model.layers[0].self_attn.q_b_proj.weight,
+        dequantize_fp8(tensors[name], tensors[name + "_scale_inv"]),
+    )
     tensors[name + "_scale_inv"] = torch.ones(3, 3)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="q_b_proj.weight_scale_inv has shape"):
         load_model(tmp_path)
     stray = "model.layers.0.self_attn.o_proj.weight"  # a scale next to a weight that is not FP8
-    save_file({**tensors, name + "_scale_inv": torch.ones(1, 1), stray + "_scale_inv": torch.ones(1, 1)},
-              tmp_path / "model.safetensors")
+    save_file(
+        {**tensors, name + "_scale_inv": torch.ones(1, 1), stray + "_scale_inv": torch.ones(1, 1)},
+        tmp_path / "model.safetensors",
+    )
     with pytest.raises(CheckpointError, match="unexpected tensor .*o_proj.weight_scale_inv"):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="FP8 tensor norm.weight has shape"):
@@ -146,15 +161,24 @@ def _drop_o_proj(t):
     del t["model.layers.0.self_attn.o_proj.weight"]
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (_drop_o_proj, "missing tensors: model.layers.0.self_attn.o_proj.weight"),
-    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
-     "unexpected tensors: model.layers.0.self_attn.extra.weight"),
-    (lambda t: t.update({"model.norm.weight": torch.ones(65)}),
-     r"model.norm.weight has shape \(65,\), expected \(64,\)"),
-    (lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}),
-     "model.norm.weight has unsupported dtype"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (_drop_o_proj, "missing tensors: model.layers.0.self_attn.o_proj.weight"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
+            "unexpected tensors: model.layers.0.self_attn.extra.weight",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": torch.ones(65)}),
+            r"model.norm.weight has shape \(65,\), expected \(64,\)",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}),
+            "model.norm.weight has unsupported dtype",
+        ),
+    ],
+)
 def test_bad_tensors_are_named(saved, corrupt, message):
     path, t = saved
     corrupt(t)

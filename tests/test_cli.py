@@ -36,9 +36,26 @@ def test_defaults_come_from_the_dataclasses_and_grpo_uses_the_demos_settings():
     assert train == TrainConfig(**GRPO_TRAIN_DEFAULTS)
     demo = _rl_schedule(DemoConfig(), steps=train.steps)
     assert (train.lr, train.warmup, train.min_lr_ratio, train.weight_decay) == (
-        demo.lr, demo.warmup, demo.min_lr_ratio, demo.weight_decay)
-    args = parse("pretrain", "--out", "o", "--task", "addition@2", "--task", "countdown", "--no-doc-mask",
-                 "--alpha", "0.5", "--betas", "0.8", "0.9")
+        demo.lr,
+        demo.warmup,
+        demo.min_lr_ratio,
+        demo.weight_decay,
+    )
+    args = parse(
+        "pretrain",
+        "--out",
+        "o",
+        "--task",
+        "addition@2",
+        "--task",
+        "countdown",
+        "--no-doc-mask",
+        "--alpha",
+        "0.5",
+        "--betas",
+        "0.8",
+        "0.9",
+    )
     pc, tc = config_from(PretrainConfig, args), config_from(TrainConfig, args)
     assert pc.tasks == ("addition@2", "countdown") and not pc.doc_mask and pc.balance_alpha == 0.5
     assert tc.betas == (0.8, 0.9)
@@ -46,13 +63,21 @@ def test_defaults_come_from_the_dataclasses_and_grpo_uses_the_demos_settings():
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, suffix):
-    values = {"init": "ckpt", "out": "runs/x", "group-size": 4, "lr": 2e-4, "dynamic_sampling": True,
-              "loss_type": "grpo"}
+    values = {
+        "init": "ckpt",
+        "out": "runs/x",
+        "group-size": 4,
+        "lr": 2e-4,
+        "dynamic_sampling": True,
+        "loss_type": "grpo",
+    }
     f = tmp_path / f"c{suffix}"
     if suffix == ".json":
         f.write_text(json.dumps(values))
     else:
-        f.write_text("".join(f"{k}: {v if not isinstance(v, bool) else str(v).lower()}\n" for k, v in values.items()))
+        f.write_text(
+            "".join(f"{k}: {v if not isinstance(v, bool) else str(v).lower()}\n" for k, v in values.items())
+        )
     args = parse_args(["grpo", "--config", str(f), "--lr", "3e-4"])
     cfg, train = config_from(GRPOConfig, args), config_from(TrainConfig, args)
     assert args.init == "ckpt" and args.out == "runs/x"
@@ -60,10 +85,18 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path, suffix):
     assert train.lr == 3e-4  # the command line wins over the file
 
 
-@pytest.mark.parametrize("content,why", [('{"frobnicate": 1}', "frobnicate"), ('{"lr": "fast"}', "--lr"),
-                                         ('{"schedule": "linear"}', "--schedule"), ("[1, 2]", "mapping"),
-                                         ("{not json", "not valid JSON"), ('{"dense": "yes"}', "--dense"),
-                                         ('{"doc_mask": false, "steps": 3.5}', "--steps")])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        ('{"frobnicate": 1}', "frobnicate"),
+        ('{"lr": "fast"}', "--lr"),
+        ('{"schedule": "linear"}', "--schedule"),
+        ("[1, 2]", "mapping"),
+        ("{not json", "not valid JSON"),
+        ('{"dense": "yes"}', "--dense"),
+        ('{"doc_mask": false, "steps": 3.5}', "--steps"),
+    ],
+)
 def test_bad_config_files_are_refused_naming_the_key(tmp_path, capsys, content, why):
     f = tmp_path / "c.json"
     f.write_text(content)

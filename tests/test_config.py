@@ -3,7 +3,7 @@ import json
 import pytest
 
 from nanoseek import ModelConfig
-from nanoseek.model import softmax_scale, yarn_correction_range, rope_inv_freq
+from nanoseek.model import rope_inv_freq, softmax_scale, yarn_correction_range
 
 
 def test_v3_parameter_counts():
@@ -16,14 +16,22 @@ def test_v3_parameter_counts():
 
 def test_presets_sizes_match_instantiated_models():
     from nanoseek import DeepSeekV3
+
     for name in ["tiny", "small", "dense-small"]:
         c = ModelConfig.preset(name)
         m = DeepSeekV3(c)
-        n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers() if "bias" in k)
+        n = sum(p.numel() for p in m.parameters()) + sum(
+            b.numel() for k, b in m.named_buffers() if "bias" in k
+        )
         assert n == c.num_params(mtp=True), name
     assert ModelConfig.preset("tiny").num_params(mtp=True) < 1_000_000
     small = ModelConfig.preset("small")
-    assert small.n_shared_experts and small.n_routed_experts and small.q_lora_rank and small.num_nextn_predict_layers == 1
+    assert (
+        small.n_shared_experts
+        and small.n_routed_experts
+        and small.q_lora_rank
+        and small.num_nextn_predict_layers == 1
+    )
 
 
 def test_flops_per_token_is_6n_plus_attention():
@@ -58,8 +66,12 @@ def test_rope_parameters_spelling(tmp_path):
     d = ModelConfig.preset("tiny").to_dict()
     d.pop("rope_scaling")
     d.pop("rope_theta")
-    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
-                            "original_max_position_embeddings": 128}
+    d["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 5000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+    }
     (tmp_path / "config.json").write_text(json.dumps(d))
     c = ModelConfig.from_json(tmp_path)
     assert c.rope_theta == 5000.0 and c.yarn["factor"] == 4.0
@@ -69,8 +81,10 @@ def test_rope_parameters_spelling(tmp_path):
     assert c.rope_scaling is None and c.rope_theta == 500000.0
 
 
-@pytest.mark.parametrize("field,value", [("hidden_size", "64"), ("q_lora_rank", 1.5),
-                                         ("norm_topk_prob", "yes"), ("rope_scaling", [1])])
+@pytest.mark.parametrize(
+    "field,value",
+    [("hidden_size", "64"), ("q_lora_rank", 1.5), ("norm_topk_prob", "yes"), ("rope_scaling", [1])],
+)
 def test_config_wrong_types_are_named(tmp_path, field, value):
     d = ModelConfig.preset("tiny").to_dict()
     d[field] = value
@@ -89,13 +103,18 @@ def test_config_bad_json_and_bad_preset(tmp_path):
         ModelConfig.preset("tiny").replace(n_group=3)
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"n_group": 0}, "n_group"), ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
-    ({"moe_intermediate_size": 0}, "moe_intermediate_size"),
-    ({"n_shared_experts": -1}, "n_shared_experts"), ({"q_lora_rank": 0}, "q_lora_rank"),
-    ({"rope_scaling": {"type": "yarn"}}, "YaRN needs a numeric factor"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only YaRN"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"n_group": 0}, "n_group"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+        ({"moe_intermediate_size": 0}, "moe_intermediate_size"),
+        ({"n_shared_experts": -1}, "n_shared_experts"),
+        ({"q_lora_rank": 0}, "q_lora_rank"),
+        ({"rope_scaling": {"type": "yarn"}}, "YaRN needs a numeric factor"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only YaRN"),
+    ],
+)
 def test_impossible_values_are_named(changes, field):
     """Right types, impossible values: a ValueError naming the field, not a ZeroDivisionError or KeyError
     when the model is built (or a scaling silently ignored)."""

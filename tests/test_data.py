@@ -33,7 +33,10 @@ def test_documents_end_at_eos_whether_or_not_they_start_with_bos():
 def test_read_user_files(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
     assert len(read_documents(tmp_path / "a.txt")) == 2
-    lines = [{"text": "hello"}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    lines = [
+        {"text": "hello"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     docs = read_documents(tmp_path / "b.jsonl")
     assert docs[0].startswith("hello") and "<｜User｜>q<｜Assistant｜>a" in docs[1]
@@ -45,9 +48,15 @@ def test_parquet_through_datasets(tmp_path):
     assert [d[:3] for d in read_documents(tmp_path / "c.parquet")] == ["one", "two"]
 
 
-@pytest.mark.parametrize("name,content,match", [("e.txt", "", "empty"), ("x.csv", "a", "unsupported"),
-                                               ("bad.jsonl", '{"text": "a"}\n{oops', "line 2"),
-                                               ("nofield.jsonl", '{"title": 1}', "needs a `text`")])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("e.txt", "", "empty"),
+        ("x.csv", "a", "unsupported"),
+        ("bad.jsonl", '{"text": "a"}\n{oops', "line 2"),
+        ("nofield.jsonl", '{"title": 1}', "needs a `text`"),
+    ],
+)
 def test_bad_data_files(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=match):

@@ -2,11 +2,10 @@ import random
 
 import pytest
 import torch
+from conftest import random_model, require_cxx_compiler
 
 from nanoseek import LLM, ModelConfig, SamplingParams
 from nanoseek.engine.cache import LatentStore
-
-from conftest import random_model, require_cxx_compiler
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +20,15 @@ def naive_greedy(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def prompts(k, seed=0, lo=2, hi=60):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(k)]
+    return [
+        torch.randint(0, 512, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(k)
+    ]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -104,18 +105,32 @@ def test_seeded_sampling_reproducible_regardless_of_batch(model):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15, seed=123, ignore_eos=True)
     ps = prompts(8, seed=9)
     alone = LLM(model).generate([ps[2]], params)[0].token_ids
-    mixed = LLM(model).generate(ps, [SamplingParams(temperature=0.7, max_tokens=9)] * 2 + [params] +
-                                [SamplingParams(temperature=1.2, max_tokens=20)] * 5)
+    mixed = LLM(model).generate(
+        ps,
+        [SamplingParams(temperature=0.7, max_tokens=9)] * 2
+        + [params]
+        + [SamplingParams(temperature=1.2, max_tokens=20)] * 5,
+    )
     assert mixed[2].token_ids == alone
-    other = LLM(model).generate([ps[2]], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15,
-                                                        seed=124, ignore_eos=True))[0].token_ids
+    other = (
+        LLM(model)
+        .generate(
+            [ps[2]],
+            SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=15, seed=124, ignore_eos=True),
+        )[0]
+        .token_ids
+    )
     assert other != alone
     # negative seeds are seeds of their own (modulo 2**64): -1's three samples and 7 vs -7 all differ
     hot = dict(temperature=1.5, max_tokens=15, ignore_eos=True)
-    three = [o.token_ids for o in LLM(model).generate([ps[2]], SamplingParams(n=3, seed=-1, **hot))[0].outputs]
+    three = [
+        o.token_ids for o in LLM(model).generate([ps[2]], SamplingParams(n=3, seed=-1, **hot))[0].outputs
+    ]
     assert len({tuple(t) for t in three}) == 3
-    assert LLM(model).generate([ps[2]], SamplingParams(seed=7, **hot))[0].token_ids != \
-        LLM(model).generate([ps[2]], SamplingParams(seed=-7, **hot))[0].token_ids
+    assert (
+        LLM(model).generate([ps[2]], SamplingParams(seed=7, **hot))[0].token_ids
+        != LLM(model).generate([ps[2]], SamplingParams(seed=-7, **hot))[0].token_ids
+    )
 
 
 def test_n_samples_share_the_prompt_cache(model):
@@ -127,14 +142,16 @@ def test_n_samples_share_the_prompt_cache(model):
         batch = schedule()
         prefilled.extend(n for _, n in batch.prefills)
         return batch
+
     llm.scheduler.schedule = counting
     out = llm.generate(p, SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=0, ignore_eos=True))[0]
     assert len(out.outputs) == 4 and len({tuple(o.token_ids) for o in out.outputs}) > 1
     assert sum(prefilled) == len(p)  # the prompt is computed once, not once per sample
     # each sample is what a lone request with that sample's seed gives (seed + index)
     for o in out.outputs:
-        lone = LLM(model, block_size=4).generate(p, SamplingParams(temperature=1.0, max_tokens=10, seed=o.index,
-                                                                  ignore_eos=True))[0]
+        lone = LLM(model, block_size=4).generate(
+            p, SamplingParams(temperature=1.0, max_tokens=10, seed=o.index, ignore_eos=True)
+        )[0]
         assert lone.token_ids == o.token_ids
     assert llm.blocks.num_free == len(llm.blocks.ref)
 
@@ -152,8 +169,9 @@ def test_n_samples_respect_max_num_seqs(model):
     out = llm._result(rid)
     assert most == 2
     for o in out.outputs:
-        lone = LLM(model, block_size=4).generate(p, SamplingParams(temperature=1.0, max_tokens=6, seed=o.index,
-                                                                  ignore_eos=True))[0]
+        lone = LLM(model, block_size=4).generate(
+            p, SamplingParams(temperature=1.0, max_tokens=6, seed=o.index, ignore_eos=True)
+        )[0]
         assert lone.token_ids == o.token_ids
     assert out.num_cached_tokens == 0 and llm.blocks.num_free == len(llm.blocks.ref)
 
@@ -161,10 +179,12 @@ def test_n_samples_respect_max_num_seqs(model):
 def test_logprobs_match_full_forward(model):
     llm = LLM(model)
     p = prompts(1, seed=11)[0]
-    out = llm.generate(p, SamplingParams(temperature=0.8, max_tokens=6, seed=1, logprobs=True, top_logprobs=3,
-                                         ignore_eos=True))[0].outputs[0]
+    out = llm.generate(
+        p,
+        SamplingParams(temperature=0.8, max_tokens=6, seed=1, logprobs=True, top_logprobs=3, ignore_eos=True),
+    )[0].outputs[0]
     with torch.no_grad():
-        logits = model(torch.tensor([p + out.token_ids]))[0, len(p) - 1:-1]
+        logits = model(torch.tensor([p + out.token_ids]))[0, len(p) - 1 : -1]
     want = torch.log_softmax(logits / 0.8, -1)
     got = torch.tensor(out.logprobs)
     torch.testing.assert_close(got, want[torch.arange(6), torch.tensor(out.token_ids)], rtol=1e-4, atol=1e-4)
@@ -196,10 +216,13 @@ def test_logit_bias_moves_the_chosen_token(model):
     llm = LLM(model)
     p = prompts(1, seed=13)[0]
     free = llm.generate(p, GREEDY)[0].token_ids
-    forced = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={7: 100}))
+    forced = llm.generate(
+        p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={7: 100})
+    )
     assert free != [7] * 12 and forced[0].token_ids == [7] * 12
-    banned = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                            logit_bias={free[0]: -100}))
+    banned = llm.generate(
+        p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={free[0]: -100})
+    )
     assert banned[0].token_ids[0] != free[0]
     with pytest.raises(ValueError, match="logit_bias"):
         llm.add_request(p, SamplingParams(logit_bias={model.config.vocab_size: 1}))
@@ -213,13 +236,15 @@ def test_prefill_runs_the_last_layer_only_where_it_samples(model):
     for speculative, want in ((False, [1, 1, 1]), (True, [16, 16, 16, 2])):
         llm = LLM(model, block_size=4, max_batched_tokens=16, speculative=speculative)
         seen = []
-        hook = model.model.layers[-1].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        hook = model.model.layers[-1].register_forward_pre_hook(
+            lambda _, args, seen=seen: seen.append(args[0].shape[1])
+        )
         try:
             out = llm.generate(p, params)[0]
         finally:
             hook.remove()
         assert out.token_ids == naive_greedy(model, p, 3)
-        assert seen[:len(want)] == want  # the prefill's calls; then one or two tokens per decode step
+        assert seen[: len(want)] == want  # the prefill's calls; then one or two tokens per decode step
 
 
 def test_interleaved_streams_each_get_all_their_deltas(model):
@@ -230,7 +255,7 @@ def test_interleaved_streams_each_get_all_their_deltas(model):
     for da, db in zip(llm.stream(a, params), llm.stream(b, params)):  # each stream's steps advance both
         got[0] += da.token_ids
         got[1] += db.token_ids
-    assert got[0] == naive_greedy(model, a, 10)[:len(got[0])] and got[1] == naive_greedy(model, b, 10)
+    assert got[0] == naive_greedy(model, a, 10)[: len(got[0])] and got[1] == naive_greedy(model, b, 10)
     with pytest.raises(ValueError, match="prompt"):
         next(llm.stream([a, []], params))  # a bad prompt: the good one before it is not left running
     assert not llm.has_unfinished() and llm.blocks.num_free == len(llm.blocks.ref)
@@ -254,13 +279,23 @@ def test_stream_and_abort_free_the_cache(model):
     assert llm.blocks.num_free == len(llm.blocks.ref)
 
 
-@pytest.mark.parametrize("kwargs,field", [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-                                          ({"temperature": -1}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
-                                          ({"n": 0}, "n"), ({"max_tokens": True}, "max_tokens"),
-                                          ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop": [1]}, "stop"),
-                                          ({"logprobs": "yes"}, "logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
-                                          ({"logit_bias": {1: 101}}, "logit_bias"),
-                                          ({"logit_bias": {"1": 1}}, "logit_bias")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"stop": [1]}, "stop"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"logit_bias": {1: 101}}, "logit_bias"),
+        ({"logit_bias": {"1": 1}}, "logit_bias"),
+    ],
+)
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
@@ -268,11 +303,18 @@ def test_bad_sampling_params(kwargs, field):
     assert SamplingParams(temperature=1e-300).greedy  # below 1e-5 the scaled logits would overflow
 
 
-@pytest.mark.parametrize("kwargs,field", [({"max_batched_tokens": 0}, "max_batched_tokens"),
-                                          ({"max_num_seqs": 0}, "max_num_seqs"), ({"block_size": 0}, "block_size"),
-                                          ({"block_size": 2.5}, "block_size"), ({"cache_memory_mb": 0}, "cache_memory_mb"),
-                                          ({"cache_memory_mb": float("inf")}, "cache_memory_mb"),
-                                          ({"max_num_seqs": True}, "max_num_seqs")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_batched_tokens": 0}, "max_batched_tokens"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 2.5}, "block_size"),
+        ({"cache_memory_mb": 0}, "cache_memory_mb"),
+        ({"cache_memory_mb": float("inf")}, "cache_memory_mb"),
+        ({"max_num_seqs": True}, "max_num_seqs"),
+    ],
+)
 def test_bad_engine_settings_are_refused(model, kwargs, field):
     """A zero budget would never schedule a prompt: generate() would spin forever instead of failing."""
     with pytest.raises(ValueError, match=field):
@@ -282,11 +324,16 @@ def test_bad_engine_settings_are_refused(model, kwargs, field):
 def test_bad_prompts_leave_the_engine_serving(model):
     llm = LLM(model)
     ok = llm.add_request([1, 2, 3], GREEDY)
-    for prompt, params, field in [([], GREEDY, "prompt"), ([1] * 600, GREEDY, "prompt"),
-                                  ([1, 999], GREEDY, "prompt"), ([-1], GREEDY, "prompt"),
-                                  ("text", GREEDY, "tokenizer"), ([1], SamplingParams(stop=["x"]), "stop"),
-                                  ([1], SamplingParams(max_tokens=10_000), "max_tokens"),
-                                  (torch.tensor(5), GREEDY, "must be a string or a list of token ids")]:
+    for prompt, params, field in [
+        ([], GREEDY, "prompt"),
+        ([1] * 600, GREEDY, "prompt"),
+        ([1, 999], GREEDY, "prompt"),
+        ([-1], GREEDY, "prompt"),
+        ("text", GREEDY, "tokenizer"),
+        ([1], SamplingParams(stop=["x"]), "stop"),
+        ([1], SamplingParams(max_tokens=10_000), "max_tokens"),
+        (torch.tensor(5), GREEDY, "must be a string or a list of token ids"),
+    ]:
         with pytest.raises(ValueError, match=field):
             llm.add_request(prompt, params)
     while llm.has_unfinished():
@@ -311,6 +358,7 @@ def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model, penalty):
     through rejections (the MTP cache slots past a rejected draft are rewritten) and batches of mixed
     lengths: greedy rows draft inside the verifying forward, rows with penalties in a forward of their own."""
     from nanoseek.engine.sampling import apply_penalties
+
     llm = LLM(model, block_size=4, speculative=True)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, presence_penalty=penalty)
     for p in prompts(5, seed=3):
@@ -325,7 +373,9 @@ def test_mtp_drafts_are_what_the_uncached_mtp_forward_predicts(model, penalty):
                 logits = apply_penalties(logits, seq.output_ids, params)
                 assert logits[seq.draft[0]] >= logits.max() - 1e-4
                 checked.append(seq.draft[0])
-    assert len(checked) >= 5 * 10 and llm.spec_stats["accepted"] < llm.spec_stats["drafted"]  # rejections seen
+    assert (
+        len(checked) >= 5 * 10 and llm.spec_stats["accepted"] < llm.spec_stats["drafted"]
+    )  # rejections seen
 
 
 def test_forked_samples_get_the_prompts_mtp_latents_too(model):
@@ -336,7 +386,10 @@ def test_forked_samples_get_the_prompts_mtp_latents_too(model):
     llm.step()  # the prompt's prefill; the second sample forks
     parent, child = llm._requests["r"]
     assert parent.table[0] == child.table[0] and parent.table[1] != child.table[1]  # shared head, copied tail
-    tail = slice(parent.table[1] * 4, parent.table[1] * 4 + 3), slice(child.table[1] * 4, child.table[1] * 4 + 3)
+    tail = (
+        slice(parent.table[1] * 4, parent.table[1] * 4 + 3),
+        slice(child.table[1] * 4, child.table[1] * 4 + 3),
+    )
     data = llm.runner.store.data
     torch.testing.assert_close(data[:, tail[1]], data[:, tail[0]], rtol=0, atol=0)
 
@@ -372,7 +425,8 @@ def test_mtp_speculation_with_perfect_drafts_emits_two_tokens_per_step(model):
 
 
 def test_speculative_sampling_preserves_distribution():
-    from nanoseek.engine.sampling import verify_draft, draw
+    from nanoseek.engine.sampling import draw, verify_draft
+
     torch.manual_seed(0)
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
     params = SamplingParams(temperature=1.0)
@@ -401,10 +455,13 @@ def test_mtp_speculative_sampling_seeded_and_preemption_safe(model):
     tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20)
     assert tight.capacity == 68 and tight.runner.store.data.shape[0] == model.config.num_hidden_layers + 1
     greedy = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
-    assert [o.token_ids for o in tight.generate(ps, greedy)] == \
-        [o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)]
+    assert [o.token_ids for o in tight.generate(ps, greedy)] == [
+        o.token_ids for o in LLM(model, block_size=4).generate(ps, greedy)
+    ]
     assert tight.scheduler.num_preemptions > 0
-    tight = LLM(model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20, max_batched_tokens=7)
+    tight = LLM(
+        model, block_size=4, speculative=True, cache_memory_mb=70 * per_token / 2**20, max_batched_tokens=7
+    )
     assert [o.token_ids for o in tight.generate(ps, params)] == [o.token_ids for o in roomy]
     assert tight.scheduler.num_preemptions > 0
 
@@ -443,22 +500,29 @@ def test_batch_sample_draws_what_sample_draws():
     from types import SimpleNamespace
 
     from nanoseek.engine.sampling import batch_sample, sample
+
     torch.manual_seed(0)
     logits = torch.randn(12, 300) * 3
-    params = [SamplingParams(temperature=t, top_p=p) for t, p in
-              [(0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 1.0), (1.0, 0.95)] * 2]
+    params = [
+        SamplingParams(temperature=t, top_p=p)
+        for t, p in [(0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 1.0), (1.0, 0.95)] * 2
+    ]
     for trial in range(5):
-        rows = [SimpleNamespace(params=p, draft=[], generator=random.Random(100 * trial + i))
-                for i, p in enumerate(params)]
+        rows = [
+            SimpleNamespace(params=p, draft=[], generator=random.Random(100 * trial + i))
+            for i, p in enumerate(params)
+        ]
         batched = batch_sample(rows, logits)
         for i, (row, p) in enumerate(zip(rows, params)):
             alone = sample(logits[i], p, [], random.Random(100 * trial + i))
             assert batched[id(row)].token == alone.token, (trial, i)
     # rows the batch path leaves to `sample`: penalties, top-k, logprobs, drafts to verify
-    special = [SimpleNamespace(params=SamplingParams(temperature=1.0, presence_penalty=0.5), draft=[]),
-               SimpleNamespace(params=SamplingParams(temperature=1.0, top_k=5), draft=[]),
-               SimpleNamespace(params=SamplingParams(temperature=0, logprobs=True), draft=[]),
-               SimpleNamespace(params=SamplingParams(temperature=0), draft=[3])]
+    special = [
+        SimpleNamespace(params=SamplingParams(temperature=1.0, presence_penalty=0.5), draft=[]),
+        SimpleNamespace(params=SamplingParams(temperature=1.0, top_k=5), draft=[]),
+        SimpleNamespace(params=SamplingParams(temperature=0, logprobs=True), draft=[]),
+        SimpleNamespace(params=SamplingParams(temperature=0), draft=[3]),
+    ]
     assert batch_sample(special, logits[:4]) == {}
 
 
@@ -467,6 +531,7 @@ def test_batch_sample_draws_what_sample_draws():
 def text_llm():
     """A random model over a byte-level tokenizer whose vocabulary holds partial multi-byte characters."""
     from nanoseek.tokenizer import train_tokenizer
+
     tok = train_tokenizer(["the quick brown fox é ü 😀 jumps over 0123 the lazy dög ñ 🚀"] * 20, 300)
     torch.manual_seed(3)
     return LLM(random_model(ModelConfig.preset("tiny").replace(vocab_size=tok.get_vocab_size())), tok)
@@ -488,18 +553,27 @@ def test_streamed_text_is_the_full_decode_and_never_ends_in_a_broken_character(t
     stop = SamplingParams(temperature=1.5, max_tokens=60, seed=0, stop_token_ids=[outs[0].token_ids[7]])
     whole = text_llm.generate(prompts_[0], stop)[0]
     assert whole.outputs[0].finish_reason == "stop"
-    assert whole.text == "".join(d.text for d in text_llm.stream(prompts_[0], stop)) == \
-        text_llm.tokenizer.decode(whole.token_ids[:-1], skip_special_tokens=False)
+    assert (
+        whole.text
+        == "".join(d.text for d in text_llm.stream(prompts_[0], stop))
+        == text_llm.tokenizer.decode(whole.token_ids[:-1], skip_special_tokens=False)
+    )
 
 
 def test_stop_string_spanning_tokens_is_cut_and_never_streamed(text_llm):
-    free = text_llm.generate("the", SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=1))[0]
+    free = text_llm.generate("the", SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=1))[
+        0
+    ]
     tok = text_llm.tokenizer
     pieces = [tok.decode([t], skip_special_tokens=False) for t in free.token_ids]
     # a stop string made of the last character of one token and the first of the next
-    k = next(i for i in range(5, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    k = next(
+        i
+        for i in range(5, len(pieces) - 1)
+        if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1]
+    )
     stop = pieces[k][-1] + pieces[k + 1][0]
-    want = free.text[:free.text.index(stop)]
+    want = free.text[: free.text.index(stop)]
     params = SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=1, stop=[stop])
     deltas = list(text_llm.stream("the", params))
     assert "".join(d.text for d in deltas) == want == text_llm.generate("the", params)[0].text
@@ -514,12 +588,18 @@ def test_a_stop_string_in_the_first_of_two_speculated_tokens_ends_the_output_the
     spec = oracle_drafts(LLM(model, tok, speculative=True), free.token_ids)
     checked = 0
     for i in range(3, 20):
-        piece = tok.decode(free.token_ids[i:i + 1], skip_special_tokens=False)
-        if not piece.strip() or "\ufffd" in piece or piece in free.text[:free.text.index(piece) + len(piece) - 1]:
+        piece = tok.decode(free.token_ids[i : i + 1], skip_special_tokens=False)
+        if (
+            not piece.strip()
+            or "\ufffd" in piece
+            or piece in free.text[: free.text.index(piece) + len(piece) - 1]
+        ):
             continue
         params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[piece])
         plain, fast = text_llm.generate("the", params)[0], spec.generate("the", params)[0]
-        assert (fast.token_ids, fast.text) == (plain.token_ids, plain.text) and plain.outputs[0].finish_reason == "stop"
+        assert (fast.token_ids, fast.text) == (plain.token_ids, plain.text) and plain.outputs[
+            0
+        ].finish_reason == "stop"
         checked += 1
     assert checked >= 3 and spec.spec_stats["accepted"] > 0
 
@@ -527,9 +607,12 @@ def test_a_stop_string_in_the_first_of_two_speculated_tokens_ends_the_output_the
 def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
     """A token like "d\\xc3" completes the stop string "d" and starts a character: the stop counts at once."""
     from nanoseek.engine.detokenizer import Detokenizer
+
     tok = text_llm.tokenizer
     pieces = {i: tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())}
-    split = next(i for i, p in pieces.items() if len(p) > 1 and p.endswith("\ufffd") and "\ufffd" not in p[:-1])
+    split = next(
+        i for i, p in pieces.items() if len(p) > 1 and p.endswith("\ufffd") and "\ufffd" not in p[:-1]
+    )
     stop = pieces[split][:-1]
     text = Detokenizer(tok, [stop])
     assert text.update([split], finished=False) == "" and text.stopped and text.text == ""
@@ -537,11 +620,12 @@ def test_stop_string_is_found_while_a_split_character_is_held_back(text_llm):
 
 def test_sequence_window_is_a_slice_of_tokens_and_drafts():
     from nanoseek.engine.scheduler import Sequence
+
     seq = Sequence("r", 0, [1, 2, 3], GREEDY, random.Random(), output_ids=[4, 5], draft=[6, 7])
     whole = seq.tokens + seq.draft
     for start in range(len(whole) + 1):
         for n in range(len(whole) + 2 - start):
-            assert seq.window(start, n) == whole[start:start + n]
+            assert seq.window(start, n) == whole[start : start + n]
 
 
 def test_causal_prefill_never_builds_the_attention_bias(model):
@@ -549,6 +633,7 @@ def test_causal_prefill_never_builds_the_attention_bias(model):
     [B, S, T] bias (4 MB for 1000 tokens) must not be built. A chunk after cached context needs it."""
     from nanoseek.engine.cache import LatentStore, PagedBatch
     from nanoseek.model import MLA
+
     store = LatentStore(model.config, num_blocks=16, block_size=16, dtype=torch.float32)
     n = MLA.absorb_max_queries + 10
     fresh = PagedBatch(store, [list(range(8))], [0], [n])
@@ -558,7 +643,11 @@ def test_causal_prefill_never_builds_the_attention_bias(model):
         fresh.commit()
         later = PagedBatch(store, [list(range(8))], [n], [n])
         model.hidden_states(torch.randint(0, model.config.vocab_size, (1, n)), later.positions, later)
-    assert later.bias is not None and bool(later.bias[0, 0, n + 1:].isinf().all()) and later.bias[0, 0, :n + 1].eq(0).all()
+    assert (
+        later.bias is not None
+        and bool(later.bias[0, 0, n + 1 :].isinf().all())
+        and later.bias[0, 0, : n + 1].eq(0).all()
+    )
 
 
 def test_compiled_decode_matches_eager(model):
@@ -568,14 +657,17 @@ def test_compiled_decode_matches_eager(model):
     cache too small for them all (preemption), and frees every block."""
     require_cxx_compiler()
     ps = prompts(4, seed=17, lo=20)
-    for params, tight in ((SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True), False),
-                          (SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5, n=2),
-                           True)):
+    for params, tight in (
+        (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True), False),
+        (SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, ignore_eos=True, seed=5, n=2), True),
+    ):
         for speculative in (False, True):  # a tight cache has room for about two of the eight samples
             per_token = LatentStore.bytes_per_token(model.config, torch.float32, speculative)
             memory = 90 * per_token / 2**20 if tight else 256
-            llms = [LLM(model, block_size=4, cache_memory_mb=memory, speculative=speculative, compile=c)
-                    for c in (False, True)]
+            llms = [
+                LLM(model, block_size=4, cache_memory_mb=memory, speculative=speculative, compile=c)
+                for c in (False, True)
+            ]
             eager, compiled = (llm.generate(ps, params) for llm in llms)
             for e, c in zip(eager, compiled):
                 assert [o.token_ids for o in c.outputs] == [o.token_ids for o in e.outputs]
@@ -629,7 +721,10 @@ def test_compiled_engine_follows_weights_changed_in_place(eager_compile):
 def test_penalties_and_truncations_against_hand_computed_values():
     """presence/frequency penalties (OpenAI's formula), top-k, top-p and min-p on known distributions."""
     from nanoseek.engine.sampling import apply_penalties, processed_probs
-    got = apply_penalties(torch.zeros(6), [1, 1, 3], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+
+    got = apply_penalties(
+        torch.zeros(6), [1, 1, 3], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    )
     assert got.tolist() == [0.0, -0.5 - 2 * 0.25, 0.0, -0.5 - 0.25, 0.0, 0.0]
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
     logits = probs.log()
@@ -646,18 +741,24 @@ def test_penalties_and_stop_token_ids_change_what_the_engine_generates(model):
     llm = LLM(model)
     plain = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
     assert len(set(plain)) < len(plain)  # the random model repeats itself: penalties have work to do
-    strict = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                            presence_penalty=2.0, frequency_penalty=2.0))[0].token_ids
+    strict = llm.generate(
+        p,
+        SamplingParams(
+            temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0
+        ),
+    )[0].token_ids
     assert strict != plain and len(set(strict)) > len(set(plain))
     stop = plain[5]
-    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                         stop_token_ids=[stop]))[0].outputs[0]
-    assert out.token_ids == plain[:plain.index(stop) + 1] and out.finish_reason == "stop"
+    out = llm.generate(
+        p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop])
+    )[0].outputs[0]
+    assert out.token_ids == plain[: plain.index(stop) + 1] and out.finish_reason == "stop"
 
 
 def test_a_prefix_hash_collision_is_caught_by_comparing_the_ids(model, monkeypatch):
     """Every block hashing alike: a prompt that shares no tokens finds the hash but must not reuse the block."""
     from nanoseek.engine import cache
+
     monkeypatch.setattr(cache, "chain_hash", lambda parent, ids: b"same")
     a, b = prompts(2, seed=23, lo=12, hi=13)
     llm = LLM(model, block_size=4)

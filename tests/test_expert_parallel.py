@@ -22,8 +22,26 @@ from nanoseek import ModelConfig
 from nanoseek.model import MoE, RouterStats
 from nanoseek.train.expert_parallel import ExpertParallel, check_expert_parallel
 
-TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400", "--vocab-size", "400",
-        "--eval-problems", "0", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-docs",
+    "400",
+    "--vocab-size",
+    "400",
+    "--eval-problems",
+    "0",
+    "--eval-every",
+    "0",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "2",
+]
 STEPS = ["--steps", "5", "--save-every", "2"]
 
 # ---- the dispatcher, two processes -----------------------------------------------------------------
@@ -56,7 +74,7 @@ def _check_case(name: str, rank: int) -> dict:
             p.normal_(0, 0.3)
         b = ref.gate.e_score_correction_bias
         if bias == "own":  # every token's experts on its own rank
-            b[rank * 4:(rank + 1) * 4] = 10.0
+            b[rank * 4 : (rank + 1) * 4] = 10.0
         elif bias == "rank0":  # every token's experts on rank 0: rank 1 receives nothing
             b[:4] = 10.0
     ep_moe = copy.deepcopy(ref)
@@ -82,15 +100,18 @@ def _check_case(name: str, rank: int) -> dict:
         dist.all_reduce(want)
         got = getattr(ep_moe.experts, attr).grad
         got = torch.zeros_like(want[:4]) if got is None else got
-        torch.testing.assert_close(got, want[rank * 4:(rank + 1) * 4], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want[rank * 4 : (rank + 1) * 4], rtol=1e-5, atol=1e-6)
     sent = ep.step_metrics()
     with torch.no_grad():  # inference (a token or two take another path locally)
         ep_moe.eval()
         ref.eval()
         torch.testing.assert_close(ep_moe(x[:, :2]), ref(x[:, :2]), rtol=1e-5, atol=1e-6)
     ep.reduce_grads()  # an expert no token reached gets a zero gradient (not None), on every rank
-    return {"bytes_per_token": sent["ep_a2a_bytes_per_token"], "no_limit": sent["ep_a2a_bytes_per_token_no_limit"],
-            "grads": all(p.grad is not None for p in ep.params)}
+    return {
+        "bytes_per_token": sent["ep_a2a_bytes_per_token"],
+        "no_limit": sent["ep_a2a_bytes_per_token_no_limit"],
+        "grads": all(p.grad is not None for p in ep.params),
+    }
 
 
 def _dispatch_worker(rank: int, port: int, out: str) -> None:
@@ -168,8 +189,13 @@ def test_two_processes_with_expert_parallel_match_one(runs):
 
 def test_kill_and_resume_under_expert_parallel(runs, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*TORCHRUN, "pretrain", *TINY, *STEPS, "--expert-parallel", "2", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD, start_new_session=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, "pretrain", *TINY, *STEPS, "--expert-parallel", "2", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ONE_THREAD,
+        start_new_session=True,
+    )
     try:
         while not (out / "checkpoints" / "step-0000002").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -181,7 +207,13 @@ def test_kill_and_resume_under_expert_parallel(runs, tmp_path):
     saved = tmp_path / "saved"
     shutil.copytree(out, saved)
     torchrun("pretrain", *TINY, *STEPS, "--expert-parallel", "2", "--resume", "--out", str(out))
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     a, b = weights(runs / "ep"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the checkpoint holds the whole model and optimizer state: one process without expert parallelism
@@ -200,13 +232,16 @@ def test_expert_parallel_without_torchrun_is_refused_before_any_work(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("degree,world,config,fsdp,msg", [
-    (3, 2, ModelConfig.preset("tiny"), False, "must divide the number of processes (2)"),
-    (3, 3, ModelConfig.preset("tiny"), False, "must divide n_routed_experts (8)"),
-    (2, 2, ModelConfig.preset("dense-small"), False, "no routed experts"),
-    (2, 2, ModelConfig.preset("tiny"), True, "--fsdp"),
-    (0, 2, None, False, "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "degree,world,config,fsdp,msg",
+    [
+        (3, 2, ModelConfig.preset("tiny"), False, "must divide the number of processes (2)"),
+        (3, 3, ModelConfig.preset("tiny"), False, "must divide n_routed_experts (8)"),
+        (2, 2, ModelConfig.preset("dense-small"), False, "no routed experts"),
+        (2, 2, ModelConfig.preset("tiny"), True, "--fsdp"),
+        (0, 2, None, False, "must be >= 1"),
+    ],
+)
 def test_bad_expert_parallel_degrees(degree, world, config, fsdp, msg):
     with pytest.raises(ValueError, match="--expert-parallel") as e:
         check_expert_parallel(degree, world, config, fsdp)

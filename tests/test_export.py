@@ -9,15 +9,24 @@ from nanoseek.cli import main
 from nanoseek.export import ExportError, export
 from nanoseek.model import rope_inv_freq, softmax_scale
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
-        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 VARIANTS = {
     "q_lora": {},
     "no_q_lora": {"q_lora_rank": None},
     "yarn": {"rope_scaling": YARN},
     "yarn_no_q_lora": {"rope_scaling": YARN, "q_lora_rank": None},
-    "yarn_mscale_bias": {"rope_scaling": {**YARN, "mscale": 0.7, "mscale_all_dim": 0.5},
-                         "attention_bias": True},
+    "yarn_mscale_bias": {
+        "rope_scaling": {**YARN, "mscale": 0.7, "mscale_all_dim": 0.5},
+        "attention_bias": True,
+    },
 }
 
 
@@ -63,6 +72,7 @@ def test_export_keeps_the_logits_in_nanoseek_and_transformers(tmp_path, variant)
 def test_export_decodes_the_same_through_the_cache(tmp_path):
     """The absorbed path against a latent cache (decoding) sees the widened latent too."""
     from nanoseek import LatentCache
+
     c = ModelConfig.preset("tiny").replace(rope_scaling=YARN)
     src = random_model(c)
     save_model(src, tmp_path / "src")
@@ -73,7 +83,7 @@ def test_export_decodes_the_same_through_the_cache(tmp_path):
         for model in (src, out):
             cache = LatentCache(model.config, 1, 16)
             model(ids[:, :8], cache=cache)
-            logits.append(torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(8, 12)], dim=1))
+            logits.append(torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(8, 12)], dim=1))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
     assert cache.data.shape[-1] == 576
 
@@ -81,10 +91,17 @@ def test_export_decodes_the_same_through_the_cache(tmp_path):
 def test_export_generates_the_same_greedy_tokens_and_carries_the_tokenizer(tiny_base, tmp_path):
     out = export(tiny_base, tmp_path / "out")
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
+
     def read(path):
         return json.loads(path.read_text())
+
     template = read(tiny_base / "tokenizer_config.json")["chat_template"]
     assert read(out / "tokenizer_config.json")["chat_template"] == template  # the source's template is kept
     added = {t["content"]: t["special"] for t in read(out / "tokenizer.json")["added_tokens"]}
@@ -97,8 +114,9 @@ def test_export_generates_the_same_greedy_tokens_and_carries_the_tokenizer(tiny_
 
 
 def test_already_576_wide_is_copied_unchanged(tmp_path):
-    c = ModelConfig.preset("tiny").replace(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=2,
-                                           num_key_value_heads=2)
+    c = ModelConfig.preset("tiny").replace(
+        kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=2, num_key_value_heads=2
+    )
     src = random_model(c)
     save_model(src, tmp_path / "src")
     out = load_model(export(tmp_path / "src", tmp_path / "out"))
@@ -106,12 +124,15 @@ def test_already_576_wide_is_copied_unchanged(tmp_path):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"kv_lora_rank": 520}, "kv_lora_rank above 512"),
-    ({"qk_rope_head_dim": 128}, "qk_rope_head_dim above 64"),
-    ({"qk_rope_head_dim": 24}, "qk_rope_head_dim must divide 64"),
-    ({"rope_interleave": False}, "rope_interleave"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"kv_lora_rank": 520}, "kv_lora_rank above 512"),
+        ({"qk_rope_head_dim": 128}, "qk_rope_head_dim above 64"),
+        ({"qk_rope_head_dim": 24}, "qk_rope_head_dim must divide 64"),
+        ({"rope_interleave": False}, "rope_interleave"),
+    ],
+)
 def test_shapes_it_cannot_preserve_are_refused(tmp_path, changes, message):
     save_model(random_model(ModelConfig.preset("tiny").replace(**changes)), tmp_path / "src")
     with pytest.raises(ExportError, match=message):

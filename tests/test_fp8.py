@@ -4,12 +4,22 @@ import json
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from nanoseek import ModelConfig, load_model, save_model
 from nanoseek.checkpoint import CheckpointError
-from nanoseek.fp8 import (E4M3, E4M3_MAX, FP8Linear, apply_fp8, dequantize_activation, dequantize_weight,
-                          fp8_linear, quantize_activation, quantize_weight, stats)
+from nanoseek.fp8 import (
+    E4M3,
+    E4M3_MAX,
+    FP8Linear,
+    apply_fp8,
+    dequantize_activation,
+    dequantize_weight,
+    fp8_linear,
+    quantize_activation,
+    quantize_weight,
+    stats,
+)
 
 
 def rel(a, b):
@@ -24,8 +34,8 @@ def test_weight_blocks_ragged_edges_and_scales(pow2):
     assert q.dtype == E4M3 and q.shape == w.shape and scale.shape == (3, 2)
     for i in range(3):
         for j in range(2):
-            block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
-            qb = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            block = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            qb = q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
             amax = float(block.abs().max())
             assert float(qb.abs().max()) <= E4M3_MAX  # every block within the e4m3 range of its scale
             if pow2:
@@ -94,9 +104,14 @@ def test_fp8_checkpoint_round_trip_and_size(tmp_path):
     save_model(model, tmp_path / "fp8", fp8=True)
     save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                             "weight_block_size": [128, 128]}
+    assert config["quantization_config"] == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "fp8" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_b_proj.weight").dtype == E4M3
         assert f.get_tensor("model.layers.0.self_attn.q_b_proj.weight_scale_inv").dtype == torch.float32
@@ -113,9 +128,12 @@ def test_fp8_checkpoint_round_trip_and_size(tmp_path):
 
 def test_fp8_checkpoint_with_wrong_scale_shape_names_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
+
     save_model(random_model(ModelConfig.preset("tiny")), tmp_path, fp8=True)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(3, 3)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_scale_inv has shape"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_scale_inv has shape"
+    ):
         load_model(tmp_path)

@@ -1,9 +1,9 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-from types import SimpleNamespace
+from conftest import ONE_THREAD, cli, random_model, torchrun, weights
 
 from nanoseek import ModelConfig
 from nanoseek.engine.llm import CompletionOutput, RequestOutput
@@ -11,8 +11,6 @@ from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import RewardSet, format_reward, overlong_penalty
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, advantages, policy_loss, token_logprobs
 from nanoseek.train.loop import Dist
-
-from conftest import ONE_THREAD, cli, random_model, torchrun, weights
 
 
 def naive_loss(logp, old, ref, adv, mask, cfg):
@@ -55,7 +53,9 @@ def test_policy_loss_against_float64(loss_type):
     # in unequal micro-batches (4 + 2 rows), each divided by 2 as gradient accumulation does: the same loss,
     # and stats that average (as the training loop does) to the whole batch's per-token means
     batch = (n, int(mask.sum()), 2)
-    parts = [policy_loss(logp[r], old[r], ref[r], adv[r], mask[r], cfg, batch) for r in (slice(0, 4), slice(4, 6))]
+    parts = [
+        policy_loss(logp[r], old[r], ref[r], adv[r], mask[r], cfg, batch) for r in (slice(0, 4), slice(4, 6))
+    ]
     assert sum(loss for loss, _ in parts).item() / 2 == pytest.approx(want, rel=1e-10)
     for k, v in stats.items():
         assert sum(s[k] for _, s in parts) / 2 == pytest.approx(v, rel=1e-10), k
@@ -79,8 +79,16 @@ def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
         outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
         return None, RequestOutput("r", prompt, outs, 0), rewards, [{}, {}]
 
-    groups = [group([1, 2, 3], [[4, 5, 6, 7], [8]], [1.0, 0.0]), group([9, 9], [[5, 5], [6, 6, 6]], [0.0, 1.0])]
-    r = GRPOTrainer._pack(SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [1.0, 0.0, 0.0, 1.0], 1.0)
+    groups = [
+        group([1, 2, 3], [[4, 5, 6, 7], [8]], [1.0, 0.0]),
+        group([9, 9], [[5, 5], [6, 6, 6]], [0.0, 1.0]),
+    ]
+    r = GRPOTrainer._pack(
+        SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()),
+        groups,
+        [1.0, 0.0, 0.0, 1.0],
+        1.0,
+    )
     # lengths 7, 4, 4, 5 -> rows ordered 4 (reward 0), 4 (reward 0), 5 (reward 1), 7 (reward 1)
     assert r.lens.tolist() == [4, 4, 5, 7] and r.prompt_lens.tolist() == [3, 2, 2, 3]
     assert r.ids[0, :4].tolist() == [1, 2, 3, 8] and r.ids[3].tolist() == [1, 2, 3, 4, 5, 6, 7]
@@ -105,8 +113,11 @@ def test_rewards_survive_broken_reward_functions():
     task = get_task("arithmetic")
     p = task.sample(__import__("random").Random(0))
     good = f" ok </think> <answer> {p.answer} </answer>"
-    rs = RewardSet(task, {"accuracy": 1.0, "format": 0.1, "boom": 1.0, "nan": 1.0, "none": 1.0},
-                   extra={"boom": lambda p, c: 1 / 0, "nan": lambda p, c: float("nan"), "none": lambda p, c: None})
+    rs = RewardSet(
+        task,
+        {"accuracy": 1.0, "format": 0.1, "boom": 1.0, "nan": 1.0, "none": 1.0},
+        extra={"boom": lambda p, c: 1 / 0, "nan": lambda p, c: float("nan"), "none": lambda p, c: None},
+    )
     total, parts = rs(p, good)
     assert total == pytest.approx(1.1) and parts["boom"] == 0 and rs.errors == 3
     assert format_reward(p, good) == 1.0
@@ -119,10 +130,19 @@ def test_overlong_penalty():
     assert overlong_penalty(18, 20, 5) == pytest.approx(-0.6) and overlong_penalty(30, 20, 5) == -1
 
 
-@pytest.mark.parametrize("changes,msg", [({"group_size": 1}, "group_size"), ({"task": "chess"}, "unknown task"),
-                                         ({"loss_type": "ppo"}, "loss_type"), ({"temperature": 0.0}, "temperature"),
-                                         ({"top_p": 0.0}, "top_p"), ({"epsilon_low": 1.0}, "epsilon_low"),
-                                         ({"overlong_cache": 64}, "overlong_cache"), ({"beta": -0.1}, "beta")])
+@pytest.mark.parametrize(
+    "changes,msg",
+    [
+        ({"group_size": 1}, "group_size"),
+        ({"task": "chess"}, "unknown task"),
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"epsilon_low": 1.0}, "epsilon_low"),
+        ({"overlong_cache": 64}, "overlong_cache"),
+        ({"beta": -0.1}, "beta"),
+    ],
+)
 def test_config_errors_before_training(changes, msg):
     with pytest.raises(ValueError, match=msg):
         GRPOConfig(**changes).validate(world=1)
@@ -132,18 +152,43 @@ def test_config_errors_before_training(changes, msg):
 
 def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     import json
+
     from nanoseek import load_model
     from nanoseek.train.grpo import GRPOTrainer
     from nanoseek.train.loop import TrainConfig
-    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, eval_every=2,
-                     eval_problems=4, eval_k=2, beta=0.01, mu=2, micro_batch_size=10)
+
+    cfg = GRPOConfig(
+        task="arithmetic",
+        group_size=4,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        eval_every=2,
+        eval_problems=4,
+        eval_k=2,
+        beta=0.01,
+        mu=2,
+        micro_batch_size=10,
+    )
     trainer = GRPOTrainer(tiny_base, cfg, TrainConfig(steps=4, lr=1e-3, warmup=1), tmp_path / "rl")
     assert trainer.llm.model is trainer.model  # the engine holds the policy itself, not a copy
     trainer.train(progress=False)
     records = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ["step", "reward_mean", "accuracy", "mean_len", "step_seconds", "rollout_seconds", "kl",
-                "clip_low_frac", "entropy", "zero_std_frac", "truncation_rate", "grad_norm", "format_rate"]:
+    for key in [
+        "step",
+        "reward_mean",
+        "accuracy",
+        "mean_len",
+        "step_seconds",
+        "rollout_seconds",
+        "kl",
+        "clip_low_frac",
+        "entropy",
+        "zero_std_frac",
+        "truncation_rate",
+        "grad_norm",
+        "format_rate",
+    ]:
         assert key in records[0], key
     assert "eval_greedy" in records[1] and "eval_pass@1" in records[1]
     before, after = load_model(tiny_base), load_model(tmp_path / "rl")
@@ -156,11 +201,22 @@ def test_grpo_resume_continues_exactly(tiny_base, tmp_path, mu, beta, ref_reset_
     """The MTP layers never train under GRPO (no optimizer state): resuming must still work, and match.
     With mu = 2 checkpoints fall between rollout batches, and a reference reset since the start is restored."""
     import json
+
     from safetensors.torch import load_file
+
     from nanoseek.train.grpo import GRPOTrainer
     from nanoseek.train.loop import TrainConfig
-    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=8, micro_batch_size=16,
-                     mu=mu, beta=beta, ref_reset_every=ref_reset_every)
+
+    cfg = GRPOConfig(
+        task="arithmetic",
+        group_size=4,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        micro_batch_size=16,
+        mu=mu,
+        beta=beta,
+        ref_reset_every=ref_reset_every,
+    )
 
     def run(out, steps, resume=False):
         tc = TrainConfig(steps=steps, lr=1e-3, warmup=1, min_lr_ratio=1.0, save_every=mu)
@@ -176,7 +232,9 @@ def test_grpo_resume_continues_exactly(tiny_base, tmp_path, mu, beta, ref_reset_
     if beta:
         assert max(r["kl"] for r in straight[mu:]) > 0  # the reference differs from the policy it is reset to
     for key in ("reward_mean", "mean_len", "kl", "entropy", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight]))
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in resumed]), torch.tensor([r[key] for r in straight])
+        )
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], msg=k)
@@ -188,6 +246,7 @@ def test_grpo_never_trains_on_its_held_out_evaluation_problems(tiny_base, tmp_pa
     the template), in the template trained on; rollouts avoid it."""
     from nanoseek.data import held_out_problems
     from nanoseek.train.loop import TrainConfig
+
     cfg = GRPOConfig(task="arithmetic@1", eval_problems=100, template=template)
     trainer = GRPOTrainer(tiny_base, cfg, TrainConfig(seed=3), tmp_path / "rl")
     held = [p.question for p in held_out_problems("arithmetic@1", 100, 3)]  # pretraining's (chat) set
@@ -201,10 +260,31 @@ def test_grpo_two_gloo_processes_match_one(tiny_base, tmp_path):
     """Each rank rolls out its share of the prompts (seeded by their place in the whole batch) and the loss is
     normalised by the whole batch, so two processes take the steps one would."""
     import json
+
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["grpo", "--init", str(tiny_base), "--task", "arithmetic", "--steps", "2", "--group-size", "4",
-            "--prompts-per-step", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--eval-every", "0",
-            "--scale-rewards", "batch", "--beta", "0.01"]
+    args = [
+        "grpo",
+        "--init",
+        str(tiny_base),
+        "--task",
+        "arithmetic",
+        "--steps",
+        "2",
+        "--group-size",
+        "4",
+        "--prompts-per-step",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "0",
+        "--scale-rewards",
+        "batch",
+        "--beta",
+        "0.01",
+    ]
     assert cli(*args, "--out", str(one), env=ONE_THREAD).returncode == 0
     torchrun(*args, "--out", str(two))
     records = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
@@ -222,8 +302,23 @@ def test_grpo_two_gloo_processes_match_one(tiny_base, tmp_path):
 def test_grpo_cli_rejects_bad_flags_before_training(tiny_base, tmp_path):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "grpo", "--init", str(tiny_base), "--task", "nope",
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "grpo",
+            "--init",
+            str(tiny_base),
+            "--task",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "unknown task" in r.stderr and not (tmp_path / "x").exists()
 
 
@@ -232,14 +327,26 @@ def test_demo_writes_report_and_summary(tmp_path):
     import json
 
     from nanoseek.demo import DemoConfig, run_demo
-    summary = run_demo(DemoConfig(out=str(tmp_path), pretrain_steps=3, grpo_steps=2, eval_problems=4, eval_k=2,
-                                  max_new_tokens=8, num_docs=2000))
+
+    summary = run_demo(
+        DemoConfig(
+            out=str(tmp_path),
+            pretrain_steps=3,
+            grpo_steps=2,
+            eval_problems=4,
+            eval_k=2,
+            max_new_tokens=8,
+            num_docs=2000,
+        )
+    )
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary)) and on_disk["task"] == "addition@2"
     for row in ("base", "rl", "sft_control"):
         assert {"greedy", "pass@1", "mean_len"} <= set(on_disk[row]) and 0 <= on_disk[row]["greedy"] <= 1
     report = (tmp_path / "report.md").read_text()
-    assert "| base (pretrained) |" in report and f"nanoseek serve {tmp_path / 'rl'}" in report  # this run's model
+    assert (
+        "| base (pretrained) |" in report and f"nanoseek serve {tmp_path / 'rl'}" in report
+    )  # this run's model
     for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
         assert (tmp_path / f).exists(), f
 
@@ -247,7 +354,9 @@ def test_demo_writes_report_and_summary(tmp_path):
 def test_evaluate_greedy_pass1_and_consensus_against_hand_counts():
     """Two problems, k = 3: pass@1 is the mean solved share of the samples, cons@k grades the majority answer."""
     import random
+
     from nanoseek.eval import evaluate
+
     task = get_task("arithmetic@1")
     p, q = task.sample(random.Random(0)), task.sample(random.Random(1))
 
@@ -257,8 +366,10 @@ def test_evaluate_greedy_pass1_and_consensus_against_hand_counts():
 
     right = lambda x: x.completion("", str(x.answer))  # noqa: E731
     wrong = lambda x, d=1: x.completion("", str(x.answer + d))  # noqa: E731
-    canned = {0: [out(right(p)), out(wrong(q))],  # greedy: 1 of 2
-              3: [out(right(p), wrong(p), right(p)), out(wrong(q), wrong(q), right(q))]}
+    canned = {
+        0: [out(right(p)), out(wrong(q))],  # greedy: 1 of 2
+        3: [out(right(p), wrong(p), right(p)), out(wrong(q), wrong(q), right(q))],
+    }
     llm = SimpleNamespace(generate=lambda prompts, sp: canned[sp.n if sp.temperature else 0])
     res = evaluate(llm, task, [p, q], k=3)
     assert res.greedy == 0.5 and res.mean_len == 1.0
@@ -268,9 +379,26 @@ def test_evaluate_greedy_pass1_and_consensus_against_hand_counts():
 
 def test_eval_cli_with_the_r1zero_template(tiny_base, tmp_path):
     import json
+
     from nanoseek.data import held_out_problems
-    r = cli("eval", str(tiny_base), "--task", "arithmetic@1", "--n", "3", "--k", "2", "--max-new-tokens", "4",
-            "--template", "r1zero", "--out", str(tmp_path / "s.jsonl"), env=ONE_THREAD)
+
+    r = cli(
+        "eval",
+        str(tiny_base),
+        "--task",
+        "arithmetic@1",
+        "--n",
+        "3",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--template",
+        "r1zero",
+        "--out",
+        str(tmp_path / "s.jsonl"),
+        env=ONE_THREAD,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "arithmetic@1: greedy" in r.stdout and "pass@1" in r.stdout
     rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
@@ -294,7 +422,9 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards_and_refills(tiny_base,
             return r, {"accuracy": r}
 
     rewards = Rewards()
-    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=8, max_new_tokens=4, dynamic_sampling=True)
+    cfg = GRPOConfig(
+        task="arithmetic", group_size=4, prompts_per_step=8, max_new_tokens=4, dynamic_sampling=True
+    )
     r = GRPOTrainer(tiny_base, cfg, TrainConfig(steps=1), tmp_path / "rl", rewards=rewards).make_rollout(0)
     assert r.ids.shape[0] == 8 * 4 and bool((r.adv != 0).all())  # refilled with groups that have a signal
     assert len(rewards.answers) > 8  # more than one draw was needed
@@ -313,13 +443,19 @@ def test_truncation_masking_overlong_penalty_and_reward_errors_in_the_trainer(ti
     def rollout(**kw):
         cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=4, max_new_tokens=4, **kw)
         rewards = RewardSet(get_task("arithmetic"), {"accuracy": 0.0, "format": 0.0}, extra={"boom": boom})
-        return GRPOTrainer(tiny_base, cfg, TrainConfig(), tmp_path / str(len(kw)), rewards=rewards).make_rollout(0)
+        return GRPOTrainer(
+            tiny_base, cfg, TrainConfig(), tmp_path / str(len(kw)), rewards=rewards
+        ).make_rollout(0)
 
     plain, masked = rollout(), rollout(mask_truncated=True, overlong_cache=2)
-    assert plain.metrics["reward_errors"] == 16 and plain.metrics["reward_mean"] == 0.0  # one error per completion
+    assert (
+        plain.metrics["reward_errors"] == 16 and plain.metrics["reward_mean"] == 0.0
+    )  # one error per completion
     comps = (masked.lens - masked.prompt_lens).tolist()
     assert masked.metrics["reward_mean"] == pytest.approx(sum(overlong_penalty(c, 4, 2) for c in comps) / 16)
     assert plain.mask.sum(1).tolist() == (plain.lens - plain.prompt_lens).tolist()  # every token counts
     assert masked.metrics["truncation_rate"] > 0.5
-    assert int(masked.mask.sum()) < int(plain.mask.sum())  # same samples (same seeds), the cut-off rows masked
+    assert int(masked.mask.sum()) < int(
+        plain.mask.sum()
+    )  # same samples (same seeds), the cut-off rows masked
     assert all(row.sum() in (0, c) for row, c in zip(masked.mask, comps))  # whole rows, in or out

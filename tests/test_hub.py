@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
+from conftest import cli, random_model
 
 from nanoseek import CheckpointError, ModelConfig, load_model, save_model
 from nanoseek.cli import main as cli_main
@@ -18,11 +19,14 @@ from nanoseek.engine import LLM, SamplingParams
 from nanoseek.hub import HUB_PATTERNS, model_card, parse_hub_id, resolve_checkpoint
 from nanoseek.tokenizer import copy_tokenizer
 
-from conftest import cli, random_model
-
 MAIN, BRANCH = "a" * 40, "b" * 40  # commit hashes of the two snapshots
-MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json"]
+MODEL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 def add_snapshot(cache: Path, repo_id: str, src: Path, ref: str, commit: str) -> None:
@@ -104,6 +108,7 @@ def test_missing_ids_and_non_ids_fail_clearly(hub):
 def test_trainers_and_cli_take_hub_ids(hub, tmp_path):
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
     from nanoseek.train.loop import TrainConfig
+
     cfg = GRPOConfig(task="arithmetic", group_size=2, prompts_per_step=2, eval_problems=2)
     trainer = GRPOTrainer("org/tiny@dev", cfg, TrainConfig(steps=1), tmp_path / "rl")
     assert same_weights(trainer.model, load_model(hub["dev"]).train())
@@ -132,8 +137,11 @@ class RecordingApi:
 
     def upload_folder(self, **kw):
         folder = Path(kw["folder_path"])
-        sent = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-                if any(Path(p.name).match(pat) for pat in kw["allow_patterns"])}
+        sent = {
+            p.name: p.read_bytes()
+            for p in sorted(folder.iterdir())
+            if any(Path(p.name).match(pat) for pat in kw["allow_patterns"])
+        }
         self.calls.append(("upload_folder", kw["repo_id"], kw, sent))
         return "https://huggingface.co/org/tiny/commit/c0ffee"
 
@@ -147,8 +155,9 @@ def api(monkeypatch):
 
 def test_push_sends_only_the_model_with_a_card(tiny_base, api, capsys):
     assert (tiny_base / "metrics.jsonl").exists()  # there, but not sent
-    cli_main(["push", str(tiny_base), "org/tiny", "--private", "--branch", "dev",
-              "--commit-message", "first"])
+    cli_main(
+        ["push", str(tiny_base), "org/tiny", "--private", "--branch", "dev", "--commit-message", "first"]
+    )
     (kind, repo, kw), (kind2, repo2, kw2), (kind3, repo3, up, sent) = api.calls
     assert (kind, repo, kw["private"], kw["exist_ok"]) == ("create_repo", "org/tiny", True, True)
     assert (kind2, repo2, kw2["branch"]) == ("create_branch", "org/tiny", "dev")
@@ -164,6 +173,7 @@ def test_push_sends_only_the_model_with_a_card(tiny_base, api, capsys):
 
 def test_push_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, api):
     from nanoseek.hub import push
+
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
@@ -180,10 +190,20 @@ def test_model_card_of_a_grpo_run_with_metrics_and_evaluation(tiny_base, tmp_pat
     rl = tmp_path / "demo" / "rl"
     shutil.copytree(tiny_base, rl)
     run = {"task": "addition@2", "group_size": 8, "prompts_per_step": 16, "loss_type": "dapo", "beta": 0.0}
-    (rl / "train_config.json").write_text(json.dumps({"step": 30, "train_config": {"lr": 1e-4, "seed": 0},
-                                                      "run_config": run}))
-    rows = [{"step": s, "loss": 0.1, "reward_mean": 0.5 + s / 100, "reward/accuracy": 0.4 + s / 100,
-             "reward/format": 1.0, "accuracy": 0.4} for s in (1, 2)]
+    (rl / "train_config.json").write_text(
+        json.dumps({"step": 30, "train_config": {"lr": 1e-4, "seed": 0}, "run_config": run})
+    )
+    rows = [
+        {
+            "step": s,
+            "loss": 0.1,
+            "reward_mean": 0.5 + s / 100,
+            "reward/accuracy": 0.4 + s / 100,
+            "reward/format": 1.0,
+            "accuracy": 0.4,
+        }
+        for s in (1, 2)
+    ]
     rows[-1].update({"eval_greedy": 0.625, "eval_pass@1": 0.5})
     (rl / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     demo = {"task": "addition@2", "rl": {"greedy": 0.71, "mean_len": 9.5}}

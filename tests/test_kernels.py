@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_model
 
 import nanoseek.kernels.compiled as compiled_forms
 from nanoseek import ModelConfig
@@ -13,8 +14,6 @@ from nanoseek.kernels.experts import GROUPED_MM_CPU, grouped_experts_loop, group
 from nanoseek.kernels.linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
 from nanoseek.kernels.rope import apply_real_rope, real_rotations
 from nanoseek.model import REFERENCE, MoE, apply_rope, rotations, segment_positions_and_mask
-
-from conftest import random_model
 
 CPU = torch.device("cpu")
 # (job, compiled) of every kernel set; compiled ones are run eagerly with torch.compile's tracing faked, so
@@ -75,6 +74,7 @@ def test_direct_experts_match_sorted_experts_in_low_precision(dtype, fp8):
     """The decode kernels' direct path (in-place adds into the shared experts' output) against the training
     kernels' sorted path on the same tokens, in bf16 and with FP8 expert matmuls."""
     from nanoseek.fp8 import apply_fp8
+
     c = ModelConfig.preset("tiny")
     m = random_model(c).to(dtype)
     if fp8:
@@ -151,6 +151,7 @@ def test_real_rope_matches_complex_rope():
 
 def test_prepare_chooses_once_for_every_module_and_keeps_fp8_experts():
     from nanoseek.fp8 import apply_fp8
+
     m = random_model(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="job"):
         m.prepare("serve")

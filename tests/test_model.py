@@ -1,12 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_model, require_cxx_compiler
 
 import nanoseek.kernels.attention as attention_kernels
 from nanoseek import LatentCache, ModelConfig
 from nanoseek.model import MLA, Gate, segment_positions_and_mask
-
-from conftest import random_model, require_cxx_compiler
 
 
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"attention_bias": True}])
@@ -23,7 +22,7 @@ def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fol
         full = m(ids)
         cache = LatentCache(c, batch=3, max_len=32)
         chunks = [m(ids[:, :7], cache=cache), m(ids[:, 7:12], cache=cache)]  # prefill chunks, then one by one
-        chunks += [m(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+        chunks += [m(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-5)
     assert cache.nbytes_per_token() == (c.num_hidden_layers + 1) * c.latent_dim * 4
 
@@ -32,6 +31,7 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
     """The folded decoding weights are cached: an optimizer step and a plain in-place edit must both reach
     the next cached forward once `refold` is called."""
     from nanoseek.train.loop import make_optimizer
+
     c = ModelConfig.preset("tiny")
     m = random_model(c)
     ids = torch.randint(0, c.vocab_size, (2, 6))
@@ -45,7 +45,7 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
         with torch.inference_mode():
             full = m(ids)
             cache = LatentCache(c, batch=2, max_len=8)
-            steps = [m(ids[:, t:t + 1], cache=cache) for t in range(6)]
+            steps = [m(ids[:, t : t + 1], cache=cache) for t in range(6)]
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
     check()
@@ -100,7 +100,7 @@ def test_latent_cache_of_another_dtype_serves_an_fp32_model():
     with torch.no_grad():
         full = m(ids)
         cache = LatentCache(c, batch=2, max_len=8, dtype=torch.bfloat16)
-        steps = [m(ids[:, :2], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(2, 6)]
+        steps = [m(ids[:, :2], cache=cache)] + [m(ids[:, t : t + 1], cache=cache) for t in range(2, 6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=5e-2, atol=5e-2)
 
 
@@ -141,7 +141,9 @@ def test_mtp_logits_follow_the_definition():
     mtp = m.mtp[0]
     pos = torch.arange(9)
     freqs = m.rope(pos)
-    x = mtp.eh_proj(torch.cat([mtp.enorm(m.model.embed_tokens(ids[:, 1:])), mtp.hnorm(out.hidden[:, :9])], -1))
+    x = mtp.eh_proj(
+        torch.cat([mtp.enorm(m.model.embed_tokens(ids[:, 1:])), mtp.hnorm(out.hidden[:, :9])], -1)
+    )
     h = x + mtp.self_attn(mtp.input_layernorm(x), freqs)
     h = h + mtp.mlp(mtp.post_attention_layernorm(h))
     torch.testing.assert_close(out.mtp_logits[0], m.lm_head(mtp.shared_head.norm(h)))
@@ -184,12 +186,17 @@ def test_compiled_training_step_matches_eager(packed, monkeypatch):
     def spy(q, k, v, scale, mask=None, block=64):
         traced.append(mask is not None)
         return blocked(q, k, v, scale, mask, block)
+
     monkeypatch.setattr(attention_kernels, "blocked_causal_attention", spy)
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)
         out = forward(ids, mtp=True, router_stats=True, segments=segments)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.mtp_logits[0].mean() + out.balance_loss
+        loss = (
+            F.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
+            + out.mtp_logits[0].mean()
+            + out.balance_loss
+        )
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

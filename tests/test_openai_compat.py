@@ -10,12 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import random_model
 
 from nanoseek import LLM, ModelConfig, save_model
 from nanoseek.serve.api import background_server, create_app
 from nanoseek.tokenizer import save_tokenizer, train_tokenizer
-
-from conftest import random_model
 
 openai = pytest.importorskip("openai")
 
@@ -64,10 +63,16 @@ def test_batched_prompts_strings_and_token_lists(served):
         assert [c["text"] for c in r["choices"]] == [one[0], one[0], one[1], one[1]]
         assert r["usage"]["prompt_tokens"] == sum(map(len, ids))
         assert r["usage"]["completion_tokens"] == 20
-    chunks = [json.loads(line[6:]) for line in httpx.post(
-        url + "/v1/completions", json=dict(prompt=texts, stream=True, **greedy), timeout=60).text.splitlines()
-        if line.startswith("data: {")]
-    streamed = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)}
+    chunks = [
+        json.loads(line[6:])
+        for line in httpx.post(
+            url + "/v1/completions", json=dict(prompt=texts, stream=True, **greedy), timeout=60
+        ).text.splitlines()
+        if line.startswith("data: {")
+    ]
+    streamed = {
+        i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)
+    }
     assert streamed == {0: one[0], 1: one[1]}
 
 
@@ -75,7 +80,9 @@ def test_echo_returns_the_prompt_and_its_logprobs_first_null(served):
     url, llm = served
     prompt = "the dog ran to the park"
     ids = llm.encode(prompt)
-    r = post(url, "/v1/completions", model="m", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    r = post(
+        url, "/v1/completions", model="m", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
     c = r.json()["choices"][0]
     lp = c["logprobs"]
     assert c["text"].startswith(prompt) and len(c["text"]) > len(prompt)
@@ -83,17 +90,23 @@ def test_echo_returns_the_prompt_and_its_logprobs_first_null(served):
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
     assert lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
-    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:len(ids)]), full_logprobs(llm, ids),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(lp["token_logprobs"][1 : len(ids)]), full_logprobs(llm, ids), rtol=1e-4, atol=1e-4
+    )
     # token-id prompts echo their decoded text; streamed, the prompt comes first; without logprobs, text only
     by_ids = post(url, "/completions", model="m", prompt=ids, max_tokens=3, temperature=0, echo=True).json()
     assert by_ids["choices"][0]["text"] == c["text"] and by_ids["choices"][0]["logprobs"] is None
-    lines = httpx.post(url + "/v1/completions", json=dict(prompt=prompt, max_tokens=3, temperature=0, echo=True,
-                                                          logprobs=0, stream=True), timeout=60).text.splitlines()
+    lines = httpx.post(
+        url + "/v1/completions",
+        json=dict(prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=0, stream=True),
+        timeout=60,
+    ).text.splitlines()
     first = json.loads(lines[0][6:])["choices"][0]
     assert first["text"] == prompt and first["logprobs"]["token_logprobs"][0] is None
     # a prompt already in the prefix cache scores the same
-    again = post(url, "/v1/completions", model="m", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    again = post(
+        url, "/v1/completions", model="m", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
     assert again.json()["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
 
 
@@ -103,11 +116,20 @@ def test_logit_bias_and_unimplemented_fields(served):
     target = llm.encode("park")[0]
     r = post(url, "/v1/completions", logit_bias={str(target): 100}, **base).json()
     assert r["choices"][0]["text"] == llm.tokenizer.decode([target]) * 4
-    refused = [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"suffix": "x"}, "suffix"),
-               ({"best_of": 3}, "best_of"), ({"frobnicate": 1}, "frobnicate"), ({"logit_bias": {"a": 1}}, "logit_bias"),
-               ({"logit_bias": {"1": 500}}, "logit_bias"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
-               ({"prompt": []}, "prompt"), ({"prompt": [[1, 2], "x"]}, "prompt"), ({"prompt": [-1]}, "prompt"),
-               ({"echo": "maybe"}, "echo"), ({"logprobs": 21}, "logprobs")]
+    refused = [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], "x"]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"echo": "maybe"}, "echo"),
+        ({"logprobs": 21}, "logprobs"),
+    ]
     for change, param in refused:
         resp = post(url, "/v1/completions", **{**base, **change})
         assert resp.status_code == 400, (change, resp.text)
@@ -125,7 +147,9 @@ def test_routes_without_v1_with_the_openai_client_and_auth(checkpoint, served):
     for base in (url, url + "/v1"):
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["m"]
-        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        r = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
         assert r.usage.completion_tokens == 3
         assert client.completions.create(model="m", prompt="the", max_tokens=2).usage.completion_tokens == 2
     app = create_app(LLM(str(checkpoint)), served_model_name="m", api_key="sk-1")
@@ -159,8 +183,14 @@ def test_tokenize_detokenize_version_and_tokenizer_info(served):
 def test_openapi_documents_every_status_and_the_event_stream(served):
     url, _ = served
     paths = httpx.get(url + "/openapi.json").json()["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tokenize", "/v1/detokenize",
-            "/version"} <= set(paths)
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/tokenize",
+        "/v1/detokenize",
+        "/version",
+    } <= set(paths)
     for route in ("/v1/chat/completions", "/v1/completions"):
         responses = paths[route]["post"]["responses"]
         assert {"200", "400", "401", "404", "413", "429", "500"} <= set(responses)
@@ -187,8 +217,16 @@ metric_list:
 def lm_eval_loglikelihoods(model: str, model_args: str, task_dir: Path) -> list[float]:
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["nanoseek_mc"], device="cpu",
-                                  batch_size=1, log_samples=True, task_manager=TaskManager(include_path=str(task_dir)))
+
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["nanoseek_mc"],
+        device="cpu",
+        batch_size=1,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir)),
+    )
     samples = sorted(out["samples"]["nanoseek_mc"], key=lambda s: s["doc_id"])
     return [float(r[0][0]) for s in samples for r in s["resps"]]
 
@@ -199,15 +237,23 @@ def test_lm_eval_local_completions_matches_its_hf_backend(checkpoint, served, tm
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     url, _ = served
     data = tmp_path / "mc.jsonl"
-    rows = [{"question": " ".join(WORDS[i:i + 4]), "choices": [" " + WORDS[(i + 4 + k) % len(WORDS)] for k in range(3)],
-             "label": 0} for i in range(6)]
+    rows = [
+        {
+            "question": " ".join(WORDS[i : i + 4]),
+            "choices": [" " + WORDS[(i + 4 + k) % len(WORDS)] for k in range(3)],
+            "label": 0,
+        }
+        for i in range(6)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "task.yaml").write_text(TASK.format(data=data))
     want = lm_eval_loglikelihoods("hf", f"pretrained={checkpoint},dtype=float32", tmp_path)
     assert len(want) == 18 and all(math.isfinite(x) and x < 0 for x in want)
     base = f"model=m,base_url={url}/v1/completions,num_concurrent=1,max_retries=1"
-    for extra in (f"tokenizer={checkpoint},tokenizer_backend=huggingface",  # token-id prompts
-                  f"tokenizer={checkpoint},tokenizer_backend=huggingface,tokenized_requests=False",  # text prompts
-                  ""):  # the server's own /tokenize and /tokenizer_info (lm-eval's remote tokenizer)
+    for extra in (
+        f"tokenizer={checkpoint},tokenizer_backend=huggingface",  # token-id prompts
+        f"tokenizer={checkpoint},tokenizer_backend=huggingface,tokenized_requests=False",  # text prompts
+        "",
+    ):  # the server's own /tokenize and /tokenizer_info (lm-eval's remote tokenizer)
         got = lm_eval_loglikelihoods("local-completions", ",".join(filter(None, [base, extra])), tmp_path)
         assert got == pytest.approx(want, abs=1e-3), extra

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ONE_THREAD, TORCHRUN, cli, require_cxx_compiler, torchrun, weights
 
 from nanoseek import ModelConfig, load_model
 from nanoseek.cost import training_cost
@@ -15,10 +16,26 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, lr_at
 from nanoseek.train.pretrain import PretrainConfig, moe_gates, next_token_loss, pretrain, update_gate_biases
 
-from conftest import ONE_THREAD, TORCHRUN, cli, require_cxx_compiler, torchrun, weights
-
-TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400", "--vocab-size", "400",
-        "--eval-problems", "2", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-docs",
+    "400",
+    "--vocab-size",
+    "400",
+    "--eval-problems",
+    "2",
+    "--eval-every",
+    "0",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +48,16 @@ def reference_run(tmp_path_factory):
 
 def test_pretrain_writes_a_servable_checkpoint(reference_run):
     out = reference_run
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl",
-              "loss.png", "expert_load.png", "pretrain_summary.json"]:
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "expert_load.png",
+        "pretrain_summary.json",
+    ]:
         assert (out / f).exists(), f
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -62,8 +87,23 @@ def metric_lines(out: Path) -> list[str]:
 
 def kill_after_checkpoint(out: Path, step: int) -> None:
     """An 8-step run saving every 2 steps, SIGKILLed once checkpoint `step` exists."""
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "8",
-                             "--save-every", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "pretrain",
+            *TINY,
+            "--steps",
+            "8",
+            "--save-every",
+            "2",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(proc, lambda: (out / "checkpoints" / f"step-{step:07d}").exists())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -84,7 +124,9 @@ def test_resume_reads_checkpoints_keyed_by_position(reference_run, tmp_path):
     """Earlier versions keyed the optimizer state by parameter position: such checkpoints still resume."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     from nanoseek.train.loop import STATE_FILE
+
     out = tmp_path / "run"
     kill_after_checkpoint(out, 2)
     path = sorted((out / "checkpoints").glob("step-*"))[-1] / STATE_FILE
@@ -108,8 +150,12 @@ def test_resume_reads_checkpoints_keyed_by_position(reference_run, tmp_path):
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoseek.cli", "pretrain", *TINY, "--steps", "500", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(proc, lambda: len(metric_lines(out)) >= 2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -122,7 +168,9 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 def test_resume_refuses_a_different_config(reference_run, tmp_path):
     out = tmp_path / "run"
     assert cli("pretrain", *TINY, "--steps", "2", "--save-every", "1", "--out", str(out)).returncode == 0
-    r = cli("pretrain", *[a if a != "64" else "32" for a in TINY], "--steps", "4", "--resume", "--out", str(out))
+    r = cli(
+        "pretrain", *[a if a != "64" else "32" for a in TINY], "--steps", "4", "--resume", "--out", str(out)
+    )
     assert r.returncode == 2 and "seq_len" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -146,6 +194,7 @@ def test_exit_waits_for_collective_workers_to_free_reduced_tensors(monkeypatch):
     import threading
 
     import nanoseek.train.loop as loop
+
     monkeypatch.setattr(loop, "_reduced", [])
     monkeypatch.setattr(loop.dist, "all_reduce", lambda t, op: None)
     held = torch.ones(2)
@@ -169,9 +218,14 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path, fsdp, whom):
     one checkpoint together, from which the run resumes."""
     out = tmp_path / "run"
     extra = ["--fsdp"] if fsdp else []
-    proc = subprocess.Popen([*TORCHRUN, "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, "pretrain", *TINY, "--steps", "500", "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD,
+        start_new_session=True,
+    )
     wait_for(proc, lambda: len(metric_lines(out)) >= 2)
     if whom == "one rank":
         workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -207,12 +261,15 @@ def test_fsdp_two_processes_save_resume_and_match_one(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--data", "missing.txt"], "no such data file"),
-    (["--vocab-size", "100"], "vocab_size"),
-    (["--seq-len", "4096"], "seq_len"),
-    (["--batch-size", "3", "--grad-accum", "2"], "batch_size"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--data", "missing.txt"], "no such data file"),
+        (["--vocab-size", "100"], "vocab_size"),
+        (["--seq-len", "4096"], "seq_len"),
+        (["--batch-size", "3", "--grad-accum", "2"], "batch_size"),
+    ],
+)
 def test_bad_input_one_line_errors(tmp_path, args, msg):
     r = cli("pretrain", *TINY, *args, "--steps", "1", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
@@ -220,14 +277,18 @@ def test_bad_input_one_line_errors(tmp_path, args, msg):
 
 def test_empty_data_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    r = cli("pretrain", *TINY, "--data", str(tmp_path / "empty.txt"), "--steps", "1", "--out", str(tmp_path / "r"))
+    r = cli(
+        "pretrain", *TINY, "--data", str(tmp_path / "empty.txt"), "--steps", "1", "--out", str(tmp_path / "r")
+    )
     assert r.returncode == 2 and "empty" in r.stderr
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import nanoseek.train.loop as loop
-    pc = PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=400, vocab_size=400, eval_problems=2,
-                        eval_every=0)
+
+    pc = PretrainConfig(
+        preset="tiny", seq_len=64, batch_size=4, num_docs=400, vocab_size=400, eval_problems=2, eval_every=0
+    )
     tc = TrainConfig(steps=6, save_every=2, warmup=1)
     calls = {"n": 0}
     real = loop.save_file
@@ -259,16 +320,24 @@ def test_next_token_loss_averages_kept_targets_inside_a_document(compiled):
     loss_of = torch.compile(next_token_loss) if compiled else next_token_loss
     loss = loss_of(logits, ids, keep, seg, 2)
     logp = logits.detach().double().log_softmax(-1)
-    terms = [-logp[b, i, ids[b, i + 2]] for b in range(2) for i in range(6)
-             if keep[b, i + 2] and seg[b, i + 2] == seg[b, i]]
+    terms = [
+        -logp[b, i, ids[b, i + 2]]
+        for b in range(2)
+        for i in range(6)
+        if keep[b, i + 2] and seg[b, i + 2] == seg[b, i]
+    ]
     assert len(terms) > 2
     torch.testing.assert_close(loss.double(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
     loss.backward()
     plain = logits.detach().clone().requires_grad_()
     next_token_loss(plain, ids, keep, seg, 2).backward()
     torch.testing.assert_close(logits.grad, plain.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss_of(logits, ids, None, None, 1).double(),
-                               -logp[:, :6].gather(-1, ids[:, 1:7, None]).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loss_of(logits, ids, None, None, 1).double(),
+        -logp[:, :6].gather(-1, ids[:, 1:7, None]).mean(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bias_update_moves_toward_mean_load():
@@ -298,7 +367,10 @@ def test_cost_reproduces_v3_pretraining_row():
 
 def test_dense_equivalent_matches_activated_parameters():
     from nanoseek.train.pretrain import dense_equivalent
+
     moe = ModelConfig.preset("small")
     dense = dense_equivalent(moe)
-    assert dense.n_routed_experts == 0 and not any(dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
+    assert dense.n_routed_experts == 0 and not any(
+        dense.is_moe_layer(i) for i in range(dense.num_hidden_layers)
+    )
     assert abs(dense.num_active_params() - moe.num_active_params()) / moe.num_active_params() < 0.01

@@ -68,10 +68,24 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_p
 def test_pretrain_sends_every_metric_to_tensorboard(tmp_path):
     from nanoseek.train.loop import TrainConfig
     from nanoseek.train.pretrain import PretrainConfig, pretrain
+
     out = tmp_path / "base"
-    pretrain(PretrainConfig(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400,
-                            eval_problems=0, eval_every=2, val_batches=1, tasks=("arithmetic",)),
-             TrainConfig(steps=3, warmup=1, report_to="tensorboard"), out, progress=False)
+    pretrain(
+        PretrainConfig(
+            preset="tiny",
+            seq_len=64,
+            batch_size=4,
+            num_docs=300,
+            vocab_size=400,
+            eval_problems=0,
+            eval_every=2,
+            val_batches=1,
+            tasks=("arithmetic",),
+        ),
+        TrainConfig(steps=3, warmup=1, report_to="tensorboard"),
+        out,
+        progress=False,
+    )
     records = metrics(out)
     acc = read_events(out / "tensorboard")
     for key in ("loss", "mtp_loss", "lr", "grad_norm", "val_loss", "load_max_mean"):
@@ -88,8 +102,18 @@ def test_grpo_logs_each_reward_and_a_completion_table(tiny_base, tmp_path):
 
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, advantages
     from nanoseek.train.loop import TrainConfig
-    cfg = GRPOConfig(task="arithmetic", group_size=4, prompts_per_step=2, max_new_tokens=8, overlong_cache=4,
-                     format_weight=0.1, consistency_weight=0.05, log_completions_every=2, eval_problems=2)
+
+    cfg = GRPOConfig(
+        task="arithmetic",
+        group_size=4,
+        prompts_per_step=2,
+        max_new_tokens=8,
+        overlong_cache=4,
+        format_weight=0.1,
+        consistency_weight=0.05,
+        log_completions_every=2,
+        eval_problems=2,
+    )
     out = tmp_path / "rl"
     tc = TrainConfig(steps=3, lr=1e-3, warmup=1, report_to="tensorboard")
     trainer = GRPOTrainer(tiny_base, cfg, tc, out)
@@ -107,8 +131,16 @@ def test_grpo_logs_each_reward_and_a_completion_table(tiny_base, tmp_path):
     assert [r["step"] for r in rows] == [1] * 8 + [2] * 8
     by_prompt = defaultdict(list)
     for r in rows:
-        assert {"prompt", "completion", "accuracy", "format", "consistency", "overlong", "reward",
-                "advantage"} <= set(r)
+        assert {
+            "prompt",
+            "completion",
+            "accuracy",
+            "format",
+            "consistency",
+            "overlong",
+            "reward",
+            "advantage",
+        } <= set(r)
         assert r["reward"] == pytest.approx(sum(weights[k] * r[k] for k in weights), abs=1e-9)
         by_prompt[(r["step"], r["prompt"])].append(r)
     for group in by_prompt.values():

@@ -16,26 +16,42 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from conftest import missing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nanoseek import LLM, DeepSeekV3, ModelConfig, save_model
 from nanoseek.serve.api import background_server, create_app
 from nanoseek.serve.reasoning import ThinkParser, split_reasoning
 from nanoseek.tokenizer import EOS, render_chat, save_tokenizer, train_tokenizer
 
-from conftest import missing
-
 openai = pytest.importorskip("openai")
 
 REASONING, ANSWER = "Let me think about it.", "Hello from nanoseek!"
-USERS = ["hi", "hello there", "what is 2+2?", "tell me a story", "how are you", "ping", "who are you?", "test"]
+USERS = [
+    "hi",
+    "hello there",
+    "what is 2+2?",
+    "tell me a story",
+    "how are you",
+    "ping",
+    "who are you?",
+    "test",
+]
 SYSTEM = "You are nanoseek, a small model that thinks before it answers. Keep your answers short and kind."
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    texts = [render_chat([{"role": "system", "content": s}, {"role": "user", "content": u}])
-             + REASONING + "</think>" + ANSWER + EOS for u in USERS for s in ("", SYSTEM)]
+    texts = [
+        render_chat([{"role": "system", "content": s}, {"role": "user", "content": u}])
+        + REASONING
+        + "</think>"
+        + ANSWER
+        + EOS
+        for u in USERS
+        for s in ("", SYSTEM)
+    ]
     tok = train_tokenizer(texts * 10 + ["the quick brown fox jumps over the lazy dog 0123456789 é ü 😀"], 300)
     config = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
@@ -115,8 +131,12 @@ def test_models_health_openapi(served, client):
 
 
 def test_chat_non_streaming_splits_reasoning(client):
-    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hello there"}],
-                                       temperature=0, max_tokens=40)
+    r = client.chat.completions.create(
+        model="nanoseek-test",
+        messages=[{"role": "user", "content": "hello there"}],
+        temperature=0,
+        max_tokens=40,
+    )
     msg = r.choices[0].message
     assert (msg.reasoning_content, msg.content) == (REASONING, ANSWER)
     assert r.choices[0].finish_reason == "stop"
@@ -128,8 +148,14 @@ def test_chat_non_streaming_splits_reasoning(client):
 
 def test_chat_streaming_reasoning_first_then_content_then_usage(served):
     url, _ = served
-    body = {"messages": [{"role": "user", "content": "ping"}], "temperature": 0, "max_tokens": 40, "stream": True,
-            "stream_options": {"include_usage": True}, "logprobs": True}
+    body = {
+        "messages": [{"role": "user", "content": "ping"}],
+        "temperature": 0,
+        "max_tokens": 40,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+    }
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -148,17 +174,28 @@ def test_chat_streaming_reasoning_first_then_content_then_usage(served):
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["usage"]["completion_tokens"] == 8 * 12
     for i in range(8):
-        with_lp = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i and c["choices"][0]["logprobs"]]
+        with_lp = [
+            c["choices"][0]
+            for c in chunks[:-1]
+            if c["choices"][0]["index"] == i and c["choices"][0]["logprobs"]
+        ]
         assert sum(len(c["logprobs"]["content"]) for c in with_lp) == 12
         parts = ["content" if "content" in c["delta"] else "reasoning_content" for c in with_lp]
         assert parts == sorted(parts, key=lambda k: k == "content"), parts
 
 
 def test_streaming_with_openai_client_and_length_inside_thinking(client):
-    stream = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
-                                            temperature=0, max_tokens=3, stream=True)
+    stream = client.chat.completions.create(
+        model="nanoseek-test",
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=0,
+        max_tokens=3,
+        stream=True,
+    )
     chunks = list(stream)
-    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reasoning and REASONING.startswith(reasoning) and content == ""
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -167,9 +204,14 @@ def test_streaming_with_openai_client_and_length_inside_thinking(client):
 def test_second_turn_is_served_from_the_prefix_cache(client):
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "who are you?"}]
     a = client.chat.completions.create(model="nanoseek-test", messages=first, temperature=0, max_tokens=40)
-    second = first + [{"role": "assistant", "content": a.choices[0].message.content,
-                       "reasoning_content": a.choices[0].message.reasoning_content},
-                      {"role": "user", "content": "how are you"}]
+    second = first + [
+        {
+            "role": "assistant",
+            "content": a.choices[0].message.content,
+            "reasoning_content": a.choices[0].message.reasoning_content,
+        },
+        {"role": "user", "content": "how are you"},
+    ]
     b = client.chat.completions.create(model="nanoseek-test", messages=second, temperature=0, max_tokens=40)
     assert b.usage.prompt_cache_hit_tokens >= 16  # at least the system prompt's full blocks
     assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_cache_hit_tokens
@@ -177,37 +219,64 @@ def test_second_turn_is_served_from_the_prefix_cache(client):
 
 
 def test_logprobs_n_and_seed(client):
-    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "test"}],
-                                       temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="nanoseek-test",
+        messages=[{"role": "user", "content": "test"}],
+        temperature=0,
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.token == entry.top_logprobs[0].token  # greedy picks the most likely token
-    kwargs = dict(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}], temperature=1.5,
-                  max_tokens=12, n=3, seed=7, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="nanoseek-test",
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=1.5,
+        max_tokens=12,
+        n=3,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1, 2]
-    assert [c.message.reasoning_content for c in a.choices] == [c.message.reasoning_content for c in b.choices]
+    assert [c.message.reasoning_content for c in a.choices] == [
+        c.message.reasoning_content for c in b.choices
+    ]
     assert a.usage.completion_tokens == 36
 
 
 def test_completions_endpoint(client):
     prompt = render_chat([{"role": "user", "content": "hello there"}])
-    r = client.completions.create(model="nanoseek-test", prompt=prompt, temperature=0, max_tokens=40, logprobs=2)
+    r = client.completions.create(
+        model="nanoseek-test", prompt=prompt, temperature=0, max_tokens=40, logprobs=2
+    )
     assert r.choices[0].text == REASONING + "</think>" + ANSWER
     assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="nanoseek-test", prompt=prompt, temperature=0, max_tokens=40, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="nanoseek-test", prompt=prompt, temperature=0, max_tokens=40, stream=True
+        )
+    )
     assert streamed == r.choices[0].text
 
 
 def test_bad_requests_raise_the_clients_exception_types(client):
     ok = dict(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}])
-    cases = [({"temperature": -1}, "temperature"), ({"messages": []}, "messages"),
-             ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-             ({"max_tokens": 100000}, "max_tokens"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-             ({"stop": [""]}, "stop"), ({"response_format": {"type": "json_object"}}, "response_format.type")]
+    cases = [
+        ({"temperature": -1}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"stop": [""]}, "stop"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ]
     for change, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**{**ok, **change})
@@ -221,50 +290,89 @@ def test_bad_requests_raise_the_clients_exception_types(client):
 def test_malformed_bodies_never_500(served):
     url, _ = served
     post = lambda **kw: httpx.post(url + "/v1/chat/completions", timeout=30, **kw)  # noqa: E731
-    bad = [post(content=b"{not json", headers={"content-type": "application/json"}),
-           post(json={"messages": "hello"}), post(json={"messages": [{"role": "user", "content": 5}]}),
-           post(json=[1, 2]), post(json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}),
-           post(content=b"x" * (3 * 2**20), headers={"content-type": "application/json"})]
+    bad = [
+        post(content=b"{not json", headers={"content-type": "application/json"}),
+        post(json={"messages": "hello"}),
+        post(json={"messages": [{"role": "user", "content": 5}]}),
+        post(json=[1, 2]),
+        post(json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}),
+        post(content=b"x" * (3 * 2**20), headers={"content-type": "application/json"}),
+    ]
     assert [r.status_code for r in bad] == [400] * 5 + [413]
-    untyped = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}]}')
-    assert untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
+    untyped = httpx.post(
+        url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}]}'
+    )
+    assert (
+        untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
+    )
     assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in bad)
     assert httpx.get(url + "/v1/nothing-here").json()["error"]["code"] == "not_found"
     chunked = post(content=(b"x" * 2**20 for _ in range(3)), headers={"content-type": "application/json"})
     assert chunked.status_code == 413  # no Content-Length: counted as it arrives
-    for body, param in [({"prompt": [10**9]}, "prompt"), ({"prompt": [-5]}, "prompt"),
-                        ({"prompt": "hi", "seed": 2**64}, "seed"), ({"prompt": [True]}, "prompt"),
-                        ({"prompt": [5] * 600}, "prompt")]:
+    for body, param in [
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": [-5]}, "prompt"),
+        ({"prompt": "hi", "seed": 2**64}, "seed"),
+        ({"prompt": [True]}, "prompt"),
+        ({"prompt": [5] * 600}, "prompt"),
+    ]:
         r = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
     hi = {"role": "user", "content": "hi"}
-    for body, param in [({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),  # a lone surrogate
-                        ({"messages": [{"role": "user", "content": "hi " * 200_000}]}, "messages"),  # can't fit
-                        ({"messages": [hi], "stop": ["x"] * 17}, "stop"), ({"messages": [hi], "stop": "y" * 257}, "stop")]:
+    for body, param in [
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),  # a lone surrogate
+        ({"messages": [{"role": "user", "content": "hi " * 200_000}]}, "messages"),  # can't fit
+        ({"messages": [hi], "stop": ["x"] * 17}, "stop"),
+        ({"messages": [hi], "stop": "y" * 257}, "stop"),
+    ]:
         r = post(content=json.dumps(body).encode(), headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     # null means unset (the openai client sends it); a temperature too small to scale by is greedy
-    nulls = post(json={"messages": [hi], "max_tokens": 3, "temperature": None, "n": None, "stream": None,
-                       "logprobs": None, "top_p": None, "presence_penalty": None, "stop": None})
+    nulls = post(
+        json={
+            "messages": [hi],
+            "max_tokens": 3,
+            "temperature": None,
+            "n": None,
+            "stream": None,
+            "logprobs": None,
+            "top_p": None,
+            "presence_penalty": None,
+            "stop": None,
+        }
+    )
     assert nulls.status_code == 200, nulls.text
     tiny = post(json={"messages": [hi], "max_tokens": 3, "temperature": 1e-300, "logprobs": True})
-    assert tiny.status_code == 200 and all(math.isfinite(t["logprob"]) for t in tiny.json()["choices"][0]["logprobs"]["content"])
+    assert tiny.status_code == 200 and all(
+        math.isfinite(t["logprob"]) for t in tiny.json()["choices"][0]["logprobs"]["content"]
+    )
     # a request field the server does not implement is refused, naming it (inside a message, ignored)
     unknown_field = post(json={"messages": [hi], "max_tokens": 2, "frobnicate": True})
     assert unknown_field.status_code == 400 and unknown_field.json()["error"]["param"] == "frobnicate"
-    assert post(json={"messages": [{"role": "user", "content": "hi", "x": 1}], "max_tokens": 2}).status_code == 200
-    long_stop = post(json={"messages": [hi], "max_tokens": 2, "stop": "Human: please stop here"})  # 23 characters
+    assert (
+        post(json={"messages": [{"role": "user", "content": "hi", "x": 1}], "max_tokens": 2}).status_code
+        == 200
+    )
+    long_stop = post(
+        json={"messages": [hi], "max_tokens": 2, "stop": "Human: please stop here"}
+    )  # 23 characters
     assert long_stop.status_code == 200, long_stop.text
 
 
 def test_without_max_tokens_a_request_gets_what_the_cache_holds(checkpoint):
     """A cache smaller than the context: an unset max_tokens is bounded by the cache, not refused."""
     from nanoseek.engine.cache import LatentStore
+
     llm = LLM(str(checkpoint))
-    llm = LLM(str(checkpoint), cache_memory_mb=200 * LatentStore.bytes_per_token(llm.config, torch.float32) / 2**20)
+    llm = LLM(
+        str(checkpoint), cache_memory_mb=200 * LatentStore.bytes_per_token(llm.config, torch.float32) / 2**20
+    )
     with background_server(create_app(llm, served_model_name="m")) as url:
-        r = httpx.post(url + "/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["total_tokens"] <= llm.capacity < llm.max_len
 
@@ -278,19 +386,32 @@ def test_api_key_and_queue_limit(checkpoint):
         assert httpx.get(url + "/v1/models").status_code == 401
         # checked before the body is read: a client without the key learns nothing about its request
         for body in (b"{not json", b"x" * (3 * 2**20)):
-            r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            r = httpx.post(
+                url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/health").status_code == 200  # outside /v1: open
         good = openai.OpenAI(base_url=url + "/v1", api_key="sk-secret", max_retries=0)
-        long = good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
-                                            max_tokens=400, extra_body={"ignore_eos": True})
+        long = good.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            max_tokens=400,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(long))
         with pytest.raises(openai.RateLimitError):
-            good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            good.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
         long.close()
         assert wait_for(lambda: app.state.server.engine.num_requests == 0)
-        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=2).usage.completion_tokens >= 1
+        assert (
+            good.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).usage.completion_tokens
+            >= 1
+        )
 
 
 # ---- load ------------------------------------------------------------------------------------------
@@ -299,8 +420,14 @@ def test_32_concurrent_streams_match_each_request_alone(served):
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def request(i):
-        return dict(model="nanoseek-test", messages=[{"role": "user", "content": USERS[i % 8] + " " * (i // 8)}],
-                    temperature=1.3, max_tokens=16, seed=1000 + i, extra_body={"ignore_eos": True})
+        return dict(
+            model="nanoseek-test",
+            messages=[{"role": "user", "content": USERS[i % 8] + " " * (i // 8)}],
+            temperature=1.3,
+            max_tokens=16,
+            seed=1000 + i,
+            extra_body={"ignore_eos": True},
+        )
 
     async def one(i):
         text = ""
@@ -329,6 +456,7 @@ def slow_steps(server, monkeypatch, seconds: float = 0.02) -> list[int]:
         count[0] += 1
         time.sleep(seconds)
         return step()
+
     monkeypatch.setattr(server.llm, "step", slow)
     return count
 
@@ -337,8 +465,12 @@ def test_disconnecting_clients_free_their_cache(served, monkeypatch):
     url, server = served
     steps = slow_steps(server, monkeypatch)
     aborted = metric(url, 'nanoseek_requests_total{outcome="abort"}')
-    body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": "tell me a story"}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
     for _ in range(5):
         start = steps[0]
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
@@ -355,8 +487,14 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(served, monkeypat
     """Tokens keep arriving, so the handler never idles: it still notices the client has gone."""
     url, server = served
     steps = slow_steps(server, monkeypatch)
-    aborted, finished = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("abort", "length"))
-    body = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 400, "ignore_eos": True}
+    aborted, finished = (
+        metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("abort", "length")
+    )
+    body = {
+        "messages": [{"role": "user", "content": "tell me a story"}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=30)
@@ -381,21 +519,32 @@ def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(served,
     monkeypatch.setattr(server.llm, "step", failing_once)
     errors, aborted = (metric(url, f'nanoseek_requests_total{{outcome="{o}"}}') for o in ("error", "abort"))
     with pytest.raises(openai.APIError, match="engine step failed: boom") as failed:
-        r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=8, stream=stream, extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(
+            model="nanoseek-test",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            stream=stream,
+            extra_body={"ignore_eos": True},
+        )
         for _ in r if stream else ():
             pass
     assert stream or isinstance(failed.value, openai.InternalServerError)
     assert wait_for(lambda: metric(url, 'nanoseek_requests_total{outcome="error"}') == errors + 1)
     assert metric(url, 'nanoseek_requests_total{outcome="abort"}') == aborted
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0)
-    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=4, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="nanoseek-test",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        extra_body={"ignore_eos": True},
+    )
     assert r.usage.completion_tokens == 4
 
 
 def test_metrics_report_latency_and_tokens(served, client):
-    client.chat.completions.create(model="nanoseek-test", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    client.chat.completions.create(
+        model="nanoseek-test", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
     url, _ = served
     assert metric(url, "nanoseek_time_to_first_token_seconds_count") >= 1
     assert metric(url, "nanoseek_time_per_output_token_seconds_count") >= 1
@@ -406,16 +555,27 @@ def test_metrics_report_latency_and_tokens(served, client):
     for _ in range(2):
         r = client.chat.completions.create(model="nanoseek-test", messages=messages, max_tokens=2)
     assert r.usage.prompt_cache_hit_tokens > 0
-    assert wait_for(lambda: metric(url, "nanoseek_prompt_cache_hit_tokens_total") >= hits + r.usage.prompt_cache_hit_tokens)
+    assert wait_for(
+        lambda: (
+            metric(url, "nanoseek_prompt_cache_hit_tokens_total") >= hits + r.usage.prompt_cache_hit_tokens
+        )
+    )
 
 
 def test_latency_histogram_buckets_are_cumulative():
     from nanoseek.serve.metrics import Histogram
+
     h = Histogram((0.01, 0.1, 1.0))
     for v in (0.003, 0.01, 0.05, 5.0):
         h.observe(v)
-    assert h.lines("t") == ['t_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 3', 't_bucket{le="1.0"} 3',
-                            't_bucket{le="+Inf"} 4', "t_sum 5.063000", "t_count 4"]
+    assert h.lines("t") == [
+        't_bucket{le="0.01"} 2',
+        't_bucket{le="0.1"} 3',
+        't_bucket{le="1.0"} 3',
+        't_bucket{le="+Inf"} 4',
+        "t_sum 5.063000",
+        "t_count 4",
+    ]
 
 
 def test_queue_depth_gauge(checkpoint, monkeypatch):
@@ -423,8 +583,13 @@ def test_queue_depth_gauge(checkpoint, monkeypatch):
     slow_steps(app.state.server, monkeypatch)
     with background_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=400, stream=True,
-                    extra_body={"ignore_eos": True})
+        chat = dict(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         first, second = client.chat.completions.create(**chat), client.chat.completions.create(**chat)
         next(iter(first))  # one decoding, the other waiting for the one sequence slot
         assert wait_for(lambda: metric(url, "nanoseek_requests_waiting") == 1)
@@ -452,8 +617,16 @@ def chat_page(served):
     if absent:
         missing("browser test needs " + " and ".join(absent))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+            ],
+        )
         try:
             page = browser.new_page()
             page.goto(served[0] + "/")
@@ -468,7 +641,9 @@ def chat_page(served):
 def test_chat_page_streams_thinking_then_answer(chat_page):
     page = chat_page
     page.wait_for_function(
-        "document.querySelector('.msg.assistant .answer')?.textContent === 'Hello from nanoseek!'", timeout=30000)
+        "document.querySelector('.msg.assistant .answer')?.textContent === 'Hello from nanoseek!'",
+        timeout=30000,
+    )
     assert page.inner_text(".msg.user") == "hello there"
     assert page.text_content(".reasoning") == REASONING
     assert re.fullmatch(r"Thought for \d+\.\d s", page.inner_text("details.thinking summary"))
@@ -477,8 +652,10 @@ def test_chat_page_streams_thinking_then_answer(chat_page):
     page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
     page.fill("#input", "how are you")  # a second turn keeps the history
     page.press("#input", "Enter")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .answer').length === 2 && "
-                           "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 0")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant .answer').length === 2 && "
+        "document.querySelectorAll('.msg.assistant .answer')[1].textContent.length > 0"
+    )
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0
     page.fill("#max-tokens", "100000")  # refused (beyond the context): the turn is not kept
@@ -507,10 +684,14 @@ def test_chat_page_shows_thinking_while_it_streams_and_stops(slow_server, chat_p
     assert page.inner_text("details.thinking summary") == "Thinking…"
     assert page.is_visible("#stop") and not page.is_visible("#send")
     page.click("#stop")
-    page.wait_for_function("document.querySelector('details.thinking summary').textContent.startsWith('Thought')")
+    page.wait_for_function(
+        "document.querySelector('details.thinking summary').textContent.startsWith('Thought')"
+    )
     assert page.is_visible("#send") and not page.is_visible("#stop")
     assert wait_for(lambda: metric(url, "nanoseek_cache_blocks_used") == 0, timeout=60)
-    whole = len(server.tokenizer.encode(REASONING + "</think>" + ANSWER, add_special_tokens=False).ids) + 1  # + EOS
+    whole = (
+        len(server.tokenizer.encode(REASONING + "</think>" + ANSWER, add_special_tokens=False).ids) + 1
+    )  # + EOS
     assert steps[0] < whole and page.text_content(".msg.assistant .answer") != ANSWER  # aborted, not finished
 
 
@@ -521,17 +702,40 @@ def test_generate_and_serve_command_lines(checkpoint):
     import socket
     import subprocess
     import sys
+
     from conftest import ONE_THREAD, cli
+
     prompt = render_chat([{"role": "user", "content": "hello there"}])
     r = cli("generate", str(checkpoint), "--prompt", prompt, "--max-tokens", "40", env=ONE_THREAD)
     assert r.returncode == 0 and r.stdout.strip() == REASONING + "</think>" + ANSWER, r.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", str(checkpoint), "--port", str(port),
-                             "--api-key", "sk-cli", "--served-model-name", "cli-model", "--max-concurrency", "1",
-                             "--max-queue", "0", "--log-level", "warning"], env=ONE_THREAD,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "serve",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--api-key",
+            "sk-cli",
+            "--served-model-name",
+            "cli-model",
+            "--max-concurrency",
+            "1",
+            "--max-queue",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        env=ONE_THREAD,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -545,8 +749,13 @@ def test_generate_and_serve_command_lines(checkpoint):
         assert httpx.get(url + "/v1/models").status_code == 401
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["cli-model"]
-        long = client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        long = client.chat.completions.create(
+            model="cli-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(long))
         with pytest.raises(openai.RateLimitError):  # one running, no queue
             client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hi"}])
@@ -559,16 +768,26 @@ def test_generate_and_serve_command_lines(checkpoint):
 
 def test_request_fields_developer_role_and_earlier_reasoning(served, client):
     url, _ = served
-    r = client.chat.completions.create(model="nanoseek-test", messages=[{"role": "developer", "content": SYSTEM},
-                                                                        {"role": "user", "content": "hi"}],
-                                       max_completion_tokens=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="nanoseek-test",
+        messages=[{"role": "developer", "content": SYSTEM}, {"role": "user", "content": "hi"}],
+        max_completion_tokens=3,
+        extra_body={"ignore_eos": True},
+    )
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
     # earlier turns' reasoning is dropped from the prompt, as the DeepSeek API does
-    turn = lambda reasoning: [{"role": "user", "content": "hi"},  # noqa: E731
-                              {"role": "assistant", "content": ANSWER, "reasoning_content": reasoning},
-                              {"role": "user", "content": "and now?"}]
-    short, long = (client.chat.completions.create(model="nanoseek-test", messages=turn(x), max_tokens=1)
-                   for x in ("", "a long chain of thought " * 20))
+    def turn(reasoning: str) -> list[dict]:
+        return [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": ANSWER, "reasoning_content": reasoning},
+            {"role": "user", "content": "and now?"},
+        ]
+
+    short, long = (
+        client.chat.completions.create(model="nanoseek-test", messages=turn(x), max_tokens=1)
+        for x in ("", "a long chain of thought " * 20)
+    )
     assert short.usage.prompt_tokens == long.usage.prompt_tokens
     # no usage chunk unless asked for
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
@@ -579,6 +798,7 @@ def test_request_fields_developer_role_and_earlier_reasoning(served, client):
 
 def test_server_threads_leave_the_event_loop_a_core(monkeypatch):
     from nanoseek.serve.async_engine import server_threads
+
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert (server_threads(), server_threads(3)) == (7, 3)
     monkeypatch.setattr("os.cpu_count", lambda: 1)

@@ -18,7 +18,9 @@ def test_worked_solutions_score_full_marks():
                 # without the scratchpad the model is shown answering at once: nothing inside <think>
                 assert (sol.split("</think>")[0].strip() == "") is not pad
     r1 = get_task("arithmetic", template="r1zero").sample(random.Random(0))
-    assert r1.prompt.startswith("A conversation between User and Assistant") and r1.prompt.endswith("Assistant:")
+    assert r1.prompt.startswith("A conversation between User and Assistant") and r1.prompt.endswith(
+        "Assistant:"
+    )
     assert format_ok(r1.full_completion(get_task("arithmetic").solution(r1)))
 
 
@@ -32,11 +34,14 @@ def test_countdown_rewards():
     assert task.check(p, "hello") == 0.0
 
 
-@pytest.mark.parametrize("expr", ["(" * 10000 + "1" + ")" * 10000, "1" * 1_000_000, "١+٢", "__import__('os')",
-                                  "1 if 1 else 2", "1e9"])
+@pytest.mark.parametrize(
+    "expr",
+    ["(" * 10000 + "1" + ")" * 10000, "1" * 1_000_000, "١+٢", "__import__('os')", "1 if 1 else 2", "1e9"],
+)
 def test_countdown_guards_refuse_before_parsing(expr, monkeypatch):
     """Huge, deep or foreign-character answers never reach the parser (so they cost a scan, not a parse)."""
     import ast
+
     monkeypatch.setattr(ast, "parse", lambda *a, **k: pytest.fail("parser reached"))
     with pytest.raises(InvalidExpression):
         evaluate(expr)
@@ -76,6 +81,7 @@ def test_answer_parsing_takes_one_pass_over_megabyte_completions():
 
     def too_slow(*_):
         raise TimeoutError("quadratic answer parsing")
+
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(10)
     try:
@@ -92,6 +98,7 @@ def test_answer_parsing_takes_one_pass_over_megabyte_completions():
 def test_a_verifier_that_raises_counts_as_wrong_in_evaluation():
     def broken(problem, completion):
         raise ZeroDivisionError("oops")
+
     with pytest.warns(UserWarning, match="ZeroDivisionError: oops"):
         assert full_marks(broken, None, "x") is False
     assert full_marks(lambda p, c: 1.0, None, "x") is True
@@ -105,35 +112,48 @@ def test_unknown_task():
 def test_language_consistency_reward_is_the_share_of_words_in_the_script():
     from nanoseek.tasks import get_task
     from nanoseek.tasks.rewards import RewardSet, language_consistency
+
     p = get_task("arithmetic").sample(random.Random(0))
     assert language_consistency(p, "add the ones 3 + 4 = 7 </think> <answer> 7 </answer>") == 1.0
     assert language_consistency(p, "add два числа </think> <answer> 7 </answer>") == pytest.approx(1 / 3)
     assert language_consistency(p, "1 + 2 </think> <answer> 3 </answer>") == 1.0  # numbers are neutral
-    assert language_consistency(p, "x </think> words after the reasoning всё") == 1.0  # only the reasoning counts
-    total, parts = RewardSet(get_task("arithmetic"), {"accuracy": 1.0, "consistency": 0.5})(p, "сумма </think>")
+    assert (
+        language_consistency(p, "x </think> words after the reasoning всё") == 1.0
+    )  # only the reasoning counts
+    total, parts = RewardSet(get_task("arithmetic"), {"accuracy": 1.0, "consistency": 0.5})(
+        p, "сумма </think>"
+    )
     assert parts["consistency"] == 0.0 and total == 0.0
 
 
 def test_user_jsonl_task(tmp_path, monkeypatch):
     f = tmp_path / "t.jsonl"
-    f.write_text('{"prompt": "Half of one?", "answer": "1/2"}\n{"prompt": "Expand (x+1)^2", "answer": "x^2 + 2*x + 1", '
-                 '"difficulty": 2}\n{"prompt": "Capital of France?", "answer": "Paris"}\n')
+    f.write_text(
+        '{"prompt": "Half of one?", "answer": "1/2"}\n{"prompt": "Expand (x+1)^2", "answer": "x^2 + 2*x + 1", '
+        '"difficulty": 2}\n{"prompt": "Capital of France?", "answer": "Paris"}\n'
+    )
     task = get_task(f"jsonl:{f}")
     assert task.difficulties == (1, 2)
     rng = random.Random(0)
     problems = {p.question: p for p in (task.sample(rng) for _ in range(40))}
     half, expand, paris = problems["Half of one?"], problems["Expand (x+1)^2"], problems["Capital of France?"]
-    assert task.score(half, "<answer> 0.5 </answer>") == 1.0 and task.score(half, "<answer>0.4</answer>") == 0.0
+    assert (
+        task.score(half, "<answer> 0.5 </answer>") == 1.0 and task.score(half, "<answer>0.4</answer>") == 0.0
+    )
     assert task.score(paris, "<answer> paris. </answer>") == 1.0
     pytest.importorskip("sympy")
     assert task.score(expand, "<answer>(x+1)*(x+1)</answer>") == 1.0
     assert task.score(expand, "<answer>__import__('os')</answer>") == 0.0  # never reaches sympy's parser
     assert task.score(half, "<answer> 5e-1 </answer>") == 1.0
     import sympy
+
     monkeypatch.setattr(sympy, "simplify", lambda *a: pytest.fail("a huge power reached simplify"))
     from fractions import Fraction
-    monkeypatch.setattr("nanoseek.tasks.jsonl.Fraction",
-                        lambda t: pytest.fail("a huge exponent reached Fraction") if "e" in t else Fraction(t))
+
+    monkeypatch.setattr(
+        "nanoseek.tasks.jsonl.Fraction",
+        lambda t: pytest.fail("a huge exponent reached Fraction") if "e" in t else Fraction(t),
+    )
     for hostile in ("1e999999999", "9^9^9", "((9^99)^99)^99", "2**x"):  # would take minutes, or all memory
         assert task.score(half, f"<answer>{hostile}</answer>") == 0.0
     bad = tmp_path / "bad.jsonl"
@@ -162,8 +182,11 @@ def test_task_levels_suffix(tmp_path):
 
 def test_a_small_jsonl_task_holds_out_a_fifth_of_its_questions(tmp_path):
     from nanoseek.data import held_out_problems, training_problems
+
     f = tmp_path / "sixty.jsonl"
-    f.write_text("".join(json.dumps({"prompt": f"what is {i} + 1?", "answer": i + 1}) + "\n" for i in range(60)))
+    f.write_text(
+        "".join(json.dumps({"prompt": f"what is {i} + 1?", "answer": i + 1}) + "\n" for i in range(60))
+    )
     held = held_out_problems(f"jsonl:{f}", 100, seed=0)
     assert len(held) == 12 == len({p.question for p in held})
     train = training_problems(get_task(f"jsonl:{f}"), random.Random(1), 500, {p.question for p in held})

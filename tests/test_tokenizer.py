@@ -3,8 +3,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoseek.data import builtin_documents
-from nanoseek.tokenizer import (ASSISTANT, MIN_VOCAB, SPECIAL_TOKENS, THINK, render_chat, save_tokenizer,
-                                train_tokenizer)
+from nanoseek.tokenizer import (
+    ASSISTANT,
+    MIN_VOCAB,
+    SPECIAL_TOKENS,
+    THINK,
+    render_chat,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +34,19 @@ def test_transformers_loads_it_with_the_chat_template(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
     save_tokenizer(tok, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "<think>\nadd</think>4"}, {"role": "user", "content": "3+3?"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd</think>4"},
+        {"role": "user", "content": "3+3?"},
+    ]
     text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == render_chat(msgs)
     assert text.endswith(ASSISTANT + THINK + "\n") and "add" not in text  # earlier reasoning dropped
-    assert hf.encode("12 <think>", add_special_tokens=False) == tok.encode("12 <think>", add_special_tokens=False).ids
+    assert (
+        hf.encode("12 <think>", add_special_tokens=False)
+        == tok.encode("12 <think>", add_special_tokens=False).ids
+    )
 
 
 def test_vocab_too_small():

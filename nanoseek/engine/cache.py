@@ -55,7 +55,7 @@ class BlockManager:
             return []
         blocks, h = [], None
         for i in range(len(token_ids) // self.block_size):
-            ids = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            ids = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = chain_hash(h, ids)
             block = self.by_hash.get(h)
             if block is None or self.block_ids[block] != ids:
@@ -74,13 +74,14 @@ class BlockManager:
         table.extend(self._take() for _ in range(max(need, 0)))
         return True
 
-    def seal(self, table: list[int], token_ids: list[int], done: int = 0,
-             h: bytes | None = None) -> tuple[int, bytes | None]:
+    def seal(
+        self, table: list[int], token_ids: list[int], done: int = 0, h: bytes | None = None
+    ) -> tuple[int, bytes | None]:
         """Register the hashes of the full blocks table[done:] holding `token_ids` (a whole number of
         blocks; block `done`'s parent hash is h); returns the new (done, h) so each block is hashed once."""
         full = len(token_ids) // self.block_size
         for k in range(full if self.prefix_caching else 0):
-            ids = tuple(token_ids[k * self.block_size:(k + 1) * self.block_size])
+            ids = tuple(token_ids[k * self.block_size : (k + 1) * self.block_size])
             h = chain_hash(h, ids)
             block = table[done + k]
             if self.block_hash[block] is None:
@@ -111,10 +112,22 @@ class BlockManager:
 class LatentStore:
     """The cache tensor: [layers (main, + MTP when speculating), num_blocks * block_size slots, latent_dim]."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", mtp: bool = False):
-        self.data = torch.zeros(LatentStore.num_layers(config, mtp), num_blocks * block_size, config.latent_dim,
-                                dtype=dtype, device=device)
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        mtp: bool = False,
+    ):
+        self.data = torch.zeros(
+            LatentStore.num_layers(config, mtp),
+            num_blocks * block_size,
+            config.latent_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.block_size = block_size
 
     @staticmethod
@@ -125,11 +138,15 @@ class LatentStore:
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
         """Per token: one latent per main layer (the MLA minimum), plus the MTP layers' when they draft."""
-        return LatentStore.num_layers(config, mtp) * config.latent_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            LatentStore.num_layers(config, mtp)
+            * config.latent_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
-        self.data[:, dst * bs:(dst + 1) * bs] = self.data[:, src * bs:(src + 1) * bs]
+        self.data[:, dst * bs : (dst + 1) * bs] = self.data[:, src * bs : (src + 1) * bs]
 
 
 class PagedBatch:
@@ -139,20 +156,34 @@ class PagedBatch:
     The new tokens' latents reach the store only at `commit()`, which the caller runs after the forward.
     """
 
-    def __init__(self, store: LatentStore, tables: list[list[int]], starts: list[int], lens: list[int],
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        store: LatentStore,
+        tables: list[list[int]],
+        starts: list[int],
+        lens: list[int],
+        device: torch.device | str = "cpu",
+    ):
         self.store = store
         bs, b, s = store.block_size, len(tables), max(lens)
         t = max(st + n for st, n in zip(starts, lens))
         # the new tokens' positions and slots in Python (B x S numbers); a padded query repeats its row's
         # last position, so it sees at least one key (no NaN) and its latent is never stored
         pos = [range(st, st + n) for st, n in zip(starts, lens)]
-        self.new_slots = torch.tensor([tb[p // bs] * bs + p % bs for tb, ps in zip(tables, pos) for p in ps],
-                                      device=device)
-        self.new_rows = torch.tensor([i * t + p for i, ps in enumerate(pos) for p in ps], device=device)  # in context
+        self.new_slots = torch.tensor(
+            [tb[p // bs] * bs + p % bs for tb, ps in zip(tables, pos) for p in ps], device=device
+        )
+        self.new_rows = torch.tensor(
+            [i * t + p for i, ps in enumerate(pos) for p in ps], device=device
+        )  # in context
         self._written: dict[int, Tensor] = {}  # layer -> latents of the new tokens, until commit()
-        self.valid_rows = None if min(lens) == s else torch.tensor(  # rows of the flattened [B * S] that are real
-            [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device)
+        self.valid_rows = (
+            None
+            if min(lens) == s
+            else torch.tensor(  # rows of the flattened [B * S] that are real
+                [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device
+            )
+        )
         self._q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
         self.positions = self._q_pos.to(device)
         # the slot of every context position: block tables padded into one tensor, a few ops whatever B is
@@ -171,8 +202,11 @@ class PagedBatch:
         if self._bias is None and not self._sees_all:
             (b, s), t = self._q_pos.shape, self.shape[1]
             hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
-            self._bias = torch.zeros(b, s, t, dtype=self.store.data.dtype).masked_fill_(
-                hidden, float("-inf")).to(self.device)
+            self._bias = (
+                torch.zeros(b, s, t, dtype=self.store.data.dtype)
+                .masked_fill_(hidden, float("-inf"))
+                .to(self.device)
+            )
         return self._bias
 
     def update(self, layer: int, latent: Tensor) -> Tensor:

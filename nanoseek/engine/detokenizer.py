@@ -31,10 +31,10 @@ class Detokenizer:
             if finished:
                 self.text = self.tokenizer.decode(ids, skip_special_tokens=False)
             return ""
-        before = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=False)
+        before = self.tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=False)
         if len(after) > len(before):
-            new = after[len(before):]
+            new = after[len(before) :]
             whole = finished or not new.endswith("\ufffd")  # else a character still lacks bytes
             start, text = len(self.text), self.text + (new if whole else new.rstrip("\ufffd"))
             for stop in self.stop:  # only where the new text could complete a stop string
@@ -49,8 +49,8 @@ class Detokenizer:
         if not finished:
             for stop in self.stop:
                 for k in range(min(len(stop) - 1, safe - self.sent), 0, -1):
-                    if self.text[safe - k:safe] == stop[:k]:
+                    if self.text[safe - k : safe] == stop[:k]:
                         safe -= k
                         break
-        delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        delta, self.sent = self.text[self.sent : safe], max(self.sent, safe)
         return delta

@@ -86,11 +86,24 @@ class LLM:
     `update_weights()`, and the next step uses the new weights.
     """
 
-    def __init__(self, model: DeepSeekV3 | str | os.PathLike, tokenizer=None, *, cache_memory_mb: float = 256,
-                 block_size: int = 16, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 prefix_caching: bool = True, speculative: bool = False, compile: bool = False):
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_batched_tokens", max_batched_tokens)):
+    def __init__(
+        self,
+        model: DeepSeekV3 | str | os.PathLike,
+        tokenizer=None,
+        *,
+        cache_memory_mb: float = 256,
+        block_size: int = 16,
+        max_num_seqs: int = 128,
+        max_batched_tokens: int = 1024,
+        prefix_caching: bool = True,
+        speculative: bool = False,
+        compile: bool = False,
+    ):
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_batched_tokens", max_batched_tokens),
+        ):
             if not (is_int(value) and value >= 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if not (is_number(cache_memory_mb) and cache_memory_mb > 0):
@@ -98,6 +111,7 @@ class LLM:
         self.chat_template: str | None = None  # the checkpoint's own (the server renders it), if any
         if not isinstance(model, DeepSeekV3):
             from ..hub import resolve_checkpoint
+
             model = resolve_checkpoint(model)  # a Hub id: fetched once, for the tokenizer and the weights
             tokenizer = tokenizer or load_tokenizer(model)
             self.chat_template = load_chat_template(model)
@@ -127,8 +141,10 @@ class LLM:
         """A prompt's token ids; raises InvalidRequest for a prompt that is neither text nor valid ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequest("prompt", "a text prompt needs a tokenizer; pass token ids or a "
-                                               "checkpoint with tokenizer.json")
+                raise InvalidRequest(
+                    "prompt",
+                    "a text prompt needs a tokenizer; pass token ids or a checkpoint with tokenizer.json",
+                )
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         try:
             ids = list(prompt)
@@ -144,19 +160,25 @@ class LLM:
         if not ids:
             raise InvalidRequest("prompt", "must not be empty")
         if params.stop and self.tokenizer is None:
-            raise InvalidRequest("stop", "stop strings need a tokenizer; use stop_token_ids with token-id "
-                                         "prompts")
+            raise InvalidRequest(
+                "stop", "stop strings need a tokenizer; use stop_token_ids with token-id prompts"
+            )
         if len(ids) >= self.max_len:
-            raise InvalidRequest("prompt", f"the prompt is {len(ids)} tokens; the context holds "
-                                           f"{self.max_len}", code="context_length_exceeded")
+            raise InvalidRequest(
+                "prompt",
+                f"the prompt is {len(ids)} tokens; the context holds {self.max_len}",
+                code="context_length_exceeded",
+            )
         if any(t >= self.config.vocab_size for t in params.logit_bias):
             raise InvalidRequest("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
         if params.max_tokens > self.max_len:
-            raise InvalidRequest("max_tokens", f"{params.max_tokens} exceeds the context of {self.max_len} "
-                                               "tokens")
+            raise InvalidRequest(
+                "max_tokens", f"{params.max_tokens} exceeds the context of {self.max_len} tokens"
+            )
         if min(params.max_tokens, self.max_len - len(ids)) > self.room(len(ids)):
-            raise InvalidRequest("max_tokens", "prompt + max_tokens exceeds the cache capacity of "
-                                               f"{self.capacity} tokens")
+            raise InvalidRequest(
+                "max_tokens", f"prompt + max_tokens exceeds the cache capacity of {self.capacity} tokens"
+            )
 
     @property
     def capacity(self) -> int:
@@ -167,8 +189,9 @@ class LLM:
         """The most tokens a prompt of this length can be given, by the context and by the cache."""
         return min(self.max_len, self.capacity) - prompt_len
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a prompt; raises InvalidRequest naming the parameter for bad input, leaving others
         untouched."""
         params = params or SamplingParams()
@@ -181,8 +204,10 @@ class LLM:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
         # modulo 2**64, as torch's manual_seed: random.Random would seed -k like k
-        seqs = [Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
-                for i in range(params.n)]
+        seqs = [
+            Sequence(request_id, i, ids, params, random.Random((base_seed + i) % 2**64))
+            for i in range(params.n)
+        ]
         if params.prompt_logprobs is not None:  # computed by the first sample; the others fork from it
             seqs[0].prompt_logprobs, seqs[0].prompt_top_logprobs = [None] * len(ids), [[] for _ in ids]
         self._requests[request_id] = seqs
@@ -312,24 +337,33 @@ class LLM:
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
             # the text leaves out a stop (or EOS) token
-            text_delta += text.update(seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids,
-                                      seq.finished)
+            text_delta += text.update(
+                seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids, seq.finished
+            )
             if text.stopped:
                 seq.finish_reason = "stop"
             if seq.finished:
                 break
         if seq.finished:
             self.scheduler.finish(seq)
-        delta = StreamDelta(seq.request_id, seq.index, new, text_delta, seq.finish_reason,
-                            seq.logprobs[-len(new):] if p.logprobs else [],
-                            seq.top_logprobs[-len(new):] if p.top_logprobs else [], seq.num_cached_prompt)
+        delta = StreamDelta(
+            seq.request_id,
+            seq.index,
+            new,
+            text_delta,
+            seq.finish_reason,
+            seq.logprobs[-len(new) :] if p.logprobs else [],
+            seq.top_logprobs[-len(new) :] if p.top_logprobs else [],
+            seq.num_cached_prompt,
+        )
         if first and seq.prompt_logprobs:
             delta.prompt_logprobs, delta.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
         return delta
 
     # ---- batch and streaming fronts --------------------------------------------------------------
-    def stream(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
-               params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompts: str | Seq[int] | Iterable[str | Seq[int]], params: SamplingParams | None = None
+    ) -> Iterator[StreamDelta]:
         """Yield deltas as they are produced, for the given prompts only. Closing the iterator aborts them.
         Streams may be interleaved: each step's deltas wait in the inbox of the stream they belong to."""
         ids: list[str] = []
@@ -354,8 +388,10 @@ class LLM:
         attention bias) and of different lengths; speculative greedy and sampled rows (which draft in forwards
         of their own) — so that with compile=True their graphs are built now rather than during the first
         requests (a graph built mid-load stalls every stream for seconds)."""
-        kinds = [SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
-                 for t in ((0.0, 1.0) if self.speculator is not None else (0.0,))]
+        kinds = [
+            SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
+            for t in ((0.0, 1.0) if self.speculator is not None else (0.0,))
+        ]
         stats = dict(self.spec_stats)  # drafts for made-up prompts say nothing about the model
         for params in kinds:
             for rows in self.runner.decode_batch_sizes:
@@ -363,8 +399,11 @@ class LLM:
                     self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
         self.spec_stats.update(stats)
 
-    def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Seq[int] | Iterable[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for a batch of prompts (one SamplingParams for all, or one each); outputs in prompt
         order."""
         prompts = _as_list(prompts)
@@ -386,8 +425,12 @@ class LLM:
 
     def _result(self, request_id: str) -> RequestOutput:
         seqs, texts = self._requests[request_id], self._texts[request_id]
-        outs = [CompletionOutput(s.index, list(s.output_ids), t.text, s.finish_reason, list(s.logprobs),
-                                 list(s.top_logprobs)) for s, t in zip(seqs, texts, strict=True)]
+        outs = [
+            CompletionOutput(
+                s.index, list(s.output_ids), t.text, s.finish_reason, list(s.logprobs), list(s.top_logprobs)
+            )
+            for s, t in zip(seqs, texts, strict=True)
+        ]
         out = RequestOutput(request_id, list(seqs[0].prompt_ids), outs, seqs[0].num_cached_prompt)
         first = seqs[0]
         if first.prompt_logprobs:

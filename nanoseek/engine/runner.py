@@ -39,8 +39,11 @@ class StepRows:
         self.ends = [seq.num_computed + n >= seq.num_tokens for seq, n in pairs]
         self.emitting = [i for i, end in enumerate(self.ends) if end]
         self.k = [1 + len(self.seqs[i].draft) for i in self.emitting]  # positions sampled from, per row
-        self.at = [(i, p) for i, k in zip(self.emitting, self.k, strict=True)
-                   for p in range(self.lens[i] - k, self.lens[i])]
+        self.at = [
+            (i, p)
+            for i, k in zip(self.emitting, self.k, strict=True)
+            for p in range(self.lens[i] - k, self.lens[i])
+        ]
 
 
 @dataclass
@@ -57,8 +60,9 @@ class ModelRunner:
     not their arithmetic, costs on CPU; compiled, they fuse. Prefill chunks stay eager: they are
     arithmetic-bound."""
 
-    def __init__(self, model: DeepSeekV3, cache_memory_mb: float, block_size: int, speculative: bool,
-                 compile: bool):
+    def __init__(
+        self, model: DeepSeekV3, cache_memory_mb: float, block_size: int, speculative: bool, compile: bool
+    ):
         if speculative and not model.mtp:
             raise ValueError("speculative: the model has no MTP module to draft with")
         self.model, self.speculative = model, speculative
@@ -100,13 +104,19 @@ class ModelRunner:
         tables = [seq.table for seq in rows.seqs]
         cache = PagedBatch(self.store, tables, rows.starts, rows.lens, self.model.device)
         sampled_at = [i for i, _ in rows.at], [p for _, p in rows.at]
-        scoring = [i for i, seq in enumerate(rows.seqs)
-                   if rows.prefill and seq.prompt_logprobs and not seq.output_ids]
+        scoring = [
+            i
+            for i, seq in enumerate(rows.seqs)
+            if rows.prefill and seq.prompt_logprobs and not seq.output_ids
+        ]
         logits = hidden = drafts = None
         if rows.prefill and not self.speculative and not scoring:
             sampled = self._prefill_last(ids, cache, rows)
-        elif not rows.prefill and self.speculative and all(s.params.greedy and not s.params.adjusts_logits
-                                                           for s in rows.seqs):
+        elif (
+            not rows.prefill
+            and self.speculative
+            and all(s.params.greedy and not s.params.adjusts_logits for s in rows.seqs)
+        ):
             all_logits, drafts = self._greedy_spec_forward(ids, cache.positions, cache)
             logits, drafts = all_logits[sampled_at], drafts.cpu()
         else:
@@ -127,10 +137,10 @@ class ModelRunner:
     def _score_prompt(self, seq: Sequence, start: int, hidden: Tensor) -> None:
         """Record the log-probs of the prompt tokens that the positions of this prefill chunk predict (the
         model's own distribution: no temperature, penalty or bias), from the chunk's hidden states [S, d]."""
-        targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]
+        targets = seq.prompt_ids[start + 1 : start + 1 + hidden.shape[0]]
         if not targets:
             return
-        logp = torch.log_softmax(self.model.lm_head(hidden[:len(targets)]).float(), -1).cpu()
+        logp = torch.log_softmax(self.model.lm_head(hidden[: len(targets)]).float(), -1).cpu()
         chosen = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs
         top = logp.topk(k) if k else None
@@ -150,8 +160,15 @@ class ModelRunner:
             x = layer(x, freqs, cache)
         return m.model.norm(self._layer_at(last, x, freqs, cache, rows, rows.at))
 
-    def _layer_at(self, layer: DecoderLayer, x: Tensor, freqs: Tensor, cache: PagedBatch, rows: StepRows,
-                  at: list[tuple[int, int]]) -> Tensor:
+    def _layer_at(
+        self,
+        layer: DecoderLayer,
+        x: Tensor,
+        freqs: Tensor,
+        cache: PagedBatch,
+        rows: StepRows,
+        at: list[tuple[int, int]],
+    ) -> Tensor:
         """A layer's output [len(at), d] at the (row, position in the chunk) pairs of x [B, S, d] alone. Its
         latents come from its input, so every position's goes to the cache; the attention and feed-forward
         run only where an output is read, against the cache."""
@@ -160,14 +177,20 @@ class ModelRunner:
         if not at:
             return x.new_empty(0, x.shape[-1])
         idx = [i for i, _ in at]
-        one = PagedBatch(self.store, [rows.seqs[i].table for i in idx], [rows.starts[i] + p for i, p in at],
-                         [1] * len(at), self.model.device)
+        one = PagedBatch(
+            self.store,
+            [rows.seqs[i].table for i in idx],
+            [rows.starts[i] + p for i, p in at],
+            [1] * len(at),
+            self.model.device,
+        )
         block = layer.block if isinstance(layer, MTPLayer) else layer  # the MTP input is already combined
         return block(x[idx, [p for _, p in at]][:, None], self.model.rope(one.positions), one)[:, 0]
 
     # ---- MTP (V3 report §2.2) ----------------------------------------------------------------------
-    def draft_logits(self, rows: StepRows, out: StepOutput, nexts: list[list[int]],
-                     at: list[tuple[int, int]]) -> Tensor | None:
+    def draft_logits(
+        self, rows: StepRows, out: StepOutput, nexts: list[list[int]], at: list[tuple[int, int]]
+    ) -> Tensor | None:
         """Run the MTP layer at the positions the main forward just computed, from their final states and
         the tokens that follow them (`nexts`, a list per row), its latents going to the cache; its logits
         [len(at), V] (fp32, CPU) at the (row, position) pairs `at`, None where there are none."""

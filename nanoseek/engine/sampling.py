@@ -40,7 +40,9 @@ class SamplingParams:
     # the model's log-prob of every prompt token after the first, with this many top alternatives (None: off);
     # a request that asks for them computes its whole prompt (a prefix-cache hit holds no logits)
     prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    logit_bias: dict[int, float] = field(
+        default_factory=dict
+    )  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,22 +58,53 @@ class SamplingParams:
             ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "must be an integer >= 1"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
-            ("presence_penalty", is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             "must be in [-2, 2]"),
+            (
+                "presence_penalty",
+                is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "must be in [-2, 2]",
+            ),
+            (
+                "frequency_penalty",
+                is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "must be in [-2, 2]",
+            ),
             ("logprobs", isinstance(self.logprobs, bool), "must be true or false"),
-            ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
-            ("prompt_logprobs", self.prompt_logprobs is None
-             or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20), "must be None or in [0, 20]"),
-            ("logit_bias", isinstance(self.logit_bias, dict) and all(
-                is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-             "must map token ids (integers >= 0) to numbers in [-100, 100]"),
-            ("stop", isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
-             "must be a string or a list of non-empty strings"),
-            ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple, set))
-             and all(is_int(t) for t in self.stop_token_ids), "must be a list of integers"),
-            ("seed", self.seed is None or (is_int(self.seed) and -2**63 <= self.seed <= 2**64 - self.n),
-             "must be an integer in [-2**63, 2**64 - n]"),
+            (
+                "top_logprobs",
+                is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20,
+                "must be in [0, 20]",
+            ),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None
+                or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+                "must be None or in [0, 20]",
+            ),
+            (
+                "logit_bias",
+                isinstance(self.logit_bias, dict)
+                and all(
+                    is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100
+                    for t, b in self.logit_bias.items()
+                ),
+                "must map token ids (integers >= 0) to numbers in [-100, 100]",
+            ),
+            (
+                "stop",
+                isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+                "must be a string or a list of non-empty strings",
+            ),
+            (
+                "stop_token_ids",
+                isinstance(self.stop_token_ids, (list, tuple, set))
+                and all(is_int(t) for t in self.stop_token_ids),
+                "must be a list of integers",
+            ),
+            (
+                "seed",
+                self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed <= 2**64 - self.n),
+                "must be an integer in [-2**63, 2**64 - n]",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -107,12 +140,17 @@ def apply_penalties(logits: Tensor, output_ids: list[int], params: SamplingParam
     """OpenAI's logit bias, then presence/frequency penalties over the tokens generated so far (one row of
     logits)."""
     if params.logit_bias:
-        logits = logits.index_add(-1, torch.tensor(list(params.logit_bias), dtype=torch.long),
-                                  torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+        logits = logits.index_add(
+            -1,
+            torch.tensor(list(params.logit_bias), dtype=torch.long),
+            torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype),
+        )
     if not output_ids or not params.penalised:
         return logits
     counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).to(logits.dtype)
-    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return (
+        logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    )
 
 
 def processed_probs(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -184,8 +222,13 @@ def sample(logits: Tensor, params: SamplingParams, output_ids: list[int], genera
 
 def _plain(params: SamplingParams, vocab: int) -> bool:
     """Sampling that `batch_sample` does for many rows at once: no penalties, bias, top-k, min-p or logprobs."""
-    return (not params.adjusts_logits and not params.min_p
-            and not 0 < params.top_k < vocab and not params.logprobs and not params.top_logprobs)
+    return (
+        not params.adjusts_logits
+        and not params.min_p
+        and not 0 < params.top_k < vocab
+        and not params.logprobs
+        and not params.top_logprobs
+    )
 
 
 def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
@@ -214,8 +257,14 @@ def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
     return out
 
 
-def verify_draft(logits: Tensor, draft: int, draft_probs: Tensor | None, params: SamplingParams,
-                 output_ids: list[int], generator: random.Random) -> tuple[Sample, bool]:
+def verify_draft(
+    logits: Tensor,
+    draft: int,
+    draft_probs: Tensor | None,
+    params: SamplingParams,
+    output_ids: list[int],
+    generator: random.Random,
+) -> tuple[Sample, bool]:
     """Speculative sampling (Leviathan et al. 2023): accept the draft with probability min(1, p/q), else draw
     from the normalised residual max(0, p - q); the output distribution is exactly p. Greedy: accept iff
     the draft is the argmax. Returns the token to emit and whether it was the draft."""

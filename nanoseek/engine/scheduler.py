@@ -33,7 +33,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    prompt_logprobs: list[float | None] = field(default_factory=list)  # by position; filled as it is prefilled
+    prompt_logprobs: list[float | None] = field(
+        default_factory=list
+    )  # by position; filled as it is prefilled
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     table: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -54,8 +56,11 @@ class Sequence:
         """(tokens + draft)[start:start + n] without building the whole list: a decode step reads only its
         last token and drafts, so its cost must not grow with the sequence."""
         p, o, end = len(self.prompt_ids), len(self.output_ids), start + n
-        return (self.prompt_ids[start:end] + self.output_ids[max(start - p, 0):max(end - p, 0)]
-                + self.draft[max(start - p - o, 0):max(end - p - o, 0)])
+        return (
+            self.prompt_ids[start:end]
+            + self.output_ids[max(start - p, 0) : max(end - p, 0)]
+            + self.draft[max(start - p - o, 0) : max(end - p - o, 0)]
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -79,7 +84,11 @@ class Batch:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int, num_draft: int = 0):
         self.blocks = blocks
-        self.max_num_seqs, self.max_batched_tokens, self.num_draft = max_num_seqs, max_batched_tokens, num_draft
+        self.max_num_seqs, self.max_batched_tokens, self.num_draft = (
+            max_num_seqs,
+            max_batched_tokens,
+            num_draft,
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -123,7 +132,9 @@ class Scheduler:
                 if not (seq.output_ids or seq.preempted):  # its first admission
                     seq.num_cached_prompt = seq.num_computed
                 seq.admitted = True
-            if seq.draft and not seq.prefilling:  # a kept draft's sequence, all its tokens cached: decodes next
+            if (
+                seq.draft and not seq.prefilling
+            ):  # a kept draft's sequence, all its tokens cached: decodes next
                 self.waiting.popleft()
                 self.running.append(seq)
                 continue

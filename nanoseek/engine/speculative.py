@@ -25,8 +25,14 @@ class Speculator:
         accepted, one token more, sampled."""
         emitted: list[Sample] = []
         for j, d in enumerate(seq.draft):
-            s, ok = verify_draft(logits[j], d, seq.draft_probs, seq.params,
-                                 seq.output_ids + [x.token for x in emitted], seq.generator)
+            s, ok = verify_draft(
+                logits[j],
+                d,
+                seq.draft_probs,
+                seq.params,
+                seq.output_ids + [x.token for x in emitted],
+                seq.generator,
+            )
             emitted.append(s)
             self.stats["drafted"] += 1
             self.stats["accepted"] += ok
@@ -48,8 +54,9 @@ class Speculator:
             return
         s = max(rows.lens)
         # each position's next token (the drafts just verified are spent: past the end, a placeholder)
-        nexts = [(seq.window(st + 1, s) + [0] * s)[:s]
-                 for seq, st in zip(rows.seqs, rows.starts, strict=True)]
+        nexts = [
+            (seq.window(st + 1, s) + [0] * s)[:s] for seq, st in zip(rows.seqs, rows.starts, strict=True)
+        ]
         logits = self.runner.draft_logits(rows, out, nexts, [(i, p) for i, p, _ in drafting])
         if logits is None:
             return
@@ -67,7 +74,11 @@ class Speculator:
         the last computed one, which a draft follows: nothing while prefilling or finished, before the first
         token (sampled plainly, whatever the chunking), or where a draft survived preemption (verified as it
         was, for seeded sampling)."""
-        return [(i, seq.num_computed - 1 - st, seq)
-                for i, (seq, st) in enumerate(zip(rows.seqs, rows.starts, strict=True))
-                if not seq.finished and seq.num_computed == seq.num_tokens - 1 and seq.output_ids
-                and not seq.draft]
+        return [
+            (i, seq.num_computed - 1 - st, seq)
+            for i, (seq, st) in enumerate(zip(rows.seqs, rows.starts, strict=True))
+            if not seq.finished
+            and seq.num_computed == seq.num_tokens - 1
+            and seq.output_ids
+            and not seq.draft
+        ]

@@ -33,8 +33,15 @@ from .experts import (
 from .linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
 from .rope import apply_real_rope, real_rotations
 
-__all__ = ["Kernels", "select", "when_compiled", "JOBS", "FUSED_LINEAR_MAX_ROWS", "blocked_causal_attention",
-           "grouped_experts_loop"]
+__all__ = [
+    "Kernels",
+    "select",
+    "when_compiled",
+    "JOBS",
+    "FUSED_LINEAR_MAX_ROWS",
+    "blocked_causal_attention",
+    "grouped_experts_loop",
+]
 
 JOBS = ("reference", "train", "decode")
 
@@ -61,8 +68,13 @@ class Kernels:
     grouped_experts: Callable[..., Tensor]  # (xs grouped by expert, counts, gate_up, down) -> their outputs
 
 
-def select(reference: Kernels, job: str, device: torch.device, compiled: bool = False,
-           expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None) -> Kernels:
+def select(
+    reference: Kernels,
+    job: str,
+    device: torch.device,
+    compiled: bool = False,
+    expert_linear: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Kernels:
     """The kernels for `job` on `device`, `reference` (the model's functions) where no faster form applies.
 
     "reference" runs the model's functions as written; "train" sorts rows by expert; "decode" also runs the
@@ -75,9 +87,14 @@ def select(reference: Kernels, job: str, device: torch.device, compiled: bool = 
     expert_linear = expert_linear or reference.expert_linear
     plain = expert_linear is F.linear  # the grouped and gathered forms call the matmul ops themselves
     cpu = device.type == "cpu"
-    kernels = replace(reference, job=job, compiled=compiled, expert_linear=expert_linear,
-                      routed_experts=partial(reference.routed_experts, linear=expert_linear),
-                      grouped_experts=partial(reference.grouped_experts, linear=expert_linear))
+    kernels = replace(
+        reference,
+        job=job,
+        compiled=compiled,
+        expert_linear=expert_linear,
+        routed_experts=partial(reference.routed_experts, linear=expert_linear),
+        grouped_experts=partial(reference.grouped_experts, linear=expert_linear),
+    )
     if job == "reference":
         return kernels
     grouped = grouped_experts_mm if plain and cpu and GROUPED_MM_CPU else kernels.grouped_experts
@@ -91,9 +108,12 @@ def select(reference: Kernels, job: str, device: torch.device, compiled: bool = 
     if job == "decode":
         few = gathered_experts if plain else partial(direct_experts, linear=expert_linear)
         traced = up_to(GATHERED_MAX_TOKENS if plain and cpu else DIRECT_MAX_TOKENS, few, traced)
-    kernels = replace(kernels, routed_experts=when_compiled(traced, eager),
-                      rotations=when_compiled(real_rotations, reference.rotations),
-                      apply_rope=when_compiled(apply_real_rope, reference.apply_rope))
+    kernels = replace(
+        kernels,
+        routed_experts=when_compiled(traced, eager),
+        rotations=when_compiled(real_rotations, reference.rotations),
+        apply_rope=when_compiled(apply_real_rope, reference.apply_rope),
+    )
     if cpu and job == "train":
         blocked = blocked_up_to(BLOCKED_MAX_LEN, reference.causal_attention)
         kernels = replace(kernels, causal_attention=when_compiled(blocked, reference.causal_attention))

@@ -12,8 +12,9 @@ from torch import Tensor
 BLOCKED_MAX_LEN = 1024
 
 
-def blocked_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None,
-                             block: int = 64) -> Tensor:
+def blocked_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None, block: int = 64
+) -> Tensor:
     """Replaces `model.causal_attention` in compiled CPU training: [B, H, S, d] attention as matmuls, each
     block of queries against the keys up to its own end only. Fused by inductor, it skips the masked upper
     triangle that the CPU fused kernel computes anyway (its backward is the costly part), and v needs no

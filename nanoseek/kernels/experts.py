@@ -27,8 +27,9 @@ def swiglu(x: Tensor, gate_up: Tensor, down: Tensor, linear: Linear = F.linear) 
 
 
 # ---- every expert over its rows -----------------------------------------------------------------------
-def grouped_experts_loop(xs: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
-                         linear: Linear = F.linear) -> Tensor:
+def grouped_experts_loop(
+    xs: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor, linear: Linear = F.linear
+) -> Tensor:
     """The reference `grouped_experts`: a matmul pair per active expert (any matmul, FP8's too). split and
     unbind, not slicing: their backward is one concatenation, not a full-size zero gradient per expert."""
     chunks = zip(xs.split(counts.tolist()), gate_up.unbind(0), down.unbind(0), strict=True)
@@ -103,8 +104,15 @@ def _by_expert(idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     return counts, flat.argsort(stable=True)
 
 
-def sorted_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor, out: Tensor,
-                   grouped: Callable[..., Tensor] = grouped_experts_loop) -> Tensor:
+def sorted_experts(
+    x: Tensor,
+    weights: Tensor,
+    idx: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    out: Tensor,
+    grouped: Callable[..., Tensor] = grouped_experts_loop,
+) -> Tensor:
     """Replaces `model.routed_experts` eagerly: each token's rows sorted by expert, every expert run once
     (`grouped`), the weighted rows added back in one scatter-add pass (one pass beats a gather, a product
     and a sum)."""
@@ -133,8 +141,15 @@ class _GatherRows(torch.autograd.Function):
         return (grad.view(-1, ctx.k, grad.shape[-1]).sum(1) if ctx.k > 1 else grad), None, None, None
 
 
-def gathered_sorted_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor,
-                            out: Tensor, grouped: Callable[..., Tensor] = grouped_experts_loop) -> Tensor:
+def gathered_sorted_experts(
+    x: Tensor,
+    weights: Tensor,
+    idx: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    out: Tensor,
+    grouped: Callable[..., Tensor] = grouped_experts_loop,
+) -> Tensor:
     """Replaces `model.routed_experts` in compiled graphs: as `sorted_experts`, but the rows go to expert
     order and back by gathers both ways (`_GatherRows`), since a compiled scatter-add is atomic."""
     t, k = idx.shape
@@ -145,19 +160,27 @@ def gathered_sorted_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Te
     return out + (ys.view(t, k, -1) * weights[..., None].to(ys.dtype)).sum(1)
 
 
-def direct_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor, out: Tensor,
-                   linear: Linear = F.linear) -> Tensor:
+def direct_experts(
+    x: Tensor,
+    weights: Tensor,
+    idx: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    out: Tensor,
+    linear: Linear = F.linear,
+) -> Tensor:
     """Replaces `model.routed_experts` for a token or two (a decode step): just each token's K experts, a
     matmul pair each, with no sort by expert and no scatter. Adds into `out` in place."""
     k = idx.shape[1]
     for i, (e, w) in enumerate(zip(idx.reshape(-1).tolist(), weights.reshape(-1).unbind(), strict=True)):
         t = i // k
-        out[t:t + 1].addcmul_(swiglu(x[t:t + 1], gate_up[e], down[e], linear), w)
+        out[t : t + 1].addcmul_(swiglu(x[t : t + 1], gate_up[e], down[e], linear), w)
     return out
 
 
-def gathered_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor,
-                     out: Tensor) -> Tensor:
+def gathered_experts(
+    x: Tensor, weights: Tensor, idx: Tensor, gate_up: Tensor, down: Tensor, out: Tensor
+) -> Tensor:
     """Replaces `model.routed_experts` for the few tokens of a decode step in a compiled CPU graph: inductor
     turns these one-row matmuls into a fused multiply-sum that reads the indexed weights in place, so the
     gathered [T, K, ...] weights are never materialised (on CUDA they would be)."""

@@ -16,12 +16,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 import uvicorn
-
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -32,8 +32,17 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..engine import LLM, InvalidRequest, SamplingParams
 from ..engine.llm import StreamDelta
-from ..tokenizer import (BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, THINK, compile_chat_template, render_chat,
-                         token_bytes)
+from ..tokenizer import (
+    BOS,
+    CHAT_TEMPLATE,
+    END_THINK,
+    EOS,
+    PAD,
+    THINK,
+    compile_chat_template,
+    render_chat,
+    token_bytes,
+)
 from .async_engine import AsyncEngine, EngineError
 from .metrics import Metrics
 from .reasoning import ThinkParser, opens_reasoning
@@ -44,8 +53,14 @@ STATIC = Path(__file__).parent / "static"
 
 # ---- errors ------------------------------------------------------------------------------------------
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -107,8 +122,14 @@ class ResponseFormat(_Lenient):
 # API ignores them for such models. Any other field the schema does not name is refused (400 naming it),
 # unless it holds the value that means "not used".
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
-UNUSED_VALUES: dict[str, tuple] = {"tools": ([],), "functions": ([],), "tool_choice": ("none",),
-                                   "function_call": ("none",), "suffix": ("",), "best_of": (1,)}
+UNUSED_VALUES: dict[str, tuple] = {
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "suffix": ("",),
+    "best_of": (1,),
+}
 
 
 MAX_PROMPTS = 64  # prompts in one /completions request
@@ -148,7 +169,9 @@ class _Sampling(_Lenient):
         for name, value in (self.model_extra or {}).items():
             unused = value in UNUSED_VALUES.get(name, ()) or (name == "best_of" and value == self.n)
             if name not in IGNORED_FIELDS and not unused:
-                raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
+                raise APIError(
+                    400, f"{name}: not supported by this server", param=name, code="unsupported_parameter"
+                )
 
     @field_validator("stop")
     @classmethod
@@ -183,8 +206,10 @@ class CompletionRequest(_Sampling):
         except ValueError:
             prompt = None
         if prompt is None or (isinstance(prompt, list) and (not prompt or len(prompt) > MAX_PROMPTS)):
-            raise ValueError(f"must be a string, a list of strings, a list of token ids or a list of token-id "
-                             f"lists (1 to {MAX_PROMPTS} prompts)")
+            raise ValueError(
+                f"must be a string, a list of strings, a list of token ids or a list of token-id "
+                f"lists (1 to {MAX_PROMPTS} prompts)"
+            )
         return prompt
 
     def prompts(self) -> list[str | list[int]]:
@@ -208,7 +233,7 @@ class TokenizeRequest(_Model):
     return_token_strs: bool = False
 
     @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
+    def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
         return self
@@ -219,11 +244,29 @@ class DetokenizeRequest(_Model):
 
 
 def _error_schema(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type"],
-            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                           "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": ["string", "null"]},
+                                "code": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
 
 
 # every status a route may answer, in the OpenAI error shape, so the schema tells clients (and fuzzers) the truth
@@ -235,10 +278,13 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     429: _error_schema("Too many requests in flight; retry later."),
     500: _error_schema("The engine failed while generating."),
 }
-STREAM_RESPONSE: dict[int | str, dict] = {200: {
-    "description": "The completion; with `stream: true`, server-sent events: `data: {chunk}` lines, then "
-                   "`data: [DONE]`.",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+STREAM_RESPONSE: dict[int | str, dict] = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events: `data: {chunk}` lines, then "
+        "`data: [DONE]`.",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 # ---- one request in flight ---------------------------------------------------------------------------
@@ -255,7 +301,7 @@ class _Choice:
 class Generation:
     """An engine request as a handler sees it: deltas in, per-choice state, usage and metrics out."""
 
-    def __init__(self, server: "Server", prompt_ids: list[int], params: SamplingParams, in_reasoning: bool):
+    def __init__(self, server: Server, prompt_ids: list[int], params: SamplingParams, in_reasoning: bool):
         self.server, self.prompt_ids, self.in_reasoning = server, prompt_ids, in_reasoning
         self.choices = [_Choice(in_reasoning) for _ in range(params.n)]
         self.arrived, self.first_token_at = time.perf_counter(), None
@@ -286,7 +332,9 @@ class Generation:
                 raise APIError(500, str(item), type="server_error")
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
-                self.server.metrics.observe("nanoseek_time_to_first_token_seconds", self.first_token_at - self.arrived)
+                self.server.metrics.observe(
+                    "nanoseek_time_to_first_token_seconds", self.first_token_at - self.arrived
+                )
             c = self.choices[item.index]
             c.token_ids += item.token_ids
             c.text += item.text
@@ -295,7 +343,10 @@ class Generation:
             c.finish_reason = item.finish_reason
             self.num_cached = item.num_cached_tokens
             if item.prompt_logprobs:
-                self.prompt_logprobs, self.prompt_top_logprobs = item.prompt_logprobs, item.prompt_top_logprobs
+                self.prompt_logprobs, self.prompt_top_logprobs = (
+                    item.prompt_logprobs,
+                    item.prompt_top_logprobs,
+                )
             yield item
 
     async def finish(self, request: Request) -> None:
@@ -322,17 +373,24 @@ class Generation:
         m.inc("nanoseek_generation_tokens_total", sum(len(c.token_ids) for c in self.choices))
         n_out = len(self.choices[0].token_ids)
         if n_out > 1 and self.first_token_at is not None:
-            m.observe("nanoseek_time_per_output_token_seconds",
-                      (time.perf_counter() - self.first_token_at) / (n_out - 1))
+            m.observe(
+                "nanoseek_time_per_output_token_seconds",
+                (time.perf_counter() - self.first_token_at) / (n_out - 1),
+            )
 
     def usage(self) -> dict[str, Any]:
         completion = sum(len(c.token_ids) for c in self.choices)
         reasoning = sum(self.server.reasoning_tokens(c.token_ids, self.in_reasoning) for c in self.choices)
         prompt = len(self.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_cache_hit_tokens": self.num_cached, "prompt_cache_miss_tokens": prompt - self.num_cached,
-                "prompt_tokens_details": {"cached_tokens": self.num_cached},
-                "completion_tokens_details": {"reasoning_tokens": reasoning}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_cache_hit_tokens": self.num_cached,
+            "prompt_cache_miss_tokens": prompt - self.num_cached,
+            "prompt_tokens_details": {"cached_tokens": self.num_cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
 
 
 # ---- the server --------------------------------------------------------------------------------------
@@ -357,22 +415,39 @@ class Server:
         self.think = self.tokenizer.token_to_id(THINK)
         self.added_ids = set(self.tokenizer.get_added_tokens_decoder())  # token_bytes per logprob token
         # no token spells more bytes than this: a longer prompt cannot fit the context, encoded or not
-        self.max_prompt_bytes = llm.max_len * max(len(token_bytes(self.tokenizer, i, self.added_ids))
-                                                  for i in range(self.tokenizer.get_vocab_size()))
+        self.max_prompt_bytes = llm.max_len * max(
+            len(token_bytes(self.tokenizer, i, self.added_ids))
+            for i in range(self.tokenizer.get_vocab_size())
+        )
         self.created = int(time.time())
         stats = self.engine.stats
-        self.metrics = Metrics({
-            "nanoseek_requests_running": ("Sequences being generated.", lambda: stats()["running"]),
-            "nanoseek_requests_waiting": ("Sequences queued for the engine (queue depth).", lambda: stats()["waiting"]),
-            "nanoseek_cache_blocks_used": ("Latent-cache blocks held by requests.", lambda: stats()["blocks_used"]),
-            "nanoseek_cache_blocks_total": ("Latent-cache blocks in all.", lambda: stats()["blocks_total"]),
-        })
+        self.metrics = Metrics(
+            {
+                "nanoseek_requests_running": ("Sequences being generated.", lambda: stats()["running"]),
+                "nanoseek_requests_waiting": (
+                    "Sequences queued for the engine (queue depth).",
+                    lambda: stats()["waiting"],
+                ),
+                "nanoseek_cache_blocks_used": (
+                    "Latent-cache blocks held by requests.",
+                    lambda: stats()["blocks_used"],
+                ),
+                "nanoseek_cache_blocks_total": (
+                    "Latent-cache blocks in all.",
+                    lambda: stats()["blocks_total"],
+                ),
+            }
+        )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams):
         if self.engine.num_requests >= self.max_pending:
             self.metrics.inc("nanoseek_requests_total", label="rejected")
-            raise APIError(429, f"the server is busy ({self.max_pending} requests in flight); retry later",
-                           type="rate_limit_error", code="rate_limit_exceeded")
+            raise APIError(
+                429,
+                f"the server is busy ({self.max_pending} requests in flight); retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
         try:
             return self.engine.add(prompt_ids, params)
         except InvalidRequest as e:
@@ -384,43 +459,75 @@ class Server:
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:
-            raise APIError(400, f"{param}: the text is not valid Unicode (a lone surrogate)", param=param) from None
+            raise APIError(
+                400, f"{param}: the text is not valid Unicode (a lone surrogate)", param=param
+            ) from None
         if size > self.max_prompt_bytes:
-            raise APIError(400, f"{param}: the prompt is {size} bytes, more than the {self.llm.max_len}-token "
-                                "context can hold", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param}: the prompt is {size} bytes, more than the {self.llm.max_len}-token "
+                "context can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
         return (await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False)).ids
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """Messages through the chat template; 400 when the template refuses them (its raise_exception)."""
         try:
-            return render_chat([m.as_dict() for m in messages], add_generation_prompt, template=self.chat_template)
+            return render_chat(
+                [m.as_dict() for m in messages], add_generation_prompt, template=self.chat_template
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
-            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
-    def params(self, req: _Sampling, ids: list[int], max_tokens: int | None, logprobs: bool,
-               top_logprobs: int, prompt_logprobs: int | None = None,
-               names: dict[str, str] | None = None) -> SamplingParams:
+    def params(
+        self,
+        req: _Sampling,
+        ids: list[int],
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int,
+        prompt_logprobs: int | None = None,
+        names: dict[str, str] | None = None,
+    ) -> SamplingParams:
         """The engine's SamplingParams for one prompt, checked by the engine as the request will be (before
         any prompt of the request is queued); 400 naming the request's field (see `_refused`)."""
         room = self.llm.max_len - len(ids)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             params = SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                n=req.n,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                min_p=req.min_p,
                 max_tokens=max(self.llm.room(len(ids)), 1) if max_tokens is None else max_tokens,
-                ignore_eos=req.ignore_eos, stop=stop, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=logprobs,
-                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
+                ignore_eos=req.ignore_eos,
+                stop=stop,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                seed=req.seed,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                prompt_logprobs=prompt_logprobs,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            )
             if max_tokens is not None and 0 < room < max_tokens:  # OpenAI refuses what the context would cut
                 # short (a prompt that does not fit at all is the engine's to refuse)
-                why = (f"{max_tokens} plus the {len(ids)}-token prompt exceeds the context of "
-                       f"{self.llm.max_len} tokens")
+                why = (
+                    f"{max_tokens} plus the {len(ids)}-token prompt exceeds the context of "
+                    f"{self.llm.max_len} tokens"
+                )
                 raise InvalidRequest("max_tokens", why, code="context_length_exceeded")
             self.llm.check_request(ids, params)
         except InvalidRequest as e:
@@ -436,7 +543,9 @@ class Server:
         raw = token_bytes(self.tokenizer, token_id, self.added_ids)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
-    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> dict | None:
+    def chat_logprobs(
+        self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]
+    ) -> dict | None:
         if not lps:
             return None
         content = []
@@ -446,8 +555,9 @@ class Server:
             content.append(entry)
         return {"content": content}
 
-    def completion_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]],
-                            offset: int) -> dict | None:
+    def completion_logprobs(
+        self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]], offset: int
+    ) -> dict | None:
         if not lps:
             return None
         tokens = [self.token_logprob(t, 0.0)["token"] for t in ids]
@@ -455,11 +565,19 @@ class Server:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,  # a prompt's first top is null
-                "top_logprobs": [{self.token_logprob(a, 0.0)["token"]: b for a, b in top} if top else None
-                                 for top in tops] or None}
+        return {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "text_offset": offsets,  # a prompt's first top is null
+            "top_logprobs": [
+                {self.token_logprob(a, 0.0)["token"]: b for a, b in top} if top else None for top in tops
+            ]
+            or None,
+        }
 
-    def echoed(self, gen: Generation, prompt: str, c: _Choice, logprobs: bool, offset: int = 0) -> tuple[str, dict | None]:
+    def echoed(
+        self, gen: Generation, prompt: str, c: _Choice, logprobs: bool, offset: int = 0
+    ) -> tuple[str, dict | None]:
         """A choice's text and logprobs with the prompt in front (`echo`): the prompt tokens' log-probs come
         first, the first one null, as OpenAI returns them."""
         if not logprobs:
@@ -468,7 +586,8 @@ class Server:
         tail = self.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, offset + len(prompt))
         if tail is not None:
             head = {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "text_offset")} | {
-                "top_logprobs": head["top_logprobs"] + (tail["top_logprobs"] or [None] * len(tail["tokens"]))}
+                "top_logprobs": head["top_logprobs"] + (tail["top_logprobs"] or [None] * len(tail["tokens"]))
+            }
         return prompt + c.text, head
 
 
@@ -510,7 +629,9 @@ class BearerAuth:
         if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in self.paths):
             scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                error = APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+                error = APIError(
+                    401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key"
+                )
                 return await error.response()(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -519,9 +640,15 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | None = None,
-               max_pending: int = 256, max_body_bytes: int = 2 * 2**20,
-               chat_template: str | None = None) -> FastAPI:
+def create_app(
+    llm: LLM,
+    *,
+    served_model_name: str = "nanoseek",
+    api_key: str | None = None,
+    max_pending: int = 256,
+    max_body_bytes: int = 2 * 2**20,
+    chat_template: str | None = None,
+) -> FastAPI:
     """The FastAPI app; the engine thread starts and stops with the app's lifespan. `chat_template`: Jinja
     source for chat prompts (default: the checkpoint's tokenizer_config.json, else the built-in R1 one)."""
     server = Server(llm, served_model_name, max_pending, chat_template)
@@ -532,8 +659,12 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         yield
         server.engine.stop()
 
-    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI/DeepSeek-compatible API for a nanoseek model.")
+    app = FastAPI(
+        title="nanoseek",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI/DeepSeek-compatible API for a nanoseek model.",
+    )
     app.state.server = server
 
     @app.exception_handler(APIError)
@@ -554,7 +685,9 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
-        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        return APIError(
+            e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None
+        ).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):
@@ -566,7 +699,9 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
     @app.get("/health")
     async def health():
         alive = server.engine.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+        return JSONResponse(
+            {"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -577,8 +712,18 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 
     @api.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "nanoseek", "max_model_len": llm.max_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "nanoseek",
+                    "max_model_len": llm.max_len,
+                }
+            ],
+        }
 
     @api.post("/chat/completions", responses=STREAM_RESPONSE)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -588,8 +733,14 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         ids = await server.encode(prompt, "messages")
         in_reasoning = opens_reasoning(prompt)  # else the model may still open `<think>` itself
         limit = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-        params = server.params(req, ids, getattr(req, limit), req.logprobs or bool(req.top_logprobs),
-                               req.top_logprobs or 0, names={"prompt": "messages", "max_tokens": limit})
+        params = server.params(
+            req,
+            ids,
+            getattr(req, limit),
+            req.logprobs or bool(req.top_logprobs),
+            req.top_logprobs or 0,
+            names={"prompt": "messages", "max_tokens": limit},
+        )
         gen = Generation(server, ids, params, in_reasoning)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
@@ -602,10 +753,21 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
             message = {"role": "assistant", "content": content}
             if in_reasoning or reasoning:
                 message["reasoning_content"] = reasoning
-            choices.append({"index": i, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": server.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs)})
-        return {**head, "object": "chat.completion", "choices": choices, "usage": gen.usage(),
-                "system_fingerprint": None}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": server.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs),
+                }
+            )
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": gen.usage(),
+            "system_fingerprint": None,
+        }
 
     @api.post("/completions", responses=STREAM_RESPONSE)
     async def completions(req: CompletionRequest, request: Request):
@@ -620,8 +782,18 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
             texts.append(p if isinstance(p, str) else server.tokenizer.decode(p, skip_special_tokens=False))
         k = req.logprobs
         names = {"top_logprobs": "logprobs", "prompt_logprobs": "logprobs"}  # the legacy field holds both
-        params = [server.params(req, i, req.max_tokens, k is not None, k or 0,
-                                k if req.echo and k is not None else None, names) for i in ids]
+        params = [
+            server.params(
+                req,
+                i,
+                req.max_tokens,
+                k is not None,
+                k or 0,
+                k if req.echo and k is not None else None,
+                names,
+            )
+            for i in ids
+        ]
         gens: list[Generation] = []
         try:
             for i, sp in zip(ids, params):
@@ -643,10 +815,19 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
         choices = []
         for p, gen in enumerate(gens):
             for i, c in enumerate(gen.choices):
-                text, logprobs = (server.echoed(gen, echo[p], c, k is not None) if echo else
-                                  (c.text, server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0)))
-                choices.append({"index": p * len(gen.choices) + i, "text": text, "finish_reason": c.finish_reason,
-                                "logprobs": logprobs})
+                text, logprobs = (
+                    server.echoed(gen, echo[p], c, k is not None)
+                    if echo
+                    else (c.text, server.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, 0))
+                )
+                choices.append(
+                    {
+                        "index": p * len(gen.choices) + i,
+                        "text": text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": logprobs,
+                    }
+                )
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(gens)}
 
     @api.post("/tokenize")
@@ -671,8 +852,14 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 
     @api.get("/tokenizer_info")
     async def tokenizer_info():
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                "model_max_length": llm.max_len, "chat_template": server.chat_template}
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "model_max_length": llm.max_len,
+            "chat_template": server.chat_template,
+        }
 
     @app.get("/version")
     async def version():
@@ -704,9 +891,16 @@ def create_app(llm: LLM, *, served_model_name: str = "nanoseek", api_key: str | 
 
 async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIterator[str]:
     """SSE chunks: the role, then `reasoning_content` deltas, then `content` deltas, finish."""
+
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
-        return _sse({**head, "choices": [
-            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+        return _sse(
+            {
+                **head,
+                "choices": [
+                    {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                ],
+            }
+        )
 
     for i in range(len(gen.choices)):
         yield chunk(i, {"role": "assistant", "content": ""})
@@ -719,20 +913,30 @@ async def _chat_stream(server: Server, gen: Generation, head: dict) -> AsyncIter
             yield chunk(d.index, {"reasoning_content": reasoning}, logprobs=None if content else logprobs)
         if content:
             yield chunk(d.index, {"content": content}, logprobs=logprobs)
-        elif logprobs and not reasoning:  # tokens whose text is held back: logprobs go with the part they are in
+        elif (
+            logprobs and not reasoning
+        ):  # tokens whose text is held back: logprobs go with the part they are in
             yield chunk(d.index, {"reasoning_content" if thinking else "content": ""}, logprobs=logprobs)
         if d.finish_reason is not None:
             yield chunk(d.index, {}, d.finish_reason)
 
 
-async def _completion_stream(server: Server, gens: list[Generation], head: dict, echo: list[str] | None,
-                             logprobs: bool) -> AsyncIterator[str]:
+async def _completion_stream(
+    server: Server, gens: list[Generation], head: dict, echo: list[str] | None, logprobs: bool
+) -> AsyncIterator[str]:
     """Each prompt's choices in turn (all of them are generated at once; later ones wait in their queues).
     With `echo`, a choice's first chunk is its prompt, sent with its first tokens (whose delta carries the
     prompt's log-probs)."""
+
     def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
-        return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                          "finish_reason": finish_reason}]})
+        return _sse(
+            {
+                **head,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                ],
+            }
+        )
 
     for p, gen in enumerate(gens):
         offsets, echoed = [0] * len(gen.choices), [echo is None] * len(gen.choices)
@@ -749,6 +953,7 @@ async def _completion_stream(server: Server, gens: list[Generation], head: dict,
 
 def _usage(gens: list[Generation]) -> dict[str, Any]:
     """The usage of several prompts' generations, summed field by field."""
+
     def add(a: Any, b: Any) -> Any:
         return {k: add(v, b[k]) for k, v in a.items()} if isinstance(a, dict) else a + b
 
@@ -758,13 +963,16 @@ def _usage(gens: list[Generation]) -> dict[str, Any]:
     return total
 
 
-def _streaming(gens: list[Generation], chunks: AsyncIterator[str], head: dict, req: _Sampling) -> StreamingResponse:
+def _streaming(
+    gens: list[Generation], chunks: AsyncIterator[str], head: dict, req: _Sampling
+) -> StreamingResponse:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(_event_stream(gens, chunks, head, include_usage), media_type="text/event-stream")
 
 
-async def _event_stream(gens: list[Generation], chunks: AsyncIterator[str], head: dict,
-                        include_usage: bool) -> AsyncIterator[str]:
+async def _event_stream(
+    gens: list[Generation], chunks: AsyncIterator[str], head: dict, include_usage: bool
+) -> AsyncIterator[str]:
     """The envelope both streaming endpoints share: their chunks, an error event if the engine fails,
     the usage chunk when asked for, then [DONE]; the request is closed (aborted if unfinished) in any case."""
     try:

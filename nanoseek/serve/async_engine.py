@@ -77,7 +77,9 @@ class AsyncEngine:
         self.llm.check_request(prompt_ids, params)
         request_id = f"srv-{next(self._ids)}"
         with self._lock:
-            self._streams[request_id] = stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+            self._streams[request_id] = stream = _Stream(
+                asyncio.get_running_loop(), asyncio.Queue(), params.n
+            )
             self._inbox.append((request_id, prompt_ids, params))
         self._work.set()
         return request_id, stream.queue
@@ -92,8 +94,12 @@ class AsyncEngine:
     def stats(self) -> dict[str, int]:
         """Approximate live figures for /metrics (read without stopping the engine)."""
         s, blocks = self.llm.scheduler, self.llm.blocks
-        return {"running": len(s.running), "waiting": len(s.waiting),
-                "blocks_used": len(blocks.ref) - blocks.num_free, "blocks_total": len(blocks.ref)}
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "blocks_used": len(blocks.ref) - blocks.num_free,
+            "blocks_total": len(blocks.ref),
+        }
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:

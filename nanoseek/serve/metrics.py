@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -26,7 +26,11 @@ class Histogram:
         for le, c in zip(self.buckets, self.counts):
             cumulative += c
             out.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.sum:.6f}",
+            f"{name}_count {self.count}",
+        ]
         return out
 
 
@@ -67,7 +71,9 @@ class Metrics:
                 for key, v in sorted(values.items()):
                     lines.append(f'{name}{{{label}="{key}"}} {v:g}' if label else f"{name} {v:g}")
             for name, help_ in self.HISTOGRAMS.items():
-                lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + self.histograms[name].lines(name)
+                lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + self.histograms[name].lines(
+                    name
+                )
         for name, (help_, read) in self.gauges.items():
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {read():g}"]
         return "\n".join(lines) + "\n"

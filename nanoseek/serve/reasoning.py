@@ -34,7 +34,7 @@ class ThinkParser:
         if not self.seen_think:
             head = self.buf.lstrip()
             if head.startswith(THINK):
-                self.buf, self.in_reasoning, self.seen_think = head[len(THINK):], True, True
+                self.buf, self.in_reasoning, self.seen_think = head[len(THINK) :], True, True
             elif THINK.startswith(head) and not final:
                 return "", ""  # could still become `<think>`
             else:
@@ -43,9 +43,9 @@ class ThinkParser:
             at = self.buf.find(END_THINK)
             if at < 0:
                 keep = 0 if final else _partial_tag(self.buf, END_THINK)
-                reasoning, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                reasoning, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
                 return reasoning, ""
-            reasoning, self.buf, self.in_reasoning = self.buf[:at], self.buf[at + len(END_THINK):], False
+            reasoning, self.buf, self.in_reasoning = self.buf[:at], self.buf[at + len(END_THINK) :], False
         content, self.buf = self.buf, ""
         if not self.content_started:  # R1 puts blank lines after `</think>`; the API's content omits them
             content = content.lstrip()

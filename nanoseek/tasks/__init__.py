@@ -46,5 +46,14 @@ def _parse_levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(levels))
 
 
-__all__ = ["Task", "Problem", "get_task", "TASKS", "JsonlTask", "R1_ZERO_TEMPLATE", "extract_answer", "format_ok",
-           "full_marks"]
+__all__ = [
+    "Task",
+    "Problem",
+    "get_task",
+    "TASKS",
+    "JsonlTask",
+    "R1_ZERO_TEMPLATE",
+    "extract_answer",
+    "format_ok",
+    "full_marks",
+]

@@ -47,7 +47,10 @@ class Arithmetic(Task):
 def _operands(difficulty: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """The range of a d-digit operand, and of the second factor of a product (one or two digits, to keep
     products of manageable length)."""
-    return (10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1), (2, 9 if difficulty < 3 else 99)
+    return (10 ** (difficulty - 1) if difficulty > 1 else 0, 10**difficulty - 1), (
+        2,
+        9 if difficulty < 3 else 99,
+    )
 
 
 def _steps(a: int, b: int, op: str) -> str:

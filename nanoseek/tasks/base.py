@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..tokenizer import render_chat
 
@@ -61,7 +62,7 @@ def extract_answer(completion: str) -> str | None:
         end = completion.find("</answer>", start + len("<answer>"))
         if end < 0:
             break
-        found, pos = completion[start + len("<answer>"): end], end + len("</answer>")
+        found, pos = completion[start + len("<answer>") : end], end + len("</answer>")
     return None if found is None else found.strip()
 
 
@@ -71,7 +72,10 @@ def full_marks(verify: Callable[..., float], *args: Any) -> bool:
     try:
         return verify(*args) >= 1.0
     except Exception as e:
-        warnings.warn(f"{getattr(verify, '__qualname__', verify)} raised {type(e).__name__}: {e}; counted as wrong")
+        warnings.warn(
+            f"{getattr(verify, '__qualname__', verify)} raised {type(e).__name__}: {e}; counted as wrong",
+            stacklevel=2,
+        )
         return False
 
 

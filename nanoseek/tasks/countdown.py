@@ -15,8 +15,12 @@ from .base import Problem, Task
 
 MAX_CHARS, MAX_DEPTH, MAX_NODES = 200, 12, 64
 _ALLOWED = set("0123456789+-*/() ")
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 class InvalidExpression(ValueError):
@@ -78,10 +82,16 @@ class Countdown(Task):
                 break
         shown = nums[:]
         rng.shuffle(shown)
-        question = (f"Using the numbers {shown}, create an equation that equals {value}. You can use basic "
-                    f"arithmetic operations (+, -, *, /) and each number can only be used once")
-        return Problem(question, value, difficulty, {"numbers": shown, "steps": steps,
-                                                     "expression": expr[1:-1] if expr.startswith("(") else expr})
+        question = (
+            f"Using the numbers {shown}, create an equation that equals {value}. You can use basic "
+            f"arithmetic operations (+, -, *, /) and each number can only be used once"
+        )
+        return Problem(
+            question,
+            value,
+            difficulty,
+            {"numbers": shown, "steps": steps, "expression": expr[1:-1] if expr.startswith("(") else expr},
+        )
 
     def check(self, problem: Problem, answer: str) -> float:
         """1.0 for a correct equation; 0.1 (TinyZero's format score) for any other answer written only in the

@@ -41,6 +41,7 @@ def _small_powers(expr, budget: int = 1000) -> bool:
     """Whether every power has a rational exponent and the exponents multiplied along nested powers stay
     within `budget`: 9^9^9 or ((9^99)^99)^99 would take sympy minutes to evaluate."""
     from sympy import Pow
+
     if isinstance(expr, Pow):
         e = expr.exp
         if not e.is_Rational or e.q > 100 or abs(e.p) > budget:
@@ -55,6 +56,7 @@ def _symbolic_equal(a: str, b: str) -> bool:
     try:
         import sympy
         from sympy.parsing.sympy_parser import parse_expr
+
         x, y = (parse_expr(t.replace("^", "**"), evaluate=False) for t in (a, b))
         if not (_small_powers(x) and _small_powers(y)):
             return False

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .base import Problem, Task, format_ok
 
@@ -52,8 +52,12 @@ class RewardSet:
     errors: int = 0
 
     def functions(self) -> dict[str, RewardFn]:
-        return {"accuracy": self.task.score, "format": format_reward, "consistency": language_consistency,
-                **self.extra}
+        return {
+            "accuracy": self.task.score,
+            "format": format_reward,
+            "consistency": language_consistency,
+            **self.extra,
+        }
 
     def __call__(self, problem: Problem, completion: str) -> tuple[float, dict[str, float]]:
         """Total reward and each component; failing components count as 0 and are tallied in `errors`."""

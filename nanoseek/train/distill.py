@@ -7,12 +7,12 @@ a smaller dense student.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import time
 from collections import defaultdict
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,8 +38,11 @@ class SampleConfig:
     problems: int = option(400, "problems to sample (none of the held-out ones)")
     n: int = option(8, "samples per problem")
     keep: int = option(1, "verified samples kept per problem")
-    select: str = option("shortest", "which verified samples to keep: the shortest, or by reward (accuracy + "
-                         "format) then shortest", choices=("shortest", "reward"))
+    select: str = option(
+        "shortest",
+        "which verified samples to keep: the shortest, or by reward (accuracy + format) then shortest",
+        choices=("shortest", "reward"),
+    )
     temperature: float = option(0.7, "sampling temperature")
     top_p: float = option(0.95, "nucleus sampling")
     max_new_tokens: int = option(96, "completion length limit")
@@ -72,9 +75,16 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
     task = get_task(cfg.task)
     problems = distill_problems(task, cfg.task, cfg.problems, cfg.seed)
     rewards = RewardSet(task)
-    outs = llm.generate([p.prompt for p in problems],
-                        SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                       max_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    outs = llm.generate(
+        [p.prompt for p in problems],
+        SamplingParams(
+            n=cfg.n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+        ),
+    )
     records = []
     tally = defaultdict(lambda: {"problems": 0, "solved": 0, "samples": 0, "correct": 0, "tokens": 0})
     for p, out in zip(problems, outs):
@@ -91,13 +101,24 @@ def rejection_sample(llm: LLM, cfg: SampleConfig) -> tuple[list[dict], dict]:
         if verified:
             t["solved"] += 1
         key = (lambda kv: kv[1][1]) if cfg.select == "shortest" else (lambda kv: (-kv[1][0], kv[1][1]))
-        for text, (reward, length) in sorted(verified.items(), key=key)[:cfg.keep]:
+        for text, (reward, length) in sorted(verified.items(), key=key)[: cfg.keep]:
             reasoning, content = split_reasoning(text)
-            records.append({"messages": [{"role": "user", "content": p.question},
-                                         {"role": "assistant", "content": content, "reasoning_content": reasoning}],
-                            "task": cfg.task, "difficulty": p.difficulty, "reward": reward, "tokens": length})
-    rates = {str(d): {**t, "accept_rate": t["correct"] / t["samples"], "solved_rate": t["solved"] / t["problems"]}
-             for d, t in sorted(tally.items())}
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": p.question},
+                        {"role": "assistant", "content": content, "reasoning_content": reasoning},
+                    ],
+                    "task": cfg.task,
+                    "difficulty": p.difficulty,
+                    "reward": reward,
+                    "tokens": length,
+                }
+            )
+    rates = {
+        str(d): {**t, "accept_rate": t["correct"] / t["samples"], "solved_rate": t["solved"] / t["problems"]}
+        for d, t in sorted(tally.items())
+    }
     return records, rates
 
 
@@ -109,24 +130,31 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 def print_rates(rates: dict, kept: int) -> None:
     print(f"{'difficulty':>10}{'problems':>10}{'solved':>9}{'samples':>9}{'correct':>9}{'accept':>8}")
     for d, t in rates.items():
-        print(f"{d:>10}{t['problems']:>10}{t['solved']:>9}{t['samples']:>9}{t['correct']:>9}{t['accept_rate']:>8.1%}")
+        print(
+            f"{d:>10}{t['problems']:>10}{t['solved']:>9}{t['samples']:>9}{t['correct']:>9}{t['accept_rate']:>8.1%}"
+        )
     print(f"kept {kept} verified samples")
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = option(dataclasses.MISSING, "the teacher checkpoint directory or Hub id org/name[@revision]")
-    student_preset: str = option("dense-small", "the student's size when trained from scratch",
-                                 choices=tuple(PRESETS))
-    student_init: str | None = option(None, "a student base checkpoint (same tokenizer) or Hub id; default: "
-                                      "from scratch")
+    teacher: str = option(
+        dataclasses.MISSING, "the teacher checkpoint directory or Hub id org/name[@revision]"
+    )
+    student_preset: str = option(
+        "dense-small", "the student's size when trained from scratch", choices=tuple(PRESETS)
+    )
+    student_init: str | None = option(
+        None, "a student base checkpoint (same tokenizer) or Hub id; default: from scratch"
+    )
     sample: SampleConfig | None = None
     steps: int = option(300, "the student's SFT steps")
     lr: float = option(2e-3, "the student's peak learning rate")
     batch_size: int = option(16, "rows per step")
     seq_len: int = option(256, "tokens per packed row")
-    report_to: str = option("none", "the student's SFT metrics also to: none, tensorboard, wandb, all, or a "
-                            "comma list")
+    report_to: str = option(
+        "none", "the student's SFT metrics also to: none, tensorboard, wandb, all, or a comma list"
+    )
 
 
 def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike) -> None:
@@ -134,9 +162,11 @@ def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike)
     if a is None or b is None:
         raise ValueError(f"tokenizer: {teacher if a is None else student} has no tokenizer.json")
     if a.get_vocab() != b.get_vocab():
-        raise ValueError(f"tokenizer: the student {student} and the teacher {teacher} use different tokenizers "
-                         f"({b.get_vocab_size()} vs {a.get_vocab_size()} tokens); distillation through text "
-                         "needs one vocabulary")
+        raise ValueError(
+            f"tokenizer: the student {student} and the teacher {teacher} use different tokenizers "
+            f"({b.get_vocab_size()} vs {a.get_vocab_size()} tokens); distillation through text "
+            "needs one vocabulary"
+        )
 
 
 def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
@@ -160,18 +190,42 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
         init = str(out / "student_init")
         t = teacher.config
         config = ModelConfig.preset(cfg.student_preset).replace(
-            vocab_size=t.vocab_size, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
+            vocab_size=t.vocab_size, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id
+        )
         torch.manual_seed(seed)
         save_model(DeepSeekV3(config), init)
         copy_tokenizer(teacher_dir, init)
     t1 = time.perf_counter()
-    summary = sft(SFTConfig(init=init, data=str(out / "distill_data.jsonl"), seq_len=cfg.seq_len,
-                            batch_size=cfg.batch_size, eval_every=0, eval_problems=0),
-                  TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(20, cfg.steps // 10 + 1), seed=seed,
-                              report_to=cfg.report_to), out)
-    sample_flops = sum(t["tokens"] for t in rates.values()) * teacher.config.decode_flops_per_token(sc.max_new_tokens)
-    summary.update({"sample_seconds": sample_seconds, "sft_seconds": time.perf_counter() - t1,
-                    "flops": sample_flops + summary["cost"]["flops"], "records": len(records),
-                    "accept_rates": rates, "sample_config": asdict(sc)})
+    summary = sft(
+        SFTConfig(
+            init=init,
+            data=str(out / "distill_data.jsonl"),
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            eval_every=0,
+            eval_problems=0,
+        ),
+        TrainConfig(
+            steps=cfg.steps,
+            lr=cfg.lr,
+            warmup=min(20, cfg.steps // 10 + 1),
+            seed=seed,
+            report_to=cfg.report_to,
+        ),
+        out,
+    )
+    sample_flops = sum(t["tokens"] for t in rates.values()) * teacher.config.decode_flops_per_token(
+        sc.max_new_tokens
+    )
+    summary.update(
+        {
+            "sample_seconds": sample_seconds,
+            "sft_seconds": time.perf_counter() - t1,
+            "flops": sample_flops + summary["cost"]["flops"],
+            "records": len(records),
+            "accept_rates": rates,
+            "sample_config": asdict(sc),
+        }
+    )
     atomic_write_text(out / "distill_summary.json", json.dumps(summary, indent=2))
     return summary

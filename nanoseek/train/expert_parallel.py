@@ -31,22 +31,30 @@ EXPERT_SUFFIXES = (".experts.gate_up", ".experts.down")
 ID_DTYPE = torch.int32  # the local expert ids sent with each row
 
 
-def check_expert_parallel(degree: int, world: int, config: ModelConfig | None = None, fsdp: bool = False) -> None:
+def check_expert_parallel(
+    degree: int, world: int, config: ModelConfig | None = None, fsdp: bool = False
+) -> None:
     """Refuse a degree that cannot split this model's experts over this many processes (before any work)."""
     if degree == 1:
         return
     if degree < 1:
         raise ValueError(f"{FLAG}: must be >= 1, got {degree}")
     if world == 1:
-        raise ValueError(f"{FLAG} {degree}: needs {degree} or a multiple of {degree} processes; launch with "
-                         f"torchrun --nproc_per_node={degree} -m nanoseek.cli ...")
+        raise ValueError(
+            f"{FLAG} {degree}: needs {degree} or a multiple of {degree} processes; launch with "
+            f"torchrun --nproc_per_node={degree} -m nanoseek.cli ..."
+        )
     if world % degree:
-        raise ValueError(f"{FLAG} {degree}: must divide the number of processes ({world}): the ranks are "
-                         "data parallel x expert parallel")
+        raise ValueError(
+            f"{FLAG} {degree}: must divide the number of processes ({world}): the ranks are "
+            "data parallel x expert parallel"
+        )
     if fsdp:
         raise ValueError(f"{FLAG} and --fsdp cannot be combined: expert parallelism runs under DDP")
     if config is not None:
-        if not config.n_routed_experts or not any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        if not config.n_routed_experts or not any(
+            config.is_moe_layer(i) for i in range(config.num_hidden_layers)
+        ):
             raise ValueError(f"{FLAG} {degree}: the model has no routed experts to split")
         if config.n_routed_experts % degree:
             raise ValueError(f"{FLAG} {degree}: must divide n_routed_experts ({config.n_routed_experts})")
@@ -122,12 +130,17 @@ class ExpertParallel:
             moe.dispatcher = self
         # DDP must leave the experts alone: each rank holds different ones (reduced in `reduce_grads`)
         from torch.nn.parallel import DistributedDataParallel
+
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, self.expert_names)
-        self._meter = torch.zeros(4, dtype=torch.float64)  # bytes, bytes without the group limit, tokens, layers
+        self._meter = torch.zeros(
+            4, dtype=torch.float64
+        )  # bytes, bytes without the group limit, tokens, layers
 
     # ---- the dispatch -----------------------------------------------------------------------------
     @torch.compiler.disable
-    def __call__(self, moe: MoE, flat: Tensor, weights: Tensor, idx: Tensor, scores: Tensor, out: Tensor) -> Tensor:
+    def __call__(
+        self, moe: MoE, flat: Tensor, weights: Tensor, idx: Tensor, scores: Tensor, out: Tensor
+    ) -> Tensor:
         """out + each token's weighted routed experts, computed on the ranks that hold them.
         flat [T, d] tokens, weights/idx [T, K] from the gate, scores [T, E] (for the traffic meter)."""
         t, k = idx.shape
@@ -136,7 +149,9 @@ class ExpertParallel:
         wants = torch.zeros(t, self.degree, dtype=torch.bool, device=idx.device).scatter_(1, owner, True)
         dest, token = wants.t().nonzero(as_tuple=True)  # one row per (rank, token), grouped by rank
         on_dest = owner.index_select(0, token) == dest[:, None]  # [P, K] the slots that rank computes
-        local_ids = torch.where(on_dest, idx.index_select(0, token) - dest[:, None] * self.local, -1).to(ID_DTYPE)
+        local_ids = torch.where(on_dest, idx.index_select(0, token) - dest[:, None] * self.local, -1).to(
+            ID_DTYPE
+        )
         w = torch.where(on_dest, weights.index_select(0, token), 0.0)
         # the weights travel with the token (cast to its dtype, as the local path casts them), so their
         # gradient comes back through the same all-to-all
@@ -153,7 +168,9 @@ class ExpertParallel:
         row, slot, expert = row[order], slot[order], expert[order]
         if row.numel():
             counts = expert.new_zeros(self.local).index_add_(0, expert, torch.ones_like(expert))
-            ys = moe.kernels.grouped_experts(x_in.index_select(0, row), counts, moe.experts.gate_up, moe.experts.down)
+            ys = moe.kernels.grouped_experts(
+                x_in.index_select(0, row), counts, moe.experts.gate_up, moe.experts.down
+            )
             ys = ys * w_in[row, slot][:, None]
             y = torch.zeros_like(x_in).index_add(0, row, ys)
         else:  # nothing received: still part of the graph, so that this rank joins the backward's all-to-all
@@ -163,8 +180,9 @@ class ExpertParallel:
             self._measure(moe, send, scores, t, k, d, flat.element_size(), y.element_size())
         return out.index_add(0, token, back.to(out.dtype))
 
-    def _measure(self, moe: MoE, send: list[int], scores: Tensor, t: int, k: int, d: int, x_bytes: int,
-                 y_bytes: int) -> None:
+    def _measure(
+        self, moe: MoE, send: list[int], scores: Tensor, t: int, k: int, d: int, x_bytes: int, y_bytes: int
+    ) -> None:
         """Forward bytes this rank's tokens move between ranks (dispatch rows and their expert ids out, combine
         rows back; summed over the ranks, the bytes sent), and what routing without the group limit would
         have moved."""
@@ -172,7 +190,9 @@ class ExpertParallel:
         remote = sum(send) - send[self.rank]
         with torch.no_grad():
             free = (scores.detach() + moe.gate.e_score_correction_bias).topk(k, dim=-1).indices // self.local
-            ranks = torch.zeros(t, self.degree, dtype=torch.bool, device=scores.device).scatter_(1, free, True)
+            ranks = torch.zeros(t, self.degree, dtype=torch.bool, device=scores.device).scatter_(
+                1, free, True
+            )
             remote_free = int(ranks.sum()) - int(ranks[:, self.rank].sum())
         self._meter += torch.tensor([remote * row_bytes, remote_free * row_bytes, t, 1], dtype=torch.float64)
 
@@ -188,8 +208,11 @@ class ExpertParallel:
         if not tokens:
             return {}
         # forward bytes per token per MoE layer; the backward sends as much again
-        return {"ep_a2a_bytes_per_token": bytes_ / tokens, "ep_a2a_bytes_per_token_no_limit": free / tokens,
-                "ep_a2a_bytes_step": 2 * bytes_}
+        return {
+            "ep_a2a_bytes_per_token": bytes_ / tokens,
+            "ep_a2a_bytes_per_token_no_limit": free / tokens,
+            "ep_a2a_bytes_step": 2 * bytes_,
+        }
 
     def _device(self) -> torch.device:
         return self.params[0].device
@@ -240,7 +263,10 @@ class ExpertParallel:
 
     def full_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A model state dict with every expert gathered (every rank must call it)."""
-        return {k: self._gather(v) if self._is_expert(k) else v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return {
+            k: self._gather(v) if self._is_expert(k) else v.detach().to("cpu", copy=True)
+            for k, v in state.items()
+        }
 
     def full_model(self, model: DeepSeekV3, main: bool) -> DeepSeekV3 | None:
         """The whole model on the main rank (a CPU copy), None elsewhere; every rank must call it."""
@@ -257,14 +283,21 @@ class ExpertParallel:
 
     def full_optimizer_state(self, sd: dict) -> dict:
         """An optimizer state dict keyed by parameter name with the experts' moments gathered."""
-        state = {name: {k: self._gather(v) if self._is_expert(name) and torch.is_tensor(v) and v.dim() else v
-                        for k, v in st.items()} for name, st in sd["state"].items()}
+        state = {
+            name: {
+                k: self._gather(v) if self._is_expert(name) and torch.is_tensor(v) and v.dim() else v
+                for k, v in st.items()
+            }
+            for name, st in sd["state"].items()
+        }
         return {**sd, "state": state}
 
     def _slice(self, t: Tensor) -> Tensor:
         if t.dim() == 0 or t.shape[0] != self.n_experts:
-            raise ValueError(f"{FLAG}: expected a tensor of all {self.n_experts} experts, got shape {tuple(t.shape)}")
-        return t[self.rank * self.local:(self.rank + 1) * self.local].clone()
+            raise ValueError(
+                f"{FLAG}: expected a tensor of all {self.n_experts} experts, got shape {tuple(t.shape)}"
+            )
+        return t[self.rank * self.local : (self.rank + 1) * self.local].clone()
 
     def local_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A whole model state dict cut to this rank's experts."""
@@ -272,8 +305,13 @@ class ExpertParallel:
 
     def local_optimizer_state(self, sd: dict) -> dict:
         """A whole optimizer state dict (keyed by parameter name) cut to this rank's experts."""
-        state = {name: {k: self._slice(v) if self._is_expert(name) and torch.is_tensor(v) and v.dim() else v
-                        for k, v in st.items()} for name, st in sd["state"].items()}
+        state = {
+            name: {
+                k: self._slice(v) if self._is_expert(name) and torch.is_tensor(v) and v.dim() else v
+                for k, v in st.items()
+            }
+            for name, st in sd["state"].items()
+        }
         return {**sd, "state": state}
 
     def share_dense(self, full: DeepSeekV3, model: DeepSeekV3) -> None:
@@ -298,4 +336,3 @@ class ExpertParallel:
             for name, p in full.named_parameters():
                 if self._is_expert(name):
                     p.copy_(self._gather(params[name]).to(p.device, p.dtype))
-

@@ -33,7 +33,7 @@ from ..tasks import Problem, get_task
 from ..tasks.rewards import RewardSet, overlong_penalty
 from ..tokenizer import load_tokenizer
 from .expert_parallel import check_expert_parallel
-from .loop import Trainer, TrainConfig, setup_distributed
+from .loop import TrainConfig, Trainer, setup_distributed
 
 COMPLETIONS_FILE = "completions.jsonl"
 
@@ -46,8 +46,9 @@ GRPO_TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-4, "warmup": 5, "min_lr_ratio": 1.
 
 @dataclass
 class GRPOConfig:
-    task: str = option("arithmetic", "a built-in task (NAME@LEVELS keeps those difficulty levels) or "
-                       "jsonl:PATH")
+    task: str = option(
+        "arithmetic", "a built-in task (NAME@LEVELS keeps those difficulty levels) or jsonl:PATH"
+    )
     group_size: int = option(8, "completions sampled per prompt (G)")
     prompts_per_step: int = option(16, "prompts per rollout batch (global, across ranks)")
     # below 1, fewer sampled scratchpads misread a digit, which would blur the reward's case for thinking
@@ -56,33 +57,52 @@ class GRPOConfig:
     max_new_tokens: int = option(48, "completion length limit")
     epsilon_low: float = option(0.2, "lower clip of the importance ratio")
     epsilon_high: float = option(0.28, "upper clip of the importance ratio (DAPO's clip-higher)")
-    beta: float = option(0.0, "k3 KL weight against the frozen reference (R1-Zero: 0.001; Dr. GRPO / DAPO: 0)")
+    beta: float = option(
+        0.0, "k3 KL weight against the frozen reference (R1-Zero: 0.001; Dr. GRPO / DAPO: 0)"
+    )
     ref_reset_every: int = option(0, "reset the KL reference to the policy every N steps (0: never)")
-    scale_rewards: str = option("group", "divide advantages by the group's std, the batch's, or not at all",
-                                choices=("group", "batch", "none"))
-    loss_type: str = option("dapo", "grpo: per-sequence mean; dapo: token-level mean; dr_grpo: constant "
-                            "normaliser", choices=("grpo", "dapo", "dr_grpo"))
+    scale_rewards: str = option(
+        "group",
+        "divide advantages by the group's std, the batch's, or not at all",
+        choices=("group", "batch", "none"),
+    )
+    loss_type: str = option(
+        "dapo",
+        "grpo: per-sequence mean; dapo: token-level mean; dr_grpo: constant normaliser",
+        choices=("grpo", "dapo", "dr_grpo"),
+    )
     mu: int = option(1, "optimizer updates per rollout batch")
-    micro_batch_size: int = option(64, "sequences per forward/backward; an update accumulates over the rollout")
-    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal, resample to refill")
+    micro_batch_size: int = option(
+        64, "sequences per forward/backward; an update accumulates over the rollout"
+    )
+    dynamic_sampling: bool = option(
+        False, "DAPO: drop groups whose rewards are all equal, resample to refill"
+    )
     mask_truncated: bool = option(False, "DAPO: no loss on completions cut off at --max-new-tokens")
     format_weight: float = option(0.1, "weight of the format reward (<think>...</think> then the answer)")
-    consistency_weight: float = option(0.0, "R1 language-consistency reward: share of reasoning words in Latin "
-                                       "script")
+    consistency_weight: float = option(
+        0.0, "R1 language-consistency reward: share of reasoning words in Latin script"
+    )
     overlong_cache: int = option(0, "DAPO soft overlong penalty over the last N tokens of the limit (0: off)")
     eval_every: int = option(0, "held-out evaluation every N steps (0: only before and after)")
     eval_problems: int = option(100, "held-out problems evaluated (never rolled out)")
     eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
-    template: str = option("chat", "prompt format: the chat template, or R1-Zero's plain template",
-                           choices=("chat", "r1zero"))
-    log_completions_every: int = option(10, "every K steps, a rollout batch's completions with each reward and "
-                                        "advantage to OUT/completions.jsonl and the trackers (0: never)")
+    template: str = option(
+        "chat", "prompt format: the chat template, or R1-Zero's plain template", choices=("chat", "r1zero")
+    )
+    log_completions_every: int = option(
+        10,
+        "every K steps, a rollout batch's completions with each reward and "
+        "advantage to OUT/completions.jsonl and the trackers (0: never)",
+    )
 
     def validate(self, world: int) -> None:
         if self.group_size < 2:
             raise ValueError(f"group_size: GRPO needs at least 2 samples per prompt, got {self.group_size}")
         if self.prompts_per_step < 1 or self.prompts_per_step % world:
-            raise ValueError(f"prompts_per_step: {self.prompts_per_step} does not divide across {world} ranks")
+            raise ValueError(
+                f"prompts_per_step: {self.prompts_per_step} does not divide across {world} ranks"
+            )
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards: must be group, batch or none, got {self.scale_rewards!r}")
         if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
@@ -96,21 +116,27 @@ class GRPOConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"epsilon_low / epsilon_high: need 0 <= low < 1 and high >= 0, got "
-                             f"{self.epsilon_low} / {self.epsilon_high}")
+            raise ValueError(
+                f"epsilon_low / epsilon_high: need 0 <= low < 1 and high >= 0, got "
+                f"{self.epsilon_low} / {self.epsilon_high}"
+            )
         if self.max_new_tokens < 1 or not 0 <= self.overlong_cache <= self.max_new_tokens:
-            raise ValueError(f"max_new_tokens / overlong_cache: need max_new_tokens >= 1 and an overlong buffer "
-                             f"within it, got {self.max_new_tokens} / {self.overlong_cache}")
+            raise ValueError(
+                f"max_new_tokens / overlong_cache: need max_new_tokens >= 1 and an overlong buffer "
+                f"within it, got {self.max_new_tokens} / {self.overlong_cache}"
+            )
         if self.beta < 0:
             raise ValueError(f"beta: the KL weight must be >= 0, got {self.beta}")
         if self.log_completions_every < 0:
-            raise ValueError(f"log_completions_every: must be >= 0 (0: never), "
-                             f"got {self.log_completions_every}")
+            raise ValueError(
+                f"log_completions_every: must be >= 0 (0: never), got {self.log_completions_every}"
+            )
         get_task(self.task)  # unknown task: error before any training
 
 
-def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4,
-               batch_std: Tensor | None = None) -> Tensor:
+def advantages(
+    rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4, batch_std: Tensor | None = None
+) -> Tensor:
     """A_i = r_i - mean(group), divided by the group's std, the batch's std (`batch_std`: the whole
     batch's, when ranks hold parts of it), or nothing (Dr. GRPO)."""
     r = rewards.view(-1, group_size)
@@ -122,8 +148,15 @@ def advantages(rewards: Tensor, group_size: int, scale: str, eps: float = 1e-4,
     return adv.reshape(-1)
 
 
-def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor, mask: Tensor,
-                cfg: GRPOConfig, batch: tuple[int, int, int] | None = None) -> tuple[Tensor, dict]:
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    mask: Tensor,
+    cfg: GRPOConfig,
+    batch: tuple[int, int, int] | None = None,
+) -> tuple[Tensor, dict]:
     """Clipped surrogate minus beta x k3 KL, aggregated per `loss_type`; tensors are [N, T] (adv [N]).
 
     `batch` = (rows, completion tokens, parts) of the whole rollout batch when these tensors are one of
@@ -150,9 +183,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
     else:
         loss = (per_token * mask).sum() * parts / (rows * cfg.max_new_tokens)
     with torch.no_grad():
-        stats = {"kl": token_mean(kl, mask, tokens, parts),
-                 "clip_low_frac": token_mean((ratio < 1 - cfg.epsilon_low) & (a < 0), mask, tokens, parts),
-                 "clip_high_frac": token_mean((ratio > 1 + cfg.epsilon_high) & (a > 0), mask, tokens, parts)}
+        stats = {
+            "kl": token_mean(kl, mask, tokens, parts),
+            "clip_low_frac": token_mean((ratio < 1 - cfg.epsilon_low) & (a < 0), mask, tokens, parts),
+            "clip_high_frac": token_mean((ratio > 1 + cfg.epsilon_high) & (a > 0), mask, tokens, parts),
+        }
     return loss, stats
 
 
@@ -193,8 +228,14 @@ def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, wit
 
 
 class GRPOTrainer:
-    def __init__(self, init: str | os.PathLike, cfg: GRPOConfig, tc: TrainConfig, out: str | os.PathLike,
-                 rewards: RewardSet | None = None):
+    def __init__(
+        self,
+        init: str | os.PathLike,
+        cfg: GRPOConfig,
+        tc: TrainConfig,
+        out: str | os.PathLike,
+        rewards: RewardSet | None = None,
+    ):
         self.d = setup_distributed()
         cfg.validate(self.d.world)
         self.cfg, self.tc, self.out = cfg, tc, Path(out)
@@ -209,25 +250,40 @@ class GRPOTrainer:
         # the loss reads only the main model's logits: MTP gets no gradient, and DDP must not wait for one
         self.model.mtp.requires_grad_(False)
         self.task = get_task(cfg.task, cfg.template)
-        self.rewards = rewards or RewardSet(self.task, {"accuracy": 1.0, "format": cfg.format_weight,
-                                                               "consistency": cfg.consistency_weight})
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False).prepare("train") if cfg.beta else None
+        self.rewards = rewards or RewardSet(
+            self.task, {"accuracy": 1.0, "format": cfg.format_weight, "consistency": cfg.consistency_weight}
+        )
+        self.ref = (
+            copy.deepcopy(self.model).eval().requires_grad_(False).prepare("train") if cfg.beta else None
+        )
         # what rollouts decode with: the training model itself, or under expert parallelism (where each rank
         # holds some experts, and ranks decode different prompts for different lengths) a whole copy that
         # shares every other parameter with it and gathers the experts before each rollout
         self.policy = copy.deepcopy(self.model).eval() if tc.expert_parallel > 1 else self.model
         rows = cfg.prompts_per_step // self.d.world * cfg.group_size  # rollout sequences on this rank
         tc.grad_accum = -(-rows // cfg.micro_batch_size)  # micro-batches per update
-        run_config = {k: v for k, v in asdict(cfg).items()
-                      if k not in ("eval_every", "eval_problems", "eval_k", "log_completions_every")}
+        run_config = {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("eval_every", "eval_problems", "eval_k", "log_completions_every")
+        }
         # a rollout batch's later updates need its stored old log-probs: checkpoints fall between batches
-        self.trainer = Trainer(self.model, tc, out, tokenizer_dir=init, run_config=run_config, every=cfg.mu,
-                               extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None)
+        self.trainer = Trainer(
+            self.model,
+            tc,
+            out,
+            tokenizer_dir=init,
+            run_config=run_config,
+            every=cfg.mu,
+            extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None,
+        )
         self.ep = self.trainer.ep
         if self.ep is not None:
             self.ep.share_dense(self.policy.to(self.trainer.dist.device), self.model)
         # every rollout of a step decodes in one batch
-        self.llm = LLM(self.policy, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size))
+        self.llm = LLM(
+            self.policy, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size)
+        )
         self.rollout: Rollout | None = None
         # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
         self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed, cfg.template)
@@ -242,7 +298,7 @@ class GRPOTrainer:
         """This rank's share of the step's prompts, with their index in the whole batch."""
         rng = random.Random(hash((self.tc.seed, step, attempt)) & 0xFFFFFFFF)
         problems = training_problems(self.task, rng, count, self._held_out)
-        return list(enumerate(problems))[self.d.rank::self.d.world]
+        return list(enumerate(problems))[self.d.rank :: self.d.world]
 
     @torch.no_grad()
     def make_rollout(self, step: int, keep_samples: bool = False) -> Rollout:
@@ -260,9 +316,16 @@ class GRPOTrainer:
             indexed = self.sample_prompts(step, cfg.prompts_per_step, attempts)
             problems = [p for _, p in indexed]
             # seeded by the prompt's place in the whole batch: the same samples however many ranks share it
-            params = [SamplingParams(n=g, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     seed=hash((self.tc.seed, step, attempts, i)) & 0xFFFFFFFF)
-                      for i, _ in indexed]
+            params = [
+                SamplingParams(
+                    n=g,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_tokens=cfg.max_new_tokens,
+                    seed=hash((self.tc.seed, step, attempts, i)) & 0xFFFFFFFF,
+                )
+                for i, _ in indexed
+            ]
             outs = self.llm.generate([p.prompt for p in problems], params)
             for p, out in zip(problems, outs):
                 scored = [self.rewards(p, o.text) for o in out.outputs]
@@ -284,16 +347,19 @@ class GRPOTrainer:
         rollout = self._pack(groups, all_rewards, rollout_seconds)
         if keep_samples:
             adv = rollout.group_adv.tolist()
-            rows = [(p, o, r, part) for p, out, rs, parts in groups
-                    for o, r, part in zip(out.outputs, rs, parts)]
-            rollout.samples = [{"prompt": p.prompt, "completion": o.text, **part, "reward": r, "advantage": a}
-                               for (p, o, r, part), a in zip(rows, adv)]
+            rows = [
+                (p, o, r, part) for p, out, rs, parts in groups for o, r, part in zip(out.outputs, rs, parts)
+            ]
+            rollout.samples = [
+                {"prompt": p.prompt, "completion": o.text, **part, "reward": r, "advantage": a}
+                for (p, o, r, part), a in zip(rows, adv)
+            ]
         return rollout
 
     def _pack(self, groups, all_rewards: list[float], rollout_seconds: float) -> Rollout:
         cfg = self.cfg
         seqs, plens, comps, rewards, accs, fmts, truncated, components = [], [], [], [], [], [], [], []
-        for p, out, rs, parts in groups:
+        for _, out, rs, parts in groups:
             for o, r, part in zip(out.outputs, rs, parts):
                 components.append(part)
                 seqs.append(out.prompt_token_ids + o.token_ids)
@@ -314,24 +380,43 @@ class GRPOTrainer:
             if not (cfg.mask_truncated and truncated[i]):
                 mask[row, : comps[i]] = True
         # sums over all ranks: the loss is normalised by the whole batch, and `batch` scaling uses its std
-        total_rows, total_tokens, r_sum, r_sq = self.d.all_reduce(torch.tensor(
-            [n, float(mask.sum()), float(rw.sum()), float((rw ** 2).sum())], dtype=torch.float64)).tolist()
-        batch_std = torch.tensor(max(r_sq - r_sum ** 2 / total_rows, 0.0) / max(total_rows - 1, 1)).sqrt()
-        adv = advantages(rw, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)  # per group: in sampled order
+        total_rows, total_tokens, r_sum, r_sq = self.d.all_reduce(
+            torch.tensor([n, float(mask.sum()), float(rw.sum()), float((rw**2).sum())], dtype=torch.float64)
+        ).tolist()
+        batch_std = torch.tensor(max(r_sq - r_sum**2 / total_rows, 0.0) / max(total_rows - 1, 1)).sqrt()
+        adv = advantages(
+            rw, cfg.group_size, cfg.scale_rewards, batch_std=batch_std
+        )  # per group: in sampled order
         # over every group sampled: with dynamic sampling, the share it dropped
         zero_std = float((torch.tensor(all_rewards).view(-1, cfg.group_size).std(-1) == 0).float().mean())
         tokens = sum(comps)
-        metrics = {"reward_mean": float(rw.mean()), "reward_std": float(rw.std()), "accuracy": sum(accs) / n,
-                   "format_rate": sum(fmts) / n, "zero_std_frac": zero_std, "mean_len": tokens / n,
-                   "max_len": float(max(comps)), "truncation_rate": sum(truncated) / n,
-                   "rollout_seconds": rollout_seconds, "rollout_tokens_per_s": tokens / rollout_seconds,
-                   "reward_errors": float(self.rewards.errors),
-                   "sampled_reward_mean": sum(all_rewards) / len(all_rewards)}
+        metrics = {
+            "reward_mean": float(rw.mean()),
+            "reward_std": float(rw.std()),
+            "accuracy": sum(accs) / n,
+            "format_rate": sum(fmts) / n,
+            "zero_std_frac": zero_std,
+            "mean_len": tokens / n,
+            "max_len": float(max(comps)),
+            "truncation_rate": sum(truncated) / n,
+            "rollout_seconds": rollout_seconds,
+            "rollout_tokens_per_s": tokens / rollout_seconds,
+            "reward_errors": float(self.rewards.errors),
+            "sampled_reward_mean": sum(all_rewards) / len(all_rewards),
+        }
         # each reward function's mean, unweighted: reward_mean is their sum weighted as RewardSet weighs them
         for name in dict.fromkeys(k for part in components for k in part):
             metrics[f"reward/{name}"] = sum(part.get(name, 0.0) for part in components) / n
-        return Rollout(ids, torch.tensor([plens[i] for i in order]), torch.tensor([len(seqs[i]) for i in order]),
-                       mask, adv[order], (int(total_rows), int(total_tokens)), metrics=metrics, group_adv=adv)
+        return Rollout(
+            ids,
+            torch.tensor([plens[i] for i in order]),
+            torch.tensor([len(seqs[i]) for i in order]),
+            mask,
+            adv[order],
+            (int(total_rows), int(total_tokens)),
+            metrics=metrics,
+            group_adv=adv,
+        )
 
     # ---- the update ------------------------------------------------------------------------------
     def loss_fn(self, step: int, micro: int) -> tuple[Tensor, dict]:
@@ -342,7 +427,9 @@ class GRPOTrainer:
             if keep:
                 self._log_completions(step + 1, self.rollout.samples)
             if cfg.mu > 1:  # stored old log-probs for the later updates on this batch
-                self.rollout.old_logp = self._logprobs(self.policy)  # the same weights (synced for the rollout)
+                self.rollout.old_logp = self._logprobs(
+                    self.policy
+                )  # the same weights (synced for the rollout)
             if self.ref is not None:
                 self.rollout.ref_logp = self._logprobs(self.ref)
         r = self.rollout
@@ -384,8 +471,12 @@ class GRPOTrainer:
         """The rollout's log-probs under `model`, in the update's micro-batches (one forward over the whole
         rollout would hold its [rows, length, vocab] logits at once)."""
         r, size = self.rollout, self.cfg.micro_batch_size
-        return torch.cat([token_logprobs(model, r, slice(i, i + size), self.cfg.temperature)[0]
-                          for i in range(0, r.ids.shape[0], size)])
+        return torch.cat(
+            [
+                token_logprobs(model, r, slice(i, i + size), self.cfg.temperature)[0]
+                for i in range(0, r.ids.shape[0], size)
+            ]
+        )
 
     def after_step(self, step: int, record: dict) -> None:
         self.llm.update_weights()  # the optimizer changed the policy the engine holds, in place
@@ -410,20 +501,28 @@ class GRPOTrainer:
     def train(self, resume: bool = False, progress: bool = True) -> dict:
         completions = self.out / COMPLETIONS_FILE
         if resume and self.trainer.resume():
-            ref = {k[len("ref."):]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
+            ref = {k[len("ref.") :]: v for k, v in self.trainer.resumed_extra.items() if k.startswith("ref.")}
             if ref:
                 self.ref.load_state_dict(ref)
             self.llm.update_weights()  # the checkpoint's weights were loaded into the policy in place
             if completions.exists() and self.d.main:  # as metrics.jsonl: rows past the checkpoint are redone
-                keep = [x for x in completions.read_text(encoding="utf-8").splitlines()
-                        if x.strip() and json.loads(x).get("step", 0) <= self.trainer.step]
+                keep = [
+                    x
+                    for x in completions.read_text(encoding="utf-8").splitlines()
+                    if x.strip() and json.loads(x).get("step", 0) <= self.trainer.step
+                ]
                 atomic_write_text(completions, "".join(x + "\n" for x in keep))
         elif self.d.main:
             self.trainer.metrics_path.unlink(missing_ok=True)
             completions.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        self.trainer.train(self.loss_fn, self.after_step, self.evaluate if self.cfg.eval_every else None,
-                           self.cfg.eval_every, progress=progress)
+        self.trainer.train(
+            self.loss_fn,
+            self.after_step,
+            self.evaluate if self.cfg.eval_every else None,
+            self.cfg.eval_every,
+            progress=progress,
+        )
         seconds = time.perf_counter() - t0
         if self.trainer.interrupted:
             return {"interrupted": True}
@@ -437,7 +536,10 @@ class GRPOTrainer:
         records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
         c, cfg = self.model.config, self.cfg
         tokens = sum(r["mean_len"] for r in records) * cfg.prompts_per_step * cfg.group_size / cfg.mu
-        return tokens * (c.decode_flops_per_token(cfg.max_new_tokens) + cfg.mu * c.train_flops_per_token(cfg.max_new_tokens))
+        return tokens * (
+            c.decode_flops_per_token(cfg.max_new_tokens)
+            + cfg.mu * c.train_flops_per_token(cfg.max_new_tokens)
+        )
 
     def _plots(self) -> None:
         records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
@@ -447,5 +549,9 @@ class GRPOTrainer:
         if ev:
             acc["held-out greedy"] = ([s for s, _ in ev], [v for _, v in ev])
         plot_series(self.out / "accuracy.png", f"GRPO on {self.cfg.task}: accuracy", acc, "accuracy")
-        plot_series(self.out / "length.png", "mean completion length", {"mean_len": (steps, [r["mean_len"] for r in records])},
-                    "tokens")
+        plot_series(
+            self.out / "length.png",
+            "mean completion length",
+            {"mean_len": (steps, [r["mean_len"] for r in records])},
+            "tokens",
+        )

@@ -21,9 +21,9 @@ import shutil
 import signal
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,25 +47,36 @@ class TrainConfig:
     lr: float = option(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = option(0.1, "the schedule ends at this fraction of --lr")
     warmup: int = option(20, "linear warm-up steps")
-    schedule: str = option("cosine", "cosine decay, or wsd: warmup, stable, then linear decay over the last "
-                           "--decay-frac of the steps", choices=("cosine", "wsd"))
+    schedule: str = option(
+        "cosine",
+        "cosine decay, or wsd: warmup, stable, then linear decay over the last --decay-frac of the steps",
+        choices=("cosine", "wsd"),
+    )
     decay_frac: float = option(0.2, "wsd: the share of steps that decays")
     weight_decay: float = option(0.1, "AdamW weight decay (not on norms, biases or embeddings)")
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
-    precision: str = option("fp32", "bf16: autocast; fp8: FP8 GEMMs with block scaling, the rest in bf16",
-                            choices=("fp32", "bf16", "fp8"))
+    precision: str = option(
+        "fp32",
+        "bf16: autocast; fp8: FP8 GEMMs with block scaling, the rest in bf16",
+        choices=("fp32", "bf16", "fp8"),
+    )
     save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(3, "step checkpoints kept on disk")
     seed: int = option(0, "random seed (data order, initialisation, sampling)")
     fsdp: bool = option(False, "under torchrun: FSDP2 (fully_shard) instead of DDP")
     max_seconds: float = option(0.0, "stop (and finish normally) after this much wall time (0: no limit)")
     compile: bool = option(False, "torch.compile the model's forward and backward (a minute to compile)")
-    expert_parallel: int = option(1, "under torchrun: split each MoE layer's routed experts across E ranks "
-                                  "(all-to-all dispatch); the process count must be a multiple of E")
-    report_to: str = option("none", "also log metrics to: none, tensorboard (OUT/tensorboard), wandb, all, or a "
-                            "comma list (rank 0)")
+    expert_parallel: int = option(
+        1,
+        "under torchrun: split each MoE layer's routed experts across E ranks "
+        "(all-to-all dispatch); the process count must be a multiple of E",
+    )
+    report_to: str = option(
+        "none",
+        "also log metrics to: none, tensorboard (OUT/tensorboard), wandb, all, or a comma list (rank 0)",
+    )
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -158,13 +169,18 @@ STATE_FILE = "training_state.safetensors"
 def _state_dict_api():
     """torch.distributed.checkpoint's whole/sharded state-dict helpers, imported on use (about 1 s)."""
     from torch.distributed.checkpoint import state_dict
+
     return state_dict
 
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, Tensor], dict]:
     """An optimizer state dict keyed by parameter name as flat tensors `optim.<param>.<key>` + JSON meta."""
-    tensors = {f"optim.{name}.{k}": v.detach().cpu().contiguous()
-               for name, st in sd["state"].items() for k, v in st.items() if isinstance(v, Tensor)}
+    tensors = {
+        f"optim.{name}.{k}": v.detach().cpu().contiguous()
+        for name, st in sd["state"].items()
+        for k, v in st.items()
+        if isinstance(v, Tensor)
+    }
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -175,27 +191,40 @@ def _optimizer_state(tensors: dict[str, Tensor], meta: dict, names: list[str]) -
     for name, t in tensors.items():
         param, k = name.removeprefix("optim.").rsplit(".", 1)
         state.setdefault(names[int(param)] if param.isdigit() else param, {})[k] = t
-    groups = [{**g, "params": [names[p] if isinstance(p, int) else p for p in g["params"]]}
-              for g in meta["param_groups"]]
+    groups = [
+        {**g, "params": [names[p] if isinstance(p, int) else p for p in g["params"]]}
+        for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a checkpoint directory only appears once fully written)."""
     root = out / "checkpoints"
-    return sorted((p for p in root.glob("step-*") if (p / STATE_FILE).exists()),
-                  key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+    return (
+        sorted(
+            (p for p in root.glob("step-*") if (p / STATE_FILE).exists()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
+        if root.exists()
+        else []
+    )
 
 
-def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                   fused: bool = True) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
     """AdamW with decay on matrices only. Fused (one kernel over all parameters): 4x cheaper than
     foreach on CPU for the small preset; FSDP's sharded parameters take the foreach path."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        fused=fused,
+        foreach=None if fused else True,
+    )
 
 
 class Trainer:
@@ -206,13 +235,23 @@ class Trainer:
     batches); `extra_state()` gives tensors a checkpoint must also hold (back in `resumed_extra`).
     """
 
-    def __init__(self, model: DeepSeekV3, cfg: TrainConfig, out: str | os.PathLike, *,
-                 tokenizer_dir: str | os.PathLike | None = None, run_config: dict | None = None, every: int = 1,
-                 extra_state: Callable[[], dict[str, Tensor]] | None = None):
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        cfg: TrainConfig,
+        out: str | os.PathLike,
+        *,
+        tokenizer_dir: str | os.PathLike | None = None,
+        run_config: dict | None = None,
+        every: int = 1,
+        extra_state: Callable[[], dict[str, Tensor]] | None = None,
+    ):
         cfg.validate()
         if cfg.save_every % every:
-            raise ValueError(f"save_every: {cfg.save_every} must be a multiple of {every} (steps that belong "
-                             "together, e.g. the updates on one GRPO rollout batch)")
+            raise ValueError(
+                f"save_every: {cfg.save_every} must be a multiple of {every} (steps that belong "
+                "together, e.g. the updates on one GRPO rollout batch)"
+            )
         self.cfg, self.out = cfg, Path(out)
         self.every, self.extra_state = every, extra_state
         self.resumed_extra: dict[str, Tensor] = {}
@@ -236,22 +275,32 @@ class Trainer:
         self._interrupted = False  # ... by any rank, as the ranks agreed
         self.metrics_path = self.out / "metrics.jsonl"
         # every record metrics.jsonl gets goes to the trackers too
-        self.tracker = Tracker(cfg.report_to, self.out,
-                               {"train_config": asdict(cfg), "run_config": self.run_config}, enabled=self.dist.main)
+        self.tracker = Tracker(
+            cfg.report_to,
+            self.out,
+            {"train_config": asdict(cfg), "run_config": self.run_config},
+            enabled=self.dist.main,
+        )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.world == 1:
             return model
         if self.cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
-            for layer in model.model.layers:  # MTP modules stay with the root: their head norm runs outside them
+
+            for (
+                layer
+            ) in model.model.layers:  # MTP modules stay with the root: their head norm runs outside them
                 fully_shard(layer)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
+
         # every rank updates the buffers (the gate biases) alike, from all-reduced loads: no sync per forward.
         # Newer torch renamed the flag and warns on the old name (the new one still syncs once, at start).
         renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        return DistributedDataParallel(model, **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+        return DistributedDataParallel(
+            model, **{"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+        )
 
     # ---- state --------------------------------------------------------------------------------
     def full_model(self) -> DeepSeekV3 | None:
@@ -262,7 +311,9 @@ class Trainer:
         if not (self.cfg.fsdp and self.dist.world > 1):
             return self.model if self.dist.main else None
         dcp = _state_dict_api()
-        state = dcp.get_model_state_dict(self.model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = dcp.get_model_state_dict(
+            self.model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if not self.dist.main:
             return None
         model = DeepSeekV3(self.model.config)
@@ -274,8 +325,9 @@ class Trainer:
         dcp = _state_dict_api()
         if self.ep is not None:  # each rank's own: every rank takes part in gathering the experts' moments
             return self.ep.full_optimizer_state(dcp.get_optimizer_state_dict(self.model, self.optimizer))
-        return dcp.get_optimizer_state_dict(self.model, self.optimizer,
-                                            options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return dcp.get_optimizer_state_dict(
+            self.model, self.optimizer, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-N atomically (temp dir + rename); keep the newest `keep_checkpoints`.
@@ -295,12 +347,16 @@ class Trainer:
             if self.extra_state is not None:
                 tensors.update({f"extra.{k}": v.detach().clone() for k, v in self.extra_state().items()})
             meta.update(step=self.step, train_config=asdict(self.cfg), run_config=self.run_config)
-            atomic_write(tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)}))
+            atomic_write(
+                tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)})
+            )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f"could not save checkpoint {final} ({e}); the previous checkpoint is intact") from None
+            raise OSError(
+                f"could not save checkpoint {final} ({e}); the previous checkpoint is intact"
+            ) from None
         for old in checkpoint_dirs(self.out)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -321,33 +377,47 @@ class Trainer:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         for key, value in self.run_config.items():
             if meta["run_config"].get(key) != value:
-                raise ValueError(f"resume: {ckpt} was written with {key}={meta['run_config'].get(key)!r}, "
-                                 f"this run has {key}={value!r}")
+                raise ValueError(
+                    f"resume: {ckpt} was written with {key}={meta['run_config'].get(key)!r}, "
+                    f"this run has {key}={value!r}"
+                )
         loaded = load_model(ckpt, device=self.dist.device, dtype=None)
         if loaded.config != self.model.config:
             raise ValueError(f"resume: {ckpt} holds a model with a different config")
         torch.set_rng_state(tensors.pop("rng.torch"))
-        self.resumed_extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
+        self.resumed_extra = {
+            k[len("extra.") :]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")
+        }
         dcp = _state_dict_api()
         state = loaded.state_dict()  # whole, whatever expert parallelism wrote it: cut to this rank's experts
-        dcp.set_model_state_dict(self.model, state if self.ep is None else self.ep.local_state(state),
-                                 options=dcp.StateDictOptions(full_state_dict=True))
+        dcp.set_model_state_dict(
+            self.model,
+            state if self.ep is None else self.ep.local_state(state),
+            options=dcp.StateDictOptions(full_state_dict=True),
+        )
         names = {id(p): n for n, p in self.model.named_parameters()}
         order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         optim = _optimizer_state(tensors, meta, order)
         if self.ep is not None:
             optim = self.ep.local_optimizer_state(optim)
         # not strict: parameters a run never trains (GRPO leaves the MTP layers alone) have no state
-        dcp.set_optimizer_state_dict(self.model, self.optimizer, optim,
-                                     options=dcp.StateDictOptions(full_state_dict=True, strict=False))
+        dcp.set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            optim,
+            options=dcp.StateDictOptions(full_state_dict=True, strict=False),
+        )
         self.step = meta["step"]
         self._truncate_metrics()
         return True
 
     def _truncate_metrics(self) -> None:
         if self.dist.main and self.metrics_path.exists():
-            keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            keep = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -363,22 +433,34 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train(self, loss_fn: Callable[[int, int], tuple[Tensor, dict]],
-              after_step: Callable[[int, dict], None] | None = None,
-              evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
-              tokens_per_step: int = 0, progress: bool = True) -> list[dict]:
+    def train(
+        self,
+        loss_fn: Callable[[int, int], tuple[Tensor, dict]],
+        after_step: Callable[[int, dict], None] | None = None,
+        evaluate: Callable[[int], dict] | None = None,
+        eval_every: int = 0,
+        tokens_per_step: int = 0,
+        progress: bool = True,
+    ) -> list[dict]:
         """Run from self.step to cfg.steps; returns the per-step metric records of this call."""
         from tqdm import tqdm
 
         records: list[dict] = []
         previous = signal.signal(signal.SIGINT, self._on_sigint)  # on every rank: Ctrl-C reaches them all
         # a wall-time budget ends the run before the step count does: no misleading ETA
-        bar = tqdm(total=None if self.cfg.max_seconds else self.cfg.steps, initial=self.step,
-                   disable=not (progress and self.dist.main), dynamic_ncols=True)
+        bar = tqdm(
+            total=None if self.cfg.max_seconds else self.cfg.steps,
+            initial=self.step,
+            disable=not (progress and self.dist.main),
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         try:
             # asked after the last step too; between the steps of one rollout batch, not at all
-            while not (self.step % self.every == 0 and self._agree_to_stop(started)) and self.step < self.cfg.steps:
+            while (
+                not (self.step % self.every == 0 and self._agree_to_stop(started))
+                and self.step < self.cfg.steps
+            ):
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, self.cfg)
                 for g in self.optimizer.param_groups:
@@ -386,7 +468,11 @@ class Trainer:
                 sums: dict[str, float] = {}
                 for micro in range(self.cfg.grad_accum):
                     sync = micro == self.cfg.grad_accum - 1 or self.dist.world == 1
-                    ctx = contextlib.nullcontext() if sync or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                    ctx = (
+                        contextlib.nullcontext()
+                        if sync or not hasattr(self.wrapped, "no_sync")
+                        else self.wrapped.no_sync()
+                    )
                     with ctx:
                         with self.autocast():
                             loss, metrics = loss_fn(self.step, micro)
@@ -397,7 +483,9 @@ class Trainer:
                     self.ep.reduce_grads()
                     grad_norm = self.ep.clip_grad_norm_(list(self.model.parameters()), self.cfg.grad_clip)
                 else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                    )
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 record = {"step": self.step + 1, "lr": lr, "grad_norm": grad_norm}
@@ -412,14 +500,27 @@ class Trainer:
                 record["step_seconds"] = dt
                 if tokens_per_step:
                     record["tokens_per_s"] = tokens_per_step / dt
-                if evaluate is not None and eval_every and (self.step % eval_every == 0 or self.step == self.cfg.steps):
+                if (
+                    evaluate is not None
+                    and eval_every
+                    and (self.step % eval_every == 0 or self.step == self.cfg.steps)
+                ):
                     record.update(evaluate(self.step))
                 self.log(record)
                 records.append(record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "tokens_per_s", "val_loss", "reward_mean",
-                                                                  "accuracy", "mean_len") if k in record})
+                bar.set_postfix(
+                    {
+                        k: f"{record[k]:.3g}"
+                        for k in ("loss", "tokens_per_s", "val_loss", "reward_mean", "accuracy", "mean_len")
+                        if k in record
+                    }
+                )
                 bar.update(1)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                if (
+                    self.cfg.save_every
+                    and self.step % self.cfg.save_every == 0
+                    and self.step < self.cfg.steps
+                ):
                     self.save_checkpoint()
             if self._interrupted:
                 path = self.save_checkpoint()

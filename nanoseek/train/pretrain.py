@@ -25,19 +25,20 @@ from ..model import DeepSeekV3, Gate, MoE
 from ..plots import plot_series
 from ..tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
 from .expert_parallel import check_expert_parallel
-from .loop import Trainer, TrainConfig, setup_distributed
+from .loop import TrainConfig, Trainer, setup_distributed
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None, seg: torch.Tensor | None,
-                    k: int) -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None, seg: torch.Tensor | None, k: int
+) -> torch.Tensor:
     """Cross-entropy of logits[:, i] against ids[:, i + k]; with `keep`, only over kept targets inside
     logits[:, i]'s document (`seg`). The others are ignored rather than indexed away, so shapes stay static:
     compiled with the model's training (`TrainConfig.compile`), log-softmax and its backward fuse (a `small`
     step 1.03x faster)."""
     s = logits.shape[1]
-    target = ids[:, k:k + s]
+    target = ids[:, k : k + s]
     if keep is not None:
-        target = target.masked_fill(~(keep[:, k:k + s] & (seg[:, k:k + s] == seg[:, :s])), -100)
+        target = target.masked_fill(~(keep[:, k : k + s] & (seg[:, k : k + s] == seg[:, :s])), -100)
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
 
 
@@ -46,36 +47,50 @@ class PretrainConfig:
     preset: str = option("small", "model size: a preset of nanoseek.config.PRESETS", choices=tuple(PRESETS))
     data: str = option("builtin", "'builtin' (worked task examples) or a .txt/.jsonl/.parquet file")
     tokenizer: str | None = option(None, "a directory with tokenizer.json (default: train one on the data)")
-    init: str | None = option(None, "continue from this checkpoint (and its tokenizer) instead of a new model")
+    init: str | None = option(
+        None, "continue from this checkpoint (and its tokenizer) instead of a new model"
+    )
     vocab_size: int = option(1024, "size of the tokenizer trained on the data")
     seq_len: int = option(256, "tokens per packed training row")
     batch_size: int = option(16, "rows per optimizer step (global, across ranks and micro-batches)")
     num_docs: int = option(40000, "built-in data: worked examples in the corpus")
-    tasks: tuple[str, ...] = option(("arithmetic", "countdown"), "built-in data: a task (repeatable; NAME@LEVELS "
-                                    "keeps those difficulty levels)", flag="--task")
+    tasks: tuple[str, ...] = option(
+        ("arithmetic", "countdown"),
+        "built-in data: a task (repeatable; NAME@LEVELS keeps those difficulty levels)",
+        flag="--task",
+    )
     scratchpad: float = option(0.25, "built-in data: share of worked examples that reason step by step")
     mtp_lambda: float = option(0.3, "weight of the multi-token-prediction loss")
     balance_alpha: float = option(1e-4, "sequence-wise balance loss weight", flag="--alpha")
     # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
     bias_gamma: float = option(0.01, "gate bias update speed (aux-loss-free balancing)", flag="--gamma")
     dense: bool = option(False, "dense FFN with the same activated parameters instead of MoE (ablation)")
-    doc_mask: bool = option(True, "attention stays within each packed document (positions restart per "
-                            "document)")
+    doc_mask: bool = option(
+        True, "attention stays within each packed document (positions restart per document)"
+    )
     eval_every: int = option(50, "validation loss every N steps (0: never)")
     val_batches: int = option(4, "batches of held-out rows per validation")
     eval_problems: int = option(100, "held-out problems per task for the final accuracy")
     held_out: int = option(0, "held-out problems per task kept out of the corpus (at least --eval-problems)")
 
 
-
 def dense_equivalent(config: ModelConfig) -> ModelConfig:
     """A dense model with the MoE model's activated FFN parameters (for the DeepSeekMoE ablation): every
     layer gets the mean of the activated FFN widths (dense width, or (top-k + shared) x expert width)."""
-    widths = [config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
-              if config.is_moe_layer(i) else config.intermediate_size for i in range(config.num_hidden_layers)]
-    return config.replace(first_k_dense_replace=config.num_hidden_layers + config.num_nextn_predict_layers,
-                          n_routed_experts=0, n_shared_experts=0, n_group=1, topk_group=1,
-                          intermediate_size=round(sum(widths) / len(widths)))
+    widths = [
+        config.moe_intermediate_size * (config.num_experts_per_tok + config.n_shared_experts)
+        if config.is_moe_layer(i)
+        else config.intermediate_size
+        for i in range(config.num_hidden_layers)
+    ]
+    return config.replace(
+        first_k_dense_replace=config.num_hidden_layers + config.num_nextn_predict_layers,
+        n_routed_experts=0,
+        n_shared_experts=0,
+        n_group=1,
+        topk_group=1,
+        intermediate_size=round(sum(widths) / len(widths)),
+    )
 
 
 def moe_gates(model: DeepSeekV3) -> list[Gate]:
@@ -95,7 +110,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, 
     train/val rows, and held-out problems."""
     kept_out = max(pc.eval_problems, pc.held_out)
     excluded = {t: held_out_problems(t, kept_out, seed) for t in pc.tasks} if pc.data == "builtin" else {}
-    held_out = {t: ps[:pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
+    held_out = {t: ps[: pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
     if pc.data == "builtin":
         exclude = {p.question for ps in excluded.values() for p in ps}
         docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
@@ -114,27 +129,44 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, 
     rows = pack(tokenize(tok, docs), pc.seq_len)
     n_val = max(pc.val_batches * pc.batch_size, rows.shape[0] // 20)
     if rows.shape[0] <= n_val:
-        raise ValueError(f"data: only {rows.shape[0]} sequences of {pc.seq_len + 1} tokens; need more than "
-                         f"{n_val} (add data or lower --seq-len)")
+        raise ValueError(
+            f"data: only {rows.shape[0]} sequences of {pc.seq_len + 1} tokens; need more than "
+            f"{n_val} (add data or lower --seq-len)"
+        )
     return tok, tok_dir, rows[:-n_val], rows[-n_val:], held_out
 
 
-def pretrain(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False,
-             progress: bool = True) -> dict:
+def pretrain(
+    pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True
+) -> dict:
     """Train a base model into `out` (checkpoints under out/checkpoints); returns the run summary."""
     d = setup_distributed()
     config = ModelConfig.preset(pc.preset)
     if pc.seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
-                         f"{config.max_position_embeddings}")
+        raise ValueError(
+            f"seq_len: {pc.seq_len} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
     # before the tokenizer and data: the model an --init checkpoint holds is checked by the Trainer
-    check_expert_parallel(tc.expert_parallel, d.world, None if pc.init else dense_equivalent(config) if pc.dense
-                          else config, tc.fsdp)
-    return train_lm(pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world, resume), resume, progress)
+    check_expert_parallel(
+        tc.expert_parallel,
+        d.world,
+        None if pc.init else dense_equivalent(config) if pc.dense else config,
+        tc.fsdp,
+    )
+    return train_lm(
+        pc, tc, out, build_data(pc, Path(out), tc.seed, d.rank, d.world, resume), resume, progress
+    )
 
 
-def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: tuple, resume: bool = False,
-             progress: bool = True) -> dict:
+def train_lm(
+    pc: PretrainConfig,
+    tc: TrainConfig,
+    out: str | os.PathLike,
+    data: tuple,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """The language-model training run shared by pretraining and SFT.
 
     `data` = (tokenizer, tokenizer dir, train rows, val rows, held-out problems). Rows are token ids
@@ -144,11 +176,16 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     out = Path(out)
     d = setup_distributed()
     if tc.grad_accum * d.world > pc.batch_size or pc.batch_size % (tc.grad_accum * d.world):
-        raise ValueError(f"batch_size: {pc.batch_size} must be a multiple of grad_accum x ranks "
-                         f"({tc.grad_accum} x {d.world})")
+        raise ValueError(
+            f"batch_size: {pc.batch_size} must be a multiple of grad_accum x ranks "
+            f"({tc.grad_accum} x {d.world})"
+        )
     tok, tok_dir, train_rows, val_rows, held_out = data
-    config = ModelConfig.preset(pc.preset).replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<｜begin▁of▁sentence｜>"),
-                            eos_token_id=tok.token_to_id("<｜end▁of▁sentence｜>"))
+    config = ModelConfig.preset(pc.preset).replace(
+        vocab_size=tok.get_vocab_size(),
+        bos_token_id=tok.token_to_id("<｜begin▁of▁sentence｜>"),
+        eos_token_id=tok.token_to_id("<｜end▁of▁sentence｜>"),
+    )
     if pc.dense:
         config = dense_equivalent(config)
     torch.manual_seed(tc.seed)
@@ -182,13 +219,18 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     def loss_fn(step: int, micro: int):
         ids, keep, seg = unpack(batches.get(step * tc.grad_accum + micro, d.rank, d.world).to(d.device))
         x = ids[:, :-1]
-        out_ = trainer.wrapped(x, mtp=config.num_nextn_predict_layers > 0, router_stats=True,  # a ModelOutput
-                               segments=None if seg is None else seg[:, :-1])
+        out_ = trainer.wrapped(
+            x,
+            mtp=config.num_nextn_predict_layers > 0,
+            router_stats=True,  # a ModelOutput
+            segments=None if seg is None else seg[:, :-1],
+        )
         main = ce(out_.logits, ids, keep, seg, 1)
         loss, metrics = main, {"loss": main.detach()}
         if out_.mtp_logits:
-            mtp = sum(ce(lg, ids, keep, seg, k + 1)
-                      for k, lg in enumerate(out_.mtp_logits, start=1)) / len(out_.mtp_logits)
+            mtp = sum(ce(lg, ids, keep, seg, k + 1) for k, lg in enumerate(out_.mtp_logits, start=1)) / len(
+                out_.mtp_logits
+            )
             loss = loss + pc.mtp_lambda * mtp
             metrics["mtp_loss"] = mtp.detach()
         if out_.balance_loss is not None:
@@ -212,7 +254,7 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
         model.eval()
         losses = []
         for b in range(pc.val_batches):
-            ids, keep, seg = unpack(val_rows[b * pc.batch_size:(b + 1) * pc.batch_size].to(d.device))
+            ids, keep, seg = unpack(val_rows[b * pc.batch_size : (b + 1) * pc.batch_size].to(d.device))
             if ids.shape[0] == 0:
                 break
             with trainer.autocast():
@@ -231,8 +273,12 @@ def train_lm(pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, data: 
     if trainer.interrupted:
         return {"interrupted": True, "step": trainer.step}
     whole = trainer.finish()
-    summary = {"steps": trainer.step, "seconds": seconds, "params": config.num_params(),
-               "active_params": config.num_active_params()}
+    summary = {
+        "steps": trainer.step,
+        "seconds": seconds,
+        "params": config.num_params(),
+        "active_params": config.num_active_params(),
+    }
     if d.main:
         summary.update(_report(out, config, pc, (trainer.step - start_step) * tokens_per_step, seconds))
         if held_out:
@@ -252,23 +298,41 @@ def _report(out: Path, config: ModelConfig, pc: PretrainConfig, tokens: int, sec
     plot_series(out / "loss.png", "pretraining loss", series, "cross-entropy")
     load_keys = sorted(k for k in records[-1] if k.startswith("load_max_mean_"))
     if load_keys:
-        plot_series(out / "expert_load.png", "expert load max/mean per MoE layer",
-                    {k.removeprefix("load_max_mean_"): (steps, [r.get(k, float("nan")) for r in records])
-                     for k in load_keys}, "max / mean load")
+        plot_series(
+            out / "expert_load.png",
+            "expert load max/mean per MoE layer",
+            {
+                k.removeprefix("load_max_mean_"): (steps, [r.get(k, float("nan")) for r in records])
+                for k in load_keys
+            },
+            "max / mean load",
+        )
     flops = tokens * config.train_flops_per_token(pc.seq_len, mtp=config.num_nextn_predict_layers > 0)
     h800_hours = flops / (GPU_PEAK["h800"] * v3_implied_mfu()) / 3600
-    cost = {"tokens": tokens, "flops": flops, "flops_per_s": flops / max(seconds, 1e-9),
-            "h800_hours": h800_hours, "dollars": h800_hours * PRICE_PER_GPU_HOUR}
-    print(f"cost: {flops:.3e} FLOPs in {seconds:.0f}s ({cost['flops_per_s'] / 1e9:.1f} GFLOP/s measured) = "
-          f"{h800_hours * 3600:.3f} H800-seconds at V3's utilisation, ${cost['dollars']:.6f}")
-    return {"cost": cost, "final_loss": records[-1]["loss"], "final_val_loss": val[-1][1] if val else None,
-            "final_load_max_mean": records[-1].get("load_max_mean")}
+    cost = {
+        "tokens": tokens,
+        "flops": flops,
+        "flops_per_s": flops / max(seconds, 1e-9),
+        "h800_hours": h800_hours,
+        "dollars": h800_hours * PRICE_PER_GPU_HOUR,
+    }
+    print(
+        f"cost: {flops:.3e} FLOPs in {seconds:.0f}s ({cost['flops_per_s'] / 1e9:.1f} GFLOP/s measured) = "
+        f"{h800_hours * 3600:.3f} H800-seconds at V3's utilisation, ${cost['dollars']:.6f}"
+    )
+    return {
+        "cost": cost,
+        "final_loss": records[-1]["loss"],
+        "final_val_loss": val[-1][1] if val else None,
+        "final_load_max_mean": records[-1].get("load_max_mean"),
+    }
 
 
 def _accuracy(model: DeepSeekV3, tok, held_out: dict) -> dict:
     from ..engine import LLM
     from ..eval import evaluate
     from ..tasks import get_task
+
     model.eval()
     llm = LLM(model, tok)
     acc = {name: evaluate(llm, get_task(name), problems).as_dict() for name, problems in held_out.items()}

@@ -28,8 +28,10 @@ def parse_report_to(value: str | None) -> tuple[str, ...]:
         return tuple(t for t in TARGETS if _installed(t))
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
-        raise ValueError(f"report_to: unknown tracker(s) {unknown}; choose none, all, or a comma list of "
-                         f"{', '.join(TARGETS)}")
+        raise ValueError(
+            f"report_to: unknown tracker(s) {unknown}; choose none, all, or a comma list of "
+            f"{', '.join(TARGETS)}"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -58,8 +60,9 @@ def markdown_table(rows: list[dict]) -> str:
 class Tracker:
     """Sends metric records and tables to the chosen trackers; a no-op unless `enabled` (rank 0)."""
 
-    def __init__(self, report_to: str | None, out: str | os.PathLike, config: dict | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self, report_to: str | None, out: str | os.PathLike, config: dict | None = None, enabled: bool = True
+    ):
         self.targets = parse_report_to(report_to)
         check_available(self.targets)  # on every rank: all fail alike, none waits for the others
         self.enabled = enabled and bool(self.targets)
@@ -73,21 +76,29 @@ class Tracker:
         metrics.jsonl does."""
         if "tensorboard" in self.targets and self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR), purge_step=step)
         if "wandb" in self.targets and self._wandb is None:
             import wandb
-            self._wandb = wandb.init(mode=os.environ.get("WANDB_MODE"),
-                                     project=os.environ.get("WANDB_PROJECT", "nanoseek"),
-                                     name=os.environ.get("WANDB_NAME", self.out.name), dir=str(self.out),
-                                     config=json.loads(json.dumps(self.config, default=str)))
+
+            self._wandb = wandb.init(
+                mode=os.environ.get("WANDB_MODE"),
+                project=os.environ.get("WANDB_PROJECT", "nanoseek"),
+                name=os.environ.get("WANDB_NAME", self.out.name),
+                dir=str(self.out),
+                config=json.loads(json.dumps(self.config, default=str)),
+            )
 
     def log(self, record: dict) -> None:
         """Every finite scalar of a metrics record, under its metrics.jsonl name, at record["step"]."""
         if not self.enabled:
             return
         step = int(record["step"])
-        scalars = {k: float(v) for k, v in record.items() if k != "step"
-                   and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        scalars = {
+            k: float(v)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         self._open(step)
         if self._tb is not None:
             for k, v in scalars.items():
@@ -104,6 +115,7 @@ class Tracker:
             self._tb.add_text(name, markdown_table(rows), step)
         if self._wandb is not None:
             import wandb
+
             columns = list(dict.fromkeys(k for r in rows for k in r))
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
             self._wandb.log({name: table}, step=step)

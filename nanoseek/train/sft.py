@@ -19,7 +19,7 @@ import torch
 
 from ..config import ModelConfig, option
 from ..hub import resolve_checkpoint
-from ..tokenizer import EOS, END_THINK, PAD, load_tokenizer, render_chat
+from ..tokenizer import END_THINK, EOS, PAD, load_tokenizer, render_chat
 from .expert_parallel import check_expert_parallel
 from .loop import TrainConfig, setup_distributed
 from .pretrain import PretrainConfig, train_lm
@@ -100,7 +100,9 @@ def chat_examples(tok, conversations: list[list[dict]]) -> list[tuple[list[int],
     return [(p.ids + c.ids, [0] * len(p.ids) + [1] * len(c.ids)) for p, c in zip(encoded[::2], encoded[1::2])]
 
 
-def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, int]:
+def pack_examples(
+    examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
+) -> tuple[torch.Tensor, int]:
     """Pack whole examples into rows of seq_len + 1 tokens, first fit; returns [N, 3, seq_len + 1]
     (ids, target mask, example ids; padding has mask 0) and how many examples had to be truncated."""
     width, truncated = seq_len + 1, 0
@@ -125,20 +127,24 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad
     for r, items in enumerate(rows):
         at = 0
         for doc, (ids, mask) in enumerate(items):
-            out[r, 0, at:at + len(ids)] = torch.tensor(ids)
-            out[r, 1, at:at + len(ids)] = torch.tensor(mask)
-            out[r, 2, at:at + len(ids)] = doc
+            out[r, 0, at : at + len(ids)] = torch.tensor(ids)
+            out[r, 1, at : at + len(ids)] = torch.tensor(mask)
+            out[r, 2, at : at + len(ids)] = doc
             at += len(ids)
     return out, truncated
 
 
-def sft(sc: SFTConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+def sft(
+    sc: SFTConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True
+) -> dict:
     """Fine-tune `sc.init` on `sc.data` into `out`; returns the run summary."""
     if not sc.init:
         raise ValueError("init: SFT needs a checkpoint to start from")
     init = resolve_checkpoint(sc.init)  # the run config keeps the name given (a Hub id stays one)
     if tc.expert_parallel > 1:  # before reading and packing the data
-        check_expert_parallel(tc.expert_parallel, setup_distributed().world, ModelConfig.from_json(init), tc.fsdp)
+        check_expert_parallel(
+            tc.expert_parallel, setup_distributed().world, ModelConfig.from_json(init), tc.fsdp
+        )
     tok = load_tokenizer(init)
     if tok is None:
         raise ValueError(f"init: {sc.init} has no tokenizer.json")
@@ -150,6 +156,8 @@ def sft(sc: SFTConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = F
     perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(tc.seed))
     rows = rows[perm]
     train_rows, val_rows = (rows[:-n_val], rows[-n_val:]) if n_val else (rows, rows[:0])
-    print(f"SFT data: {len(examples)} examples in {rows.shape[0]} packed rows of {sc.seq_len + 1} tokens "
-          f"({int(rows[:, 1].sum())} target tokens)")
+    print(
+        f"SFT data: {len(examples)} examples in {rows.shape[0]} packed rows of {sc.seq_len + 1} tokens "
+        f"({int(rows[:, 1].sum())} target tokens)"
+    )
     return train_lm(sc, tc, out, (tok, init, train_rows, val_rows, {}), resume, progress)
