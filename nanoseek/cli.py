@@ -14,6 +14,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, ModelConfig
+from .device import DEVICES
 
 
 def describe(config: ModelConfig, name: str) -> str:
@@ -84,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .engine import LLM
     from .train.distill import SampleConfig, print_rates, rejection_sample, write_jsonl
 
-    records, rates = rejection_sample(LLM(args.model), config_from(SampleConfig, args))
+    records, rates = rejection_sample(LLM(args.model, device=args.device), config_from(SampleConfig, args))
     write_jsonl(args.out, records)
     print_rates(rates, len(records))
     print(f"wrote {args.out}")
@@ -113,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import evaluate
     from .tasks import TASKS, get_task
 
-    llm = LLM(args.checkpoint)
+    llm = LLM(args.checkpoint, device=args.device)
     rows = []
     for name in args.task or sorted(TASKS):
         problems = held_out_problems(name, args.n, args.seed, args.template)
@@ -128,7 +129,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 COMPILING = "compiling the decode forwards (10-45 s the first time; about 90 s with --speculative) ..."
 
 
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help=f"{DEVICES}; auto: a GPU if there is one (bf16), else the CPU (fp32)"
+    )
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
+    _device_flag(p)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--compile",
@@ -140,7 +148,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import LLM, SamplingParams
 
-    llm = LLM(args.checkpoint, speculative=args.speculative, compile=args.compile)
+    llm = LLM(args.checkpoint, speculative=args.speculative, compile=args.compile, device=args.device)
     if args.compile:
         print(COMPILING, file=sys.stderr, flush=True)
     params = SamplingParams(
@@ -187,6 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         cache_memory_mb=args.cache_memory_mb,
         speculative=args.speculative,
         compile=args.compile,
+        device=args.device,
     )
     if args.compile:
         print(COMPILING, flush=True)
@@ -446,6 +455,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--model", required=True, help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--out", required=True, help="output JSONL")
     add_options(p, SampleConfig)
+    _device_flag(p)
 
     p = command("distill", "rejection-sample a teacher and SFT a small dense student on it", cmd_distill)
     p.add_argument("--out", required=True, help="output directory")
@@ -471,6 +481,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--template", choices=["chat", "r1zero"], default="chat", help="the prompt format trained on"
     )
     p.add_argument("--out", help="JSONL of every sample")
+    _device_flag(p)
 
     p = command("generate", "stream a completion to the terminal", cmd_generate)
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")

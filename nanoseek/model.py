@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .kernels import Kernels, grouped_experts_loop, select
+from .kernels.folded import FoldedMLA, fold_pays
 from .latent_cache import LatentCache
 
 
@@ -159,6 +160,7 @@ REFERENCE = Kernels(
     expert_linear=F.linear,
     routed_experts=routed_experts,
     grouped_experts=grouped_experts_loop,
+    fold_absorbed=False,
 )
 
 
@@ -198,10 +200,6 @@ class MLA(nn.Module):
     """
 
     kernels = REFERENCE
-    # Folding W_UK / W_UV into the projections (decoding) trades FLOPs for fewer operations: worth it while
-    # the folded weights stay small (`small`: 1.34x the weights they replace), not for V3 (3.39x; 36B
-    # parameters more over its 62 layers).
-    fold_max_growth = 1.5
     # The absorbed form reads every cached latent for each query: cheapest for the few queries of a decode
     # step (and its drafts); a longer prefill chunk pays for decompressing its context once.
     absorb_max_queries = 48
@@ -230,10 +228,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
-        h, r, q_in = self.n_heads, self.kv_rank, c.q_lora_rank or c.hidden_size
-        plain = h * qk * q_in + c.hidden_size * h * self.v_dim + h * (self.nope + self.v_dim) * r
-        self.fold = h * (r + self.rope) * q_in + c.hidden_size * h * r <= self.fold_max_growth * plain
-        self._folded: tuple | None = None  # (source weights, (wq, wo))
+        # decoding's absorb_query / absorb_output with W_UK and W_UV folded in, where DeepSeekV3.prepare
+        # chooses them
+        self.folded: FoldedMLA | None = None
 
     def forward(
         self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None, mask: Tensor | None = None
@@ -264,7 +261,7 @@ class MLA(nn.Module):
         k_pe = self.kernels.apply_rope(k_pe.unsqueeze(-2), freqs).squeeze(-2)
         return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
 
-    def _q_up(self) -> nn.Linear:
+    def q_up(self) -> nn.Linear:
         return self.q_b_proj if self.q_lora_rank else self.q_proj
 
     def store_latents(self, x: Tensor, freqs: Tensor, cache: LatentCacheLike) -> None:
@@ -280,7 +277,7 @@ class MLA(nn.Module):
         latent [B,T,rank+rope] (REFERENCE §2): k = [c_kv W_UK | k_pe], v = c_kv W_UV."""
         b, s, _ = q_in.shape
         h, t = self.n_heads, latent.shape[1]
-        q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope)
+        q = self.q_up()(q_in).view(b, s, h, self.nope + self.rope)
         q = torch.cat([q[..., : self.nope], self.kernels.apply_rope(q[..., self.nope :], freqs)], dim=-1)
         c_kv, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope + self.v_dim)
@@ -292,79 +289,37 @@ class MLA(nn.Module):
         """o_proj over the heads' outputs o [B,H,S,v] -> [B,S,d]."""
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
+    def absorb_query(self, q_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Each head's query moved into the latent space, scaled: (q_nope W_UK [B,S,H,rank], q_pe
+        [B,S,H,rope]) for q_in [B,S,q_in]."""
+        b, s, _ = q_in.shape
+        w_uk = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, : self.nope]
+        q = self.q_up()(q_in).view(b, s, self.n_heads, self.nope + self.rope) * self.scale
+        return torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w_uk), q[..., self.nope :]
+
+    def absorb_output(self, o_lat: Tensor) -> Tensor:
+        """Each head's attended latent o_lat [B,S,H,rank] mapped back by W_UV, then o_proj -> [B,S,d]."""
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, self.nope :]
+        return self.o_proj(torch.einsum("bshr,hvr->bshv", o_lat, w_uv).flatten(2))
+
     def absorbed(self, q_in: Tensor, freqs: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
         """Attention computed in the latent space, for a few queries per row against a cache (REFERENCE §2).
 
         Each head's query becomes [q_nope W_UK | q_pe] (scaled), so scores are one matmul with the cached
-        [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Small models fold W_UK
-        into the query projection and W_UV into o_proj (`folded_weights`). Queries are laid out
+        [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Queries are laid out
         (position, head), so no transposes are needed. q_in [B,S,q_in], context [B,T,rank+rope], bias
         [B|1,S,T] or None -> [B,S,d].
         """
         b, s, _ = q_in.shape
         h, r = self.n_heads, self.kv_rank
-        folded = self.folded_weights()
-        if folded is not None:
-            q = self.kernels.linear(q_in, folded[0]).view(b, s, h, r + self.rope)
-            q_lat, q_pe = q[..., :r], q[..., r:]
-        else:
-            w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)
-            q = self._q_up()(q_in).view(b, s, h, self.nope + self.rope) * self.scale
-            q_lat = torch.einsum("bshn,hnr->bshr", q[..., : self.nope], w[:, : self.nope])
-            q_pe = q[..., self.nope :]
+        absorb = self.folded or self  # the folded form has the same two methods
+        q_lat, q_pe = absorb.absorb_query(q_in)
         q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
         scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
         if bias is not None:
             scores.view(b, s, h, -1).add_(bias[:, :, None])
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
-        if folded is not None:
-            return self.kernels.linear(o_lat.view(b, s, h * r), folded[1], self.o_proj.bias)
-        o = torch.einsum("bshr,hvr->bshv", o_lat.view(b, s, h, r), w[:, self.nope :])
-        return self.o_proj(o.flatten(2))
-
-    def folded_weights(self) -> tuple[Tensor, Tensor] | None:
-        """(query weight [H*(rank+rope), q_in] with W_UK and the softmax scale folded in, output weight
-        [d, H*rank] with W_UV folded in), or None where folding would grow the weights too much.
-
-        Derived once, then again only at `refold()` (whoever changes the parameters in place calls it: the
-        engine's runner, when told the weights changed), or when a source weight is replaced or changes
-        dtype or device. A compiled graph reads the cached tensors as they are, so they stay graph inputs
-        instead of being refolded every step. For inference: no gradient flows through them."""
-        if not self.fold:
-            return None
-        sources = (self._q_up().weight, self.kv_b_proj.weight, self.o_proj.weight)
-        if torch.compiler.is_compiling():
-            return self._folded[1] if self._folded is not None else self._fold(*sources)
-        cached = self._folded
-        if (
-            cached is None
-            or any(a is not w for a, w in zip(cached[0], sources))
-            or (cached[1][0].dtype, cached[1][0].device) != (sources[0].dtype, sources[0].device)
-        ):
-            self._folded = (sources, self._fold(*sources))
-        return self._folded[1]
-
-    def refold(self) -> None:
-        """Fold the parameters as they are now, into the tensors `folded_weights` hands out (which compiled
-        graphs read): call after changing the parameters in place."""
-        if self.folded_weights() is None:  # (which folds afresh if it never did, or a weight was replaced)
-            return
-        sources, folded = self._folded
-        with torch.inference_mode(False), torch.no_grad():
-            for dst, src in zip(folded, self._fold(*sources)):
-                dst.copy_(src)
-
-    def _fold(self, q_w: Tensor, kv_w: Tensor, o_w: Tensor) -> tuple[Tensor, Tensor]:
-        h, nope, rope, v, r = self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank
-        # plain fp32 tensors, usable in and out of inference mode, whatever autocast is doing
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(q_w.device.type, enabled=False):
-            kv, q = kv_w.float().view(h, nope + v, r), q_w.float().view(h, nope + rope, -1)
-            q_lat = kv[:, :nope].transpose(1, 2) @ q[:, :nope]  # [H, rank, q_in]: q_in -> q_nope W_UK
-            wq = torch.cat([q_lat, q[:, nope:]], dim=1).reshape(h * (r + rope), -1) * self.scale
-            wo = (
-                (o_w.float().view(-1, h, v).transpose(0, 1) @ kv[:, nope:]).transpose(0, 1).reshape(-1, h * r)
-            )
-        return wq.to(q_w.dtype), wo.to(o_w.dtype)
+        return absorb.absorb_output(o_lat.view(b, s, h, r))
 
 
 # ---- feed-forward: dense SwiGLU and DeepSeekMoE (V3 report §2.1.2) ------------------------------
@@ -519,22 +474,11 @@ class MTPLayer(DecoderLayer):
         stats: RouterStats | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        return self.block(self.combine(h, next_emb), freqs, cache, stats, mask)
+        return super().forward(self.combine(h, next_emb), freqs, cache, stats, mask)
 
     def combine(self, h: Tensor, next_emb: Tensor) -> Tensor:
         """The layer's input from h_i and the embedding of t_{i+k}."""
         return self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-
-    def block(
-        self,
-        x: Tensor,
-        freqs: Tensor,
-        cache: LatentCacheLike | None = None,
-        stats: RouterStats | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """The decoder layer over an already combined input."""
-        return super().forward(x, freqs, cache, stats, mask)
 
 
 class Backbone(nn.Module):
@@ -608,6 +552,9 @@ class DeepSeekV3(nn.Module):
         for module in self.modules():
             if hasattr(module, "kernels"):
                 module.kernels = chosen
+            if isinstance(module, MLA):  # a model prepared again keeps its folded tensors (compiled graphs')
+                fold = chosen.fold_absorbed and fold_pays(module)
+                module.folded = (module.folded or FoldedMLA(module)) if fold else None
         return self
 
     @torch.no_grad()

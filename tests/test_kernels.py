@@ -162,3 +162,28 @@ def test_prepare_chooses_once_for_every_module_and_keeps_fp8_experts():
     fp8_linear = m.kernels.expert_linear
     for job in JOBS:
         assert m.prepare(job).kernels.expert_linear is fp8_linear
+
+
+def test_cuda_experts_take_grouped_mm_in_bf16_only(monkeypatch):
+    """On a GPU whose torch._grouped_mm works, `select` runs the experts through grouped_experts_cuda,
+    which equals the loop in bf16 (through the grouped matmul) and in fp32 (the loop itself, the kernel's
+    only type there being bf16). The choice is checked with the probe faked; the sums run on the CPU,
+    whose grouped matmul takes the same arguments."""
+    import nanoseek.kernels as kernels
+    from nanoseek.kernels.experts import grouped_experts_cuda
+
+    monkeypatch.setattr(kernels, "grouped_mm_on_cuda", lambda index: True)
+    assert select(REFERENCE, "train", torch.device("cuda", 0)).grouped_experts is grouped_experts_cuda
+    monkeypatch.setattr(kernels, "grouped_mm_on_cuda", lambda index: False)
+    assert select(REFERENCE, "train", torch.device("cuda", 0)).grouped_experts.func is grouped_experts_loop
+    if not GROUPED_MM_CPU:
+        pytest.skip("this torch build has no CPU torch._grouped_mm")
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1])
+    xs, gate_up, down = torch.randn(9, 16), torch.randn(4, 32, 16), torch.randn(4, 16, 16)
+    want = grouped_experts_loop(xs, counts, gate_up, down)
+    torch.testing.assert_close(grouped_experts_cuda(xs, counts, gate_up, down), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_experts_cuda(xs, counts, gate_up, down)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.5)

@@ -4,19 +4,21 @@ import torch.nn.functional as F
 from conftest import random_model, require_cxx_compiler
 
 import nanoseek.kernels.attention as attention_kernels
+import nanoseek.kernels.folded as folded_kernels
 from nanoseek import LatentCache, ModelConfig
 from nanoseek.model import MLA, Gate, segment_positions_and_mask
 
 
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"attention_bias": True}])
 @pytest.mark.parametrize("absorb_max_queries", [0, 1, 64])  # all decompressed; chunks only; all absorbed
-@pytest.mark.parametrize("fold", [False, True])  # W_UK / W_UV folded into the projections or applied per head
-@pytest.mark.parametrize("job", ["reference", "decode"])  # the model's own functions, or the engine's kernels
-def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fold, job, monkeypatch):
+# the model's own functions, or the engine's kernels with W_UK / W_UV applied per head or folded in
+@pytest.mark.parametrize("job,fold", [("reference", False), ("decode", False), ("decode", True)])
+def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, job, fold, monkeypatch):
     monkeypatch.setattr(MLA, "absorb_max_queries", absorb_max_queries)
-    monkeypatch.setattr(MLA, "fold_max_growth", float("inf") if fold else 0.0)
+    monkeypatch.setattr(folded_kernels, "MAX_GROWTH", float("inf") if fold else 0.0)
     c = ModelConfig.preset("tiny").replace(**changes)
     m = random_model(c).prepare(job)
+    assert all((mla.folded is not None) == fold for mla in m.modules() if isinstance(mla, MLA))
     ids = torch.randint(0, c.vocab_size, (3, 20))
     with torch.no_grad():
         full = m(ids)
@@ -28,18 +30,21 @@ def test_cached_attention_matches_ordinary_path(changes, absorb_max_queries, fol
 
 
 def test_absorbed_decoding_follows_in_place_weight_updates():
-    """The folded decoding weights are cached: an optimizer step and a plain in-place edit must both reach
-    the next cached forward once `refold` is called."""
+    """The folded decoding weights are derived once: an optimizer step and a plain in-place edit must both
+    reach the next cached forward once `refold` is called, into the same tensors."""
     from nanoseek.train.loop import make_optimizer
 
     c = ModelConfig.preset("tiny")
-    m = random_model(c)
+    m = random_model(c).prepare("decode")
+    folded = [mla.folded for mla in m.modules() if isinstance(mla, MLA)]
+    tensors = [(f.wq, f.wo) for f in folded]
+    assert all(f is not None for f in folded)
     ids = torch.randint(0, c.vocab_size, (2, 6))
     opt = make_optimizer(m, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 
     def refold():
-        for mla in (mod for mod in m.modules() if isinstance(mod, MLA)):
-            mla.refold()
+        for f in folded:
+            f.refold()
 
     def check():
         with torch.inference_mode():
@@ -56,10 +61,11 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.o_proj.weight.mul_(2)
-    refold()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # refolded under autocast ...
-        m(ids[:, :1], cache=LatentCache(c, batch=2, max_len=8))
+        refold()
     check()  # ... must still serve fp32 decoding
+    m.prepare("decode")  # prepared again: the same tensors, which compiled graphs read
+    assert [(mla.folded.wq, mla.folded.wo) for mla in m.modules() if isinstance(mla, MLA)] == tensors
 
 
 def test_gate_bias_changes_choice_not_weights():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_model
+from ..device import default_dtype, resolve_device
 from ..model import DeepSeekV3
 from ..tokenizer import load_chat_template, load_tokenizer
 from .cache import BlockManager
@@ -82,6 +83,8 @@ class StreamDelta:
 class LLM:
     """Continuous-batching generation over a paged MLA latent cache with prefix caching.
 
+    `model` is a DeepSeekV3 (used where it is) or a checkpoint directory or Hub id, loaded on `device` (see
+    `nanoseek.device`; default: a GPU if there is one) in bf16 on a GPU, fp32 on a CPU.
     The engine holds a reference to `model`, not a copy: a trainer that changes its weights in place calls
     `update_weights()`, and the next step uses the new weights.
     """
@@ -98,6 +101,7 @@ class LLM:
         prefix_caching: bool = True,
         speculative: bool = False,
         compile: bool = False,
+        device: str | None = None,
     ):
         for name, value in (
             ("block_size", block_size),
@@ -115,7 +119,10 @@ class LLM:
             model = resolve_checkpoint(model)  # a Hub id: fetched once, for the tokenizer and the weights
             tokenizer = tokenizer or load_tokenizer(model)
             self.chat_template = load_chat_template(model)
-            model = load_model(model)
+            resolved = resolve_device(device or "auto")
+            model = load_model(model, device=resolved, dtype=default_dtype(resolved))
+        elif device is not None and resolve_device(device) != model.device:
+            raise ValueError(f"device: {device!r}, but the model given is on {model.device}; move it first")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.runner = ModelRunner(model, cache_memory_mb, block_size, speculative, compile)
         self.blocks = BlockManager(self.runner.num_blocks, block_size, prefix_caching)

@@ -93,7 +93,8 @@ class ModelRunner:
         """The parameters were changed in place: re-derive what decoding computes from them (MLA's folded
         absorbed weights), into the tensors compiled graphs read."""
         for mla in self._mlas:
-            mla.refold()
+            if mla.folded is not None:
+                mla.folded.refold()
 
     # ---- the step's forward ----------------------------------------------------------------------
     def run(self, rows: StepRows) -> StepOutput:

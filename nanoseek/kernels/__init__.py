@@ -25,8 +25,10 @@ from .experts import (
     direct_experts,
     gathered_experts,
     gathered_sorted_experts,
+    grouped_experts_cuda,
     grouped_experts_loop,
     grouped_experts_mm,
+    grouped_mm_on_cuda,
     sorted_experts,
     up_to,
 )
@@ -66,6 +68,7 @@ class Kernels:
     expert_linear: Callable[[Tensor, Tensor], Tensor]  # the routed experts' matmul (FP8 swaps it)
     routed_experts: Callable[..., Tensor]  # (x, weights, idx, gate_up, down, out) -> out + routed experts
     grouped_experts: Callable[..., Tensor]  # (xs grouped by expert, counts, gate_up, down) -> their outputs
+    fold_absorbed: bool  # MLA's absorbed form with W_UK and W_UV folded in (folded.FoldedMLA), where it pays
 
 
 def select(
@@ -77,8 +80,9 @@ def select(
 ) -> Kernels:
     """The kernels for `job` on `device`, `reference` (the model's functions) where no faster form applies.
 
-    "reference" runs the model's functions as written; "train" sorts rows by expert; "decode" also runs the
-    experts of a token or two directly. `compiled` adds the forms that pay inside a compiled graph: rope in
+    "reference" runs the model's functions as written; "train" sorts rows by expert (every expert in one
+    grouped matmul on CPU, and on a GPU in bf16); "decode" also runs the experts of a token or two directly
+    and folds MLA's absorbed weights. `compiled` adds the forms that pay inside a compiled graph: rope in
     real pairs, rows to and from expert order by gathers, and on CPU blocked causal attention (training),
     fused small-row projections and gathered experts (decoding). `expert_linear` is the routed experts'
     matmul (F.linear, or FP8's)."""
@@ -97,7 +101,12 @@ def select(
     )
     if job == "reference":
         return kernels
-    grouped = grouped_experts_mm if plain and cpu and GROUPED_MM_CPU else kernels.grouped_experts
+    kernels = replace(kernels, fold_absorbed=job == "decode")
+    grouped = kernels.grouped_experts
+    if plain and cpu and GROUPED_MM_CPU:
+        grouped = grouped_experts_mm
+    elif plain and device.type == "cuda" and grouped_mm_on_cuda(device.index or 0):
+        grouped = grouped_experts_cuda
     eager = partial(sorted_experts, grouped=grouped)
     if job == "decode":
         eager = up_to(DIRECT_MAX_TOKENS, partial(direct_experts, linear=expert_linear), eager)

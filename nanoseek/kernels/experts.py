@@ -10,6 +10,7 @@ by expert (`counts` [E] rows each), as the sorted forms and expert parallelism's
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,29 @@ def _probe_grouped_mm() -> bool:
 
 
 GROUPED_MM_CPU = _probe_grouped_mm()
+
+
+@cache
+def grouped_mm_on_cuda(index: int) -> bool:
+    """Whether torch._grouped_mm runs in bf16 on this GPU (Hopper or newer, in recent torch builds)."""
+    try:
+        x = torch.ones(32, 16, dtype=torch.bfloat16, device=f"cuda:{index}")
+        offs = torch.tensor([16, 32], dtype=torch.int32, device=x.device)
+        torch._grouped_mm(x, torch.ones(2, 16, 16, dtype=torch.bfloat16, device=x.device), offs=offs)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_experts_cuda(xs: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """Replaces `grouped_experts_loop` on a GPU where `grouped_mm_on_cuda`: every expert's matmul in one
+    `torch._grouped_mm` call when the experts compute in bf16 (bf16 weights, or under bf16 autocast), the
+    kernel's only type there; the loop in fp32."""
+    autocast = torch.is_autocast_enabled(xs.device.type)
+    dtype = torch.get_autocast_dtype(xs.device.type) if autocast else xs.dtype
+    if dtype != torch.bfloat16:
+        return grouped_experts_loop(xs, counts, gate_up, down)
+    return grouped_experts_mm(xs, counts, gate_up, down)  # (which casts as autocast would)
 
 
 @torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())

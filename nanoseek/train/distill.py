@@ -22,6 +22,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import save_model
 from ..config import PRESETS, ModelConfig, option
 from ..data import held_out_problems, training_problems
+from ..device import DEVICES
 from ..engine import LLM, SamplingParams
 from ..hub import resolve_checkpoint
 from ..model import DeepSeekV3
@@ -155,6 +156,7 @@ class DistillConfig:
     report_to: str = option(
         "none", "the student's SFT metrics also to: none, tensorboard, wandb, all, or a comma list"
     )
+    device: str = option("auto", f"where the teacher samples and the student trains: {DEVICES}")
 
 
 def check_same_tokenizer(teacher: str | os.PathLike, student: str | os.PathLike) -> None:
@@ -178,7 +180,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
     if student_dir:
         check_same_tokenizer(teacher_dir, student_dir)
     t0 = time.perf_counter()
-    teacher = LLM(teacher_dir)
+    teacher = LLM(teacher_dir, device=cfg.device)
     records, rates = rejection_sample(teacher, sc)
     sample_seconds = time.perf_counter() - t0
     if not records:
@@ -211,6 +213,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, seed: int = 0) -> dict:
             warmup=min(20, cfg.steps // 10 + 1),
             seed=seed,
             report_to=cfg.report_to,
+            device=cfg.device,
         ),
         out,
     )

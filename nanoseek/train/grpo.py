@@ -236,7 +236,7 @@ class GRPOTrainer:
         out: str | os.PathLike,
         rewards: RewardSet | None = None,
     ):
-        self.d = setup_distributed()
+        self.d = setup_distributed(tc.device)
         cfg.validate(self.d.world)
         self.cfg, self.tc, self.out = cfg, tc, Path(out)
         init = resolve_checkpoint(init)

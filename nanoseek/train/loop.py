@@ -34,11 +34,14 @@ from torch import Tensor, nn
 from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import load_model, save_model
 from ..config import option
+from ..device import DEVICES, resolve_device
 from ..fp8 import apply_fp8
 from ..model import DeepSeekV3
 from ..tokenizer import copy_tokenizer
 from .expert_parallel import ExpertParallel, check_expert_parallel
 from .report import Tracker, parse_report_to
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -58,10 +61,11 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     precision: str = option(
-        "fp32",
-        "bf16: autocast; fp8: FP8 GEMMs with block scaling, the rest in bf16",
-        choices=("fp32", "bf16", "fp8"),
+        "auto",
+        "auto: bf16 on a GPU, fp32 on a CPU; bf16: autocast; fp8: FP8 GEMMs with block scaling, the rest in bf16",
+        choices=PRECISIONS,
     )
+    device: str = option("auto", f"where to train: {DEVICES} (auto: this process's GPU if there is one)")
     save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(3, "step checkpoints kept on disk")
     seed: int = option(0, "random seed (data order, initialisation, sampling)")
@@ -83,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"schedule: must be 'cosine' or 'wsd', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16", "fp8"):
-            raise ValueError(f"precision: must be 'fp32', 'bf16' or 'fp8', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lr <= 0 or self.grad_accum < 1:
             raise ValueError("lr must be > 0 and grad_accum >= 1")
         if self.expert_parallel < 1:
@@ -137,18 +141,17 @@ class Dist:
         return t
 
 
-def setup_distributed() -> Dist:
-    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA), on `device` (see
+    `nanoseek.device.resolve_device`; under torchrun, auto and cuda mean the local rank's GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
         atexit.register(_leave_group)
-    return Dist(int(os.environ.get("RANK", "0")), world, device)
+    return Dist(int(os.environ.get("RANK", "0")), world, resolved)
 
 
 def _leave_group(timeout: float = 5.0) -> None:
@@ -255,9 +258,15 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out)
         self.every, self.extra_state = every, extra_state
         self.resumed_extra: dict[str, Tensor] = {}
-        self.dist = setup_distributed()
+        self.dist = setup_distributed(cfg.device)
+        # auto: bf16 autocast on a GPU, fp32 on a CPU (where bf16 is often emulated)
+        self.precision = (
+            cfg.precision
+            if cfg.precision != "auto"
+            else ("bf16" if self.dist.device.type == "cuda" else "fp32")
+        )
         self.model = model.to(self.dist.device)
-        if cfg.precision == "fp8":
+        if self.precision == "fp8":
             apply_fp8(model)
         self.ep: ExpertParallel | None = None  # before wrapping: DDP must leave the sharded experts alone
         if cfg.expert_parallel > 1:
@@ -429,7 +438,7 @@ class Trainer:
             self.tracker.log(record)
 
     def autocast(self):
-        if self.cfg.precision in ("bf16", "fp8"):
+        if self.precision in ("bf16", "fp8"):
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -140,7 +140,7 @@ def pretrain(
     pc: PretrainConfig, tc: TrainConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True
 ) -> dict:
     """Train a base model into `out` (checkpoints under out/checkpoints); returns the run summary."""
-    d = setup_distributed()
+    d = setup_distributed(tc.device)
     config = ModelConfig.preset(pc.preset)
     if pc.seq_len > config.max_position_embeddings:
         raise ValueError(
@@ -174,7 +174,7 @@ def train_lm(
     0/1 target mask and document ids (SFT: only assistant tokens are targets).
     """
     out = Path(out)
-    d = setup_distributed()
+    d = setup_distributed(tc.device)
     if tc.grad_accum * d.world > pc.batch_size or pc.batch_size % (tc.grad_accum * d.world):
         raise ValueError(
             f"batch_size: {pc.batch_size} must be a multiple of grad_accum x ranks "
