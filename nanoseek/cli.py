@@ -370,76 +370,52 @@ def _file_value(action: argparse.Action, value: Any) -> Any:
     return value
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The command line, and each command's parser by name."""
-    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, argparse.ArgumentParser] = {}
-
-    def command(
-        name: str,
-        help: str,
-        func: Callable[[argparse.Namespace], None],
-        within: Any = sub,
-        key: str | None = None,
-    ) -> argparse.ArgumentParser:
-        """A command's parser (`within` another command's subcommands: `key` is that command's name)."""
-        p = within.add_parser(name, help=help, description=help, formatter_class=_Help)
-        p.add_argument(
-            "--config",
-            metavar="FILE",
-            help="a JSON or YAML file of flags (names with dashes or "
-            "underscores); flags given on the command line win",
-        )
-        p.set_defaults(func=func)
-        commands[key or name] = p
-        return p
-
-    p = command("info", "parameter counts, FLOPs and cache size of presets", cmd_info)
+# ---- each command's flags -------------------------------------------------------------------------
+def _info_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default: every preset"
     )
-    from .demo import DemoConfig
-    from .train.distill import DistillConfig, SampleConfig
-    from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
-    from .train.loop import TrainConfig
-    from .train.pretrain import PretrainConfig
-    from .train.sft import SFT_TRAIN_DEFAULTS, SFTConfig
 
-    p = command("demo", "R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)", cmd_demo)
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    from .demo import DemoConfig
+
     add_options(p, DemoConfig)
 
-    p = sub.add_parser("tokenizer", help="tokenizer tools", description="tokenizer tools")
-    tsub = p.add_subparsers(dest="action", required=True, help="what to do")
-    t = command(
-        "train",
-        "train a byte-level BPE with the chat/reasoning special tokens",
-        cmd_tokenizer,
-        within=tsub,
-        key="tokenizer",
-    )
-    t.add_argument("--corpus", nargs="+", required=True, help=".txt/.jsonl/.parquet files")
-    t.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary")
-    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
 
-    p = command("pretrain", "pretrain a DeepSeek-V3-style base model (torchrun-ready)", cmd_pretrain)
+def _tokenizer_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", required=True, help=".txt/.jsonl/.parquet files")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary")
+    p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+
+
+def _pretrain_flags(p: argparse.ArgumentParser) -> None:
+    from .train.loop import TrainConfig
+    from .train.pretrain import PretrainConfig
+
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics, the final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_options(p, PretrainConfig)
     add_options(p, TrainConfig)
 
-    p = command("grpo", "reinforcement learning with GRPO on a verifiable task (torchrun-ready)", cmd_grpo)
+
+def _grpo_flags(p: argparse.ArgumentParser) -> None:
+    from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
+    from .train.loop import TrainConfig
+
     p.add_argument(
         "--init", required=True, help=f"checkpoint directory (with tokenizer) to start from, {HUB_ID}"
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_options(p, GRPOConfig)
-    add_options(p, TrainConfig, skip={"compile", "fsdp"}, defaults=GRPO_TRAIN_DEFAULTS)
+    add_options(p, TrainConfig, skip={"fsdp"}, defaults=GRPO_TRAIN_DEFAULTS)
 
-    p = command(
-        "sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)", cmd_sft
-    )
+
+def _sft_flags(p: argparse.ArgumentParser) -> None:
+    from .train.loop import TrainConfig
+    from .train.sft import SFT_TRAIN_DEFAULTS, SFTConfig
+
     p.add_argument(
         "--init", required=True, help=f"checkpoint directory (with tokenizer) to fine-tune, {HUB_ID}"
     )
@@ -451,18 +427,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     add_options(p, TrainConfig, skip={"compile"}, defaults=SFT_TRAIN_DEFAULTS)
 
-    p = command("sample", "rejection sampling: verified-correct samples as SFT JSONL", cmd_sample)
+
+def _sample_flags(p: argparse.ArgumentParser) -> None:
+    from .train.distill import SampleConfig
+
     p.add_argument("--model", required=True, help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--out", required=True, help="output JSONL")
     add_options(p, SampleConfig)
     _device_flag(p)
 
-    p = command("distill", "rejection-sample a teacher and SFT a small dense student on it", cmd_distill)
+
+def _distill_flags(p: argparse.ArgumentParser) -> None:
+    from .train.distill import DistillConfig, SampleConfig
+
     p.add_argument("--out", required=True, help="output directory")
     add_options(p, DistillConfig)
     add_options(p, SampleConfig)
 
-    p = command("cost", "FLOPs, GPU-hours and dollars of a training run", cmd_cost)
+
+def _cost_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="v3", choices=sorted(PRESETS), help="the model counted")
     p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 14.8e12")
     p.add_argument("--gpu", default="h800", help="GPU type (its peak dense BF16 FLOP/s)")
@@ -470,7 +453,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--seq-len", type=int, default=4096, help="training sequence length (attention FLOPs)")
     p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
 
-    p = command("eval", "greedy / pass@1 / cons@k accuracy on held-out task problems", cmd_eval)
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--task", action="append", help="repeatable; default: every built-in task")
     p.add_argument("--n", type=int, default=200, help="held-out problems per task")
@@ -483,7 +467,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--out", help="JSONL of every sample")
     _device_flag(p)
 
-    p = command("generate", "stream a completion to the terminal", cmd_generate)
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--prompt", required=True, help="the prompt text (rendered as is)")
     p.add_argument("--max-tokens", type=int, default=128, help="completion length limit")
@@ -492,7 +477,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     _engine_flags(p)
 
-    p = command("serve", "OpenAI/DeepSeek-compatible API server with a chat page", cmd_serve)
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=f"checkpoint directory {HUB_ID}")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -516,7 +502,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--threads", type=int, help="torch threads for the engine (default: CPU cores - 1)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
 
-    p = command("export", "write a checkpoint in the shape another engine needs (same outputs)", cmd_export)
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=f"source checkpoint directory {HUB_ID}")
     p.add_argument("out", help="directory to write the export to (config.json, weights, tokenizer)")
     p.add_argument(
@@ -540,7 +527,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="skip comparing the export's logits with the source's on a few tokens before writing",
     )
 
-    p = command("push", "upload a checkpoint to the Hugging Face Hub with a generated model card", cmd_push)
+
+def _push_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (its model, tokenizer and config are uploaded)")
     p.add_argument("repo_id", help="org/name of the Hub model repository (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
@@ -553,6 +541,77 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--commit-message", help="default: 'Upload DIR with nanoseek'")
     p.add_argument("--license", help="license id for the model card's metadata (e.g. mit, apache-2.0)")
 
+
+# (command, help, what it runs, its flags); "tokenizer train" is `train` within `nanoseek tokenizer`
+COMMANDS: tuple[
+    tuple[str, str, Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]], ...
+] = (
+    ("info", "parameter counts, FLOPs and cache size of presets", cmd_info, _info_flags),
+    ("demo", "R1-Zero in miniature: pretrain, GRPO, evaluate, report (built-in data)", cmd_demo, _demo_flags),
+    (
+        "tokenizer train",
+        "train a byte-level BPE with the chat/reasoning special tokens",
+        cmd_tokenizer,
+        _tokenizer_train_flags,
+    ),
+    ("pretrain", "pretrain a DeepSeek-V3-style base model (torchrun-ready)", cmd_pretrain, _pretrain_flags),
+    ("grpo", "reinforcement learning with GRPO on a verifiable task (torchrun-ready)", cmd_grpo, _grpo_flags),
+    (
+        "sft",
+        "supervised fine-tuning on chat JSONL (loss on assistant tokens; torchrun-ready)",
+        cmd_sft,
+        _sft_flags,
+    ),
+    ("sample", "rejection sampling: verified-correct samples as SFT JSONL", cmd_sample, _sample_flags),
+    (
+        "distill",
+        "rejection-sample a teacher and SFT a small dense student on it",
+        cmd_distill,
+        _distill_flags,
+    ),
+    ("cost", "FLOPs, GPU-hours and dollars of a training run", cmd_cost, _cost_flags),
+    ("eval", "greedy / pass@1 / cons@k accuracy on held-out task problems", cmd_eval, _eval_flags),
+    ("generate", "stream a completion to the terminal", cmd_generate, _generate_flags),
+    ("serve", "OpenAI/DeepSeek-compatible API server with a chat page", cmd_serve, _serve_flags),
+    (
+        "export",
+        "write a checkpoint in the shape another engine needs (same outputs)",
+        cmd_export,
+        _export_flags,
+    ),
+    (
+        "push",
+        "upload a checkpoint to the Hugging Face Hub with a generated model card",
+        cmd_push,
+        _push_flags,
+    ),
+)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line, and each command's parser by name (a group's subcommand under the group's)."""
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, Any] = {}
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for path, help, func, flags in COMMANDS:
+        *group, name = path.split()
+        within = sub
+        if group:
+            if group[0] not in groups:
+                g = sub.add_parser(group[0], help=f"{group[0]} tools", description=f"{group[0]} tools")
+                groups[group[0]] = g.add_subparsers(dest="action", required=True, help="what to do")
+            within = groups[group[0]]
+        p = within.add_parser(name, help=help, description=help, formatter_class=_Help)
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="a JSON or YAML file of flags (names with dashes or underscores); flags given on the "
+            "command line win",
+        )
+        p.set_defaults(func=func)
+        flags(p)
+        commands[group[0] if group else name] = p
     return parser, commands
 
 
