@@ -35,6 +35,7 @@ class DemoConfig:
     max_new_tokens: int = option(48, "completion length limit")
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
+    think_share: float = option(0.5, "share of the base's worked examples that think inside <think>")
     with_distill: bool = option(
         False, "also distil the RL model into a dense student, against GRPO on that student"
     )
@@ -48,7 +49,7 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
     return PretrainConfig(
         preset=preset,
         tasks=(cfg.task,),
-        scratchpad=0.5,
+        scratchpad=cfg.think_share,
         seq_len=128,
         bias_gamma=0.001,
         batch_size=16,
@@ -232,10 +233,10 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
         "![GRPO accuracy](rl/accuracy.png)",
         "![completion length](rl/length.png)",
         "",
-        "## Samples (greedy)",
+        "## Greedy completions before and after GRPO",
         "",
     ]
-    for b, r in list(zip(base.samples, rl.samples))[:4]:
+    for b, r in list(zip(base.samples, rl.samples))[:3]:
         lines += [
             f"**{b['prompt']}**",
             "",
@@ -243,6 +244,20 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
             f"- after: `{r['completion'].strip()}` ({'right' if r['correct'] else 'wrong'})",
             "",
         ]
+    sampled = {
+        m: [x for x in res.samples if x["mode"] == "sample"] for m, res in (("base", base), ("rl", rl))
+    }
+    if sampled["base"] and sampled["rl"]:
+        first_wrong = next((x for x in base.samples if not x["correct"]), base.samples[0])
+        question = first_wrong["prompt"]
+        lines += [f"## The same held-out problem, sampled (temperature 0.6): {question}", ""]
+        for name, model in (("before", "base"), ("after", "rl")):
+            lines += [f"{name}:", ""]
+            lines += [
+                f"- `{x['completion'].strip()}` ({'right' if x['correct'] else 'wrong'})"
+                for x in [x for x in sampled[model] if x["prompt"] == question][:3]
+            ]
+            lines.append("")
     lines += [f"Chat with the result: `nanoseek serve {Path(cfg.out) / 'rl'}`", ""]
     return "\n".join(lines)
 

@@ -347,6 +347,9 @@ def test_demo_writes_report_and_summary(tmp_path):
     assert (
         "| base (pretrained) |" in report and f"nanoseek serve {tmp_path / 'rl'}" in report
     )  # this run's model
+    # the R1-Zero picture: one held-out problem sampled before and after, two samples each (eval_k)
+    section = report.split("## The same held-out problem, sampled")[1]
+    assert section.count("before:") == 1 and section.count("after:") == 1 and section.count("\n- `") == 4
     for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
         assert (tmp_path / f).exists(), f
 

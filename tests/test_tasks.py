@@ -3,12 +3,12 @@ import random
 
 import pytest
 
-from nanoseek.tasks import extract_answer, format_ok, full_marks, get_task
+from nanoseek.tasks import Problem, extract_answer, format_ok, full_marks, get_task
 from nanoseek.tasks.countdown import InvalidExpression, evaluate
 
 
 def test_worked_solutions_score_full_marks():
-    for name in ["arithmetic", "countdown"]:
+    for name in ["arithmetic", "countdown", "multiplication@1-4"]:
         task, rng = get_task(name), random.Random(0)
         for _ in range(200):
             p = task.sample(rng)
@@ -22,6 +22,16 @@ def test_worked_solutions_score_full_marks():
         "Assistant:"
     )
     assert format_ok(r1.full_completion(get_task("arithmetic").solution(r1)))
+
+
+def test_multiplication_steps_and_size():
+    """Column multiplication by one digit, least significant digit first, each step's carry shown; the
+    size counts every distinct question (what caps the held-out share)."""
+    task = get_task("multiplication@1-2")
+    p = Problem("What is 478 * 6", 2868, 3, {"a": 478, "b": 6, "op": "*"})
+    assert task.solution(p).startswith("8*6=48, 7*6+4=46, 4*6+4=28, so 2868 </think>")
+    questions = {task.sample(random.Random(i)).question for i in range(20000)}
+    assert len(questions) == task.size == 8 * (8 + 90)
 
 
 def test_countdown_rewards():

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import re
 
-from .arithmetic import Addition, Arithmetic
+from .arithmetic import Addition, Arithmetic, Multiplication
 from .base import R1_ZERO_TEMPLATE, Problem, Task, extract_answer, format_ok, full_marks
 from .countdown import Countdown
 from .jsonl import JsonlTask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "addition": Addition, "countdown": Countdown}
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": Arithmetic,
+    "addition": Addition,
+    "multiplication": Multiplication,
+    "countdown": Countdown,
+}
 
 
 _LEVELS = re.compile(r"@(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")

@@ -83,3 +83,34 @@ class Addition(Arithmetic):
 
     name = "addition"
     ops = "+"
+
+
+class Multiplication(Arithmetic):
+    """A d-digit number times a one-digit number (2-9). Answered at once, a product needs every digit's
+    carry in a single step, which a small model gets wrong; the column scratchpad (least significant digit
+    first, each partial product plus the carry) makes it reliable: the harder rung where RL has to find
+    that thinking pays."""
+
+    name = "multiplication"
+    ops = "*"
+    difficulties = (2, 3)
+    levels = (1, 2, 3, 4)
+
+    def make(self, rng: random.Random, difficulty: int) -> Problem:
+        (lo, hi), _ = _operands(difficulty)
+        a, b = rng.randint(max(lo, 2), hi), rng.randint(2, 9)
+        return Problem(f"What is {a} * {b}", a * b, difficulty, {"a": a, "b": b, "op": "*"})
+
+    @property
+    def size(self) -> int:
+        return sum(8 * (hi - max(lo, 2) + 1) for (lo, hi), _ in map(_operands, self.difficulties))
+
+    def solution(self, problem: Problem, scratchpad: bool = True) -> str:
+        a, b = problem.data["a"], problem.data["b"]
+        parts, carry = [], 0
+        for digit in map(int, str(a)[::-1]):
+            p = digit * b + carry
+            parts.append(f"{digit}*{b}{f'+{carry}' if carry else ''}={p}")
+            carry = p // 10
+        steps = ", ".join(parts) + f", so {a * b}"
+        return problem.completion(steps if scratchpad else "", str(a * b))
