@@ -38,7 +38,7 @@ from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.train.loop import TrainConfig
 
 
-def run_nanoseek(args, out: Path) -> list[dict]:
+def run_nanoseek(args, out: Path, compile: bool = False) -> list[dict]:
     cfg = GRPOConfig(
         task=args.task,
         group_size=args.group,
@@ -51,7 +51,15 @@ def run_nanoseek(args, out: Path) -> list[dict]:
     GRPOTrainer(
         args.checkpoint,
         cfg,
-        TrainConfig(steps=args.steps, lr=args.lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0, seed=0),
+        TrainConfig(
+            steps=args.steps,
+            lr=args.lr,
+            warmup=0,
+            min_lr_ratio=1.0,
+            weight_decay=0.0,
+            seed=0,
+            compile=compile,
+        ),
         out,
     ).train(progress=False)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -151,49 +159,54 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
 def compare(args, task_name: str, rates: list[float]) -> None:
     """Both trainers on one task, then the side-by-side table."""
     args.task = task_name
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_nanoseek(args, Path(tmp) / "nanoseek")
+        runs["nanoseek GRPOTrainer"] = run_nanoseek(args, Path(tmp) / "nanoseek")
         rates.append(matmul_flops())
+        if args.compile:
+            runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True)
+            rates.append(matmul_flops())
         trl_times, trl_lens = ([], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
     rates.append(matmul_flops())
-    skip = 1  # the first step of each warms up allocators and caches
-    step = statistics.median(r["step_seconds"] for r in ours[skip:])
-    rollout = statistics.median(r["rollout_seconds"] for r in ours[skip:])
+    skip = 2 if args.compile else 1  # the first steps warm up allocators and caches (and compile)
     n = args.prompts * args.group
-    ours_len = statistics.mean(r["mean_len"] for r in ours[skip:])
-    # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
     tok, task, rng = load_tokenizer(args.checkpoint), get_task(task_name), random.Random(0)
     prompt_len = statistics.mean(
         len(tok.encode(task.sample(rng).prompt, add_special_tokens=False).ids) for _ in range(100)
     )
     active = c.num_active_params(embedding=False)
-    trained = n * (prompt_len + ours_len)  # the update forwards and backwards prompt and completion
-    rolled = n * ours_len + args.prompts * prompt_len  # each prompt is prefilled once, then shared
-    floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
     print(
         f"\ncheckpoint {args.checkpoint} ({c.num_params() / 1e6:.2f}M params), task {task_name}, "
         f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}")
-    print(f"{'nanoseek GRPOTrainer':<34}{step:>16.3f}{ours_len:>17.1f}")
+    print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'rollout share':>15}{'x FLOP floor':>14}")
+    steps, lens = {}, {}
+    for name, records in runs.items():
+        steps[name] = statistics.median(r["step_seconds"] for r in records[skip:])
+        rollout = statistics.median(r["rollout_seconds"] for r in records[skip:])
+        lens[name] = statistics.mean(r["mean_len"] for r in records[skip:])
+        # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul;
+        # the update forwards and backwards prompt and completion, rollouts prefill each prompt once
+        trained = n * (prompt_len + lens[name])
+        rolled = n * lens[name] + args.prompts * prompt_len
+        floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
+        print(
+            f"{name:<34}{steps[name]:>16.3f}{lens[name]:>17.1f}{rollout / steps[name]:>15.0%}"
+            f"{steps[name] / floor:>13.2f}x"
+        )
     if trl_times:
         trl, trl_len = statistics.median(trl_times[skip:]), statistics.mean(trl_lens[skip:] or trl_lens)
         print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}")
-        same = abs(trl_len - ours_len) <= 0.15 * max(trl_len, ours_len)
-        print(
-            f"nanoseek is {trl / step:.2f}x faster per step"
-            + (
+        for name, step in steps.items():
+            same = abs(trl_len - lens[name]) <= 0.15 * max(trl_len, lens[name])
+            warning = (
                 ""
                 if same
                 else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"
             )
-        )
-    print(
-        f"rollouts are {rollout / step:.0%} of nanoseek's step ({rollout:.3f} s); FLOP floor {floor:.3f} s -> "
-        f"nanoseek at {step / floor:.2f}x the floor"
-    )
+            print(f"{name} is {trl / step:.2f}x faster per step than TRL{warning}")
 
 
 def main() -> None:
@@ -206,6 +219,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-trl", action="store_true", help="time nanoseek alone")
+    ap.add_argument(
+        "--compile", action="store_true", help="also nanoseek with the update compiled (grpo --compile)"
+    )
     args = ap.parse_args()
     if not (Path(args.checkpoint) / "config.json").exists():
         raise SystemExit(

@@ -35,7 +35,7 @@ class DemoConfig:
     max_new_tokens: int = option(48, "completion length limit")
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
-    think_share: float = option(0.5, "share of the base's worked examples that think inside <think>")
+    think_share: float = option(0.5, "share of the base's chat examples that think inside <think>")
     with_distill: bool = option(
         False, "also distil the RL model into a dense student, against GRPO on that student"
     )

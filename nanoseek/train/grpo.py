@@ -280,9 +280,12 @@ class GRPOTrainer:
         self.ep = self.trainer.ep
         if self.ep is not None:
             self.ep.share_dense(self.policy.to(self.trainer.dist.device), self.model)
-        # every rollout of a step decodes in one batch
+        # every rollout of a step decodes in one batch; --compile compiles its decode steps too
         self.llm = LLM(
-            self.policy, self.tokenizer, max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size)
+            self.policy,
+            self.tokenizer,
+            max_num_seqs=max(128, cfg.prompts_per_step * cfg.group_size),
+            compile=tc.compile,
         )
         self.rollout: Rollout | None = None
         # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
