@@ -168,7 +168,6 @@ def compare(args, task_name: str, rates: list[float]) -> None:
             rates.append(matmul_flops())
         trl_times, trl_lens = ([], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
     rates.append(matmul_flops())
-    skip = 2 if args.compile else 1  # the first steps warm up allocators and caches (and compile)
     n = args.prompts * args.group
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
     tok, task, rng = load_tokenizer(args.checkpoint), get_task(task_name), random.Random(0)
@@ -184,6 +183,7 @@ def compare(args, task_name: str, rates: list[float]) -> None:
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'rollout share':>15}{'x FLOP floor':>14}")
     steps, lens = {}, {}
     for name, records in runs.items():
+        skip = 2 if "compile" in name else 1  # the first steps warm up allocators and caches (and compile)
         steps[name] = statistics.median(r["step_seconds"] for r in records[skip:])
         rollout = statistics.median(r["rollout_seconds"] for r in records[skip:])
         lens[name] = statistics.mean(r["mean_len"] for r in records[skip:])
@@ -197,7 +197,7 @@ def compare(args, task_name: str, rates: list[float]) -> None:
             f"{steps[name] / floor:>13.2f}x"
         )
     if trl_times:
-        trl, trl_len = statistics.median(trl_times[skip:]), statistics.mean(trl_lens[skip:] or trl_lens)
+        trl, trl_len = statistics.median(trl_times[1:]), statistics.mean(trl_lens[1:] or trl_lens)
         print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}")
         for name, step in steps.items():
             same = abs(trl_len - lens[name]) <= 0.15 * max(trl_len, lens[name])

@@ -15,6 +15,7 @@ from pathlib import Path
 from .atomic import atomic_write_text
 from .config import option
 from .data import held_out_problems
+from .device import DEVICES
 from .engine import LLM
 from .eval import EvalResult, evaluate
 from .tasks import get_task
@@ -36,6 +37,7 @@ class DemoConfig:
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
     think_share: float = option(0.5, "share of the base's chat examples that think inside <think>")
+    device: str = option("auto", f"where every stage runs: {DEVICES}")
     with_distill: bool = option(
         False, "also distil the RL model into a dense student, against GRPO on that student"
     )
@@ -63,11 +65,13 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
 
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
     """GRPO's optimiser: its defaults (see GRPO_TRAIN_DEFAULTS for why)."""
-    return TrainConfig(**{**GRPO_TRAIN_DEFAULTS, "seed": cfg.seed, **kw})
+    return TrainConfig(**{**GRPO_TRAIN_DEFAULTS, "seed": cfg.seed, "device": cfg.device, **kw})
 
 
 def _eval(path: Path, cfg: DemoConfig, problems) -> EvalResult:
-    return evaluate(LLM(path), get_task(cfg.task), problems, cfg.max_new_tokens, cfg.eval_k)
+    return evaluate(
+        LLM(path, device=cfg.device), get_task(cfg.task), problems, cfg.max_new_tokens, cfg.eval_k
+    )
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -78,7 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[1/5] pretraining the small DeepSeek-V3-style base ({cfg.pretrain_steps} steps)")
     teacher_base = pretrain(
         _base_data(cfg, "small"),
-        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed),
+        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed, device=cfg.device),
         out / "base",
     )
     print("[2/5] evaluating the base")
@@ -103,7 +107,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrain(
         _base_data(cfg, "small", init=str(out / "base")),
         TrainConfig(
-            steps=10**6, lr=5e-4, warmup=5, min_lr_ratio=1.0, seed=cfg.seed + 1, max_seconds=rl_seconds
+            steps=10**6,
+            lr=5e-4,
+            warmup=5,
+            min_lr_ratio=1.0,
+            seed=cfg.seed + 1,
+            max_seconds=rl_seconds,
+            device=cfg.device,
         ),
         out / "sft_control",
     )
@@ -145,7 +155,7 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
     print("[4b] distillation: a dense student base, then SFT on verified teacher samples")
     student = pretrain(
         _base_data(cfg, "dense-small", tokenizer=str(out / "base")),
-        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed),
+        TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed, device=cfg.device),
         out / "student_base",
     )
     t = time.perf_counter()
@@ -156,6 +166,7 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
                 student_init=str(out / "student_base"),
                 steps=200,
                 batch_size=8,
+                device=cfg.device,
                 sample=SampleConfig(
                     task=cfg.task, problems=400, n=8, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
                 ),

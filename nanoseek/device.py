@@ -10,7 +10,9 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto': this process's GPU (`local_rank` under torchrun) when CUDA is available, else the CPU."""
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):

@@ -312,7 +312,8 @@ class MLA(nn.Module):
         """
         b, s, _ = q_in.shape
         h, r = self.n_heads, self.kv_rank
-        absorb = self.folded or self  # the folded form has the same two methods
+        # the folded form has the same two methods; the model keeps it while prepared for other jobs
+        absorb = self.folded if self.kernels.fold_absorbed and self.folded is not None else self
         q_lat, q_pe = absorb.absorb_query(q_in)
         q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
         scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
@@ -552,9 +553,11 @@ class DeepSeekV3(nn.Module):
         for module in self.modules():
             if hasattr(module, "kernels"):
                 module.kernels = chosen
-            if isinstance(module, MLA):  # a model prepared again keeps its folded tensors (compiled graphs')
-                fold = chosen.fold_absorbed and fold_pays(module)
-                module.folded = (module.folded or FoldedMLA(module)) if fold else None
+            if isinstance(module, MLA) and chosen.fold_absorbed and fold_pays(module):
+                if module.folded is None:
+                    module.folded = FoldedMLA(module)
+                else:  # the same tensors, which compiled graphs read, folded from the parameters as they are
+                    module.folded.refold()
         return self
 
     @torch.no_grad()

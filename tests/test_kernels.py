@@ -156,6 +156,8 @@ def test_prepare_chooses_once_for_every_module_and_keeps_fp8_experts():
     with pytest.raises(ValueError, match="job"):
         m.prepare("serve")
     assert m.prepare("decode", compiled=True).kernels.job == "decode"
+    decode = m.kernels  # switching jobs and back gives the same objects: compiled graphs keep their guards
+    assert m.prepare("train").kernels is not decode and m.prepare("decode").kernels is decode
     assert {id(mod.kernels) for mod in m.modules() if hasattr(mod, "kernels")} == {id(m.kernels)}
     apply_fp8(m)
     assert (m.kernels.job, m.kernels.compiled) == ("decode", True) and m.kernels.expert_linear is not F.linear
@@ -173,9 +175,12 @@ def test_cuda_experts_take_grouped_mm_in_bf16_only(monkeypatch):
     from nanoseek.kernels.experts import grouped_experts_cuda
 
     monkeypatch.setattr(kernels, "grouped_mm_on_cuda", lambda index: True)
+    kernels._select.cache_clear()  # choices are cached by their arguments: the probe is faked
     assert select(REFERENCE, "train", torch.device("cuda", 0)).grouped_experts is grouped_experts_cuda
     monkeypatch.setattr(kernels, "grouped_mm_on_cuda", lambda index: False)
+    kernels._select.cache_clear()
     assert select(REFERENCE, "train", torch.device("cuda", 0)).grouped_experts.func is grouped_experts_loop
+    kernels._select.cache_clear()
     if not GROUPED_MM_CPU:
         pytest.skip("this torch build has no CPU torch._grouped_mm")
     torch.manual_seed(0)

@@ -68,6 +68,17 @@ def test_absorbed_decoding_follows_in_place_weight_updates():
     assert [(mla.folded.wq, mla.folded.wo) for mla in m.modules() if isinstance(mla, MLA)] == tensors
 
 
+def test_a_model_moved_to_another_dtype_and_prepared_again_decodes_with_its_new_weights():
+    c = ModelConfig.preset("tiny")
+    m = random_model(c).prepare("decode").to(torch.bfloat16).prepare("decode")
+    ids = torch.randint(0, c.vocab_size, (2, 6))
+    with torch.inference_mode():
+        full = m(ids).float()
+        cache = LatentCache(c, batch=2, max_len=8, dtype=torch.bfloat16)
+        steps = torch.cat([m(ids[:, t : t + 1], cache=cache) for t in range(6)], 1).float()
+    torch.testing.assert_close(steps, full, rtol=0.05, atol=0.05)
+
+
 def test_gate_bias_changes_choice_not_weights():
     c = ModelConfig.preset("tiny").replace(n_group=1, topk_group=1, num_experts_per_tok=2)
     gate = Gate(c)

@@ -116,10 +116,10 @@ class LLM:
         if not isinstance(model, DeepSeekV3):
             from ..hub import resolve_checkpoint
 
+            resolved = resolve_device(device or "auto")  # refused before anything is downloaded
             model = resolve_checkpoint(model)  # a Hub id: fetched once, for the tokenizer and the weights
             tokenizer = tokenizer or load_tokenizer(model)
             self.chat_template = load_chat_template(model)
-            resolved = resolve_device(device or "auto")
             model = load_model(model, device=resolved, dtype=default_dtype(resolved))
         elif device is not None and resolve_device(device) != model.device:
             raise ValueError(f"device: {device!r}, but the model given is on {model.device}; move it first")

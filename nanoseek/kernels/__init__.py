@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,17 @@ def select(
     matmul (F.linear, or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
-    expert_linear = expert_linear or reference.expert_linear
+    return _select(reference, job, torch.device(device), compiled, expert_linear or reference.expert_linear)
+
+
+@cache  # the same choice is the same object: graphs compiled for it pass their guards when a model switches back
+def _select(
+    reference: Kernels,
+    job: str,
+    device: torch.device,
+    compiled: bool,
+    expert_linear: Callable[[Tensor, Tensor], Tensor],
+) -> Kernels:
     plain = expert_linear is F.linear  # the grouped and gathered forms call the matmul ops themselves
     cpu = device.type == "cpu"
     kernels = replace(

@@ -8,12 +8,14 @@ against a frozen reference. One rollout batch feeds `mu` optimizer updates with 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import load_model
 from ..config import ModelConfig, option
 from ..data import held_out_problems, training_problems
-from ..engine import LLM, SamplingParams
+from ..engine import LLM, RequestOutput, SamplingParams
 from ..eval import evaluate
 from ..hub import resolve_checkpoint
 from ..plots import plot_series
@@ -196,6 +198,9 @@ def token_mean(x: Tensor, mask: Tensor, tokens: int, parts: int) -> float:
     return float((x * mask).sum()) * parts / max(tokens, 1)
 
 
+Group = tuple[Problem, RequestOutput, list[float], list[dict]]  # a prompt, its samples, rewards, components
+
+
 @dataclass
 class Rollout:
     ids: Tensor  # [N, P + T] prompt + completion, right-padded
@@ -217,7 +222,7 @@ def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, wit
     t = rollout.mask.shape[1]
     logits = model(ids[:, :-1]).float() / temperature
     # gather the positions that predict completion tokens: prompt_len - 1 + j for j < T
-    pos = (plens[:, None] - 1 + torch.arange(t)[None, :]).clamp(max=ids.shape[1] - 2)
+    pos = (plens[:, None] - 1 + torch.arange(t, device=ids.device)[None, :]).clamp(max=ids.shape[1] - 2)
     logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
     targets = ids.gather(1, (pos + 1))
     logp_all = F.log_softmax(logits, -1)
@@ -253,9 +258,7 @@ class GRPOTrainer:
         self.rewards = rewards or RewardSet(
             self.task, {"accuracy": 1.0, "format": cfg.format_weight, "consistency": cfg.consistency_weight}
         )
-        self.ref = (
-            copy.deepcopy(self.model).eval().requires_grad_(False).prepare("train") if cfg.beta else None
-        )
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
         # what rollouts decode with: the training model itself, or under expert parallelism (where each rank
         # holds some experts, and ranks decode different prompts for different lengths) a whole copy that
         # shares every other parameter with it and gathers the experts before each rollout
@@ -278,6 +281,8 @@ class GRPOTrainer:
             extra_state=self._reference_state if self.ref is not None and cfg.ref_reset_every else None,
         )
         self.ep = self.trainer.ep
+        if self.ref is not None:  # where the trainer moved the policy, with that device's kernels
+            self.ref.to(self.trainer.dist.device).prepare("train")
         if self.ep is not None:
             self.ep.share_dense(self.policy.to(self.trainer.dist.device), self.model)
         # every rollout of a step decodes in one batch; --compile compiles its decode steps too
@@ -306,13 +311,28 @@ class GRPOTrainer:
     @torch.no_grad()
     def make_rollout(self, step: int, keep_samples: bool = False) -> Rollout:
         """One rollout batch; `keep_samples` also keeps its completions as table rows (`Rollout.samples`)."""
-        cfg, g = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
-        self._sync_policy()
-        was_training = self.model.training
-        self.model.eval()
+        with self._decoding():
+            groups, all_rewards = self._sample_groups(step)
+        rollout_seconds = time.perf_counter() - t0
+        rollout = self._pack(groups, all_rewards, rollout_seconds)
+        if keep_samples:
+            adv = rollout.group_adv.tolist()
+            rows = [
+                (p, o, r, part) for p, out, rs, parts in groups for o, r, part in zip(out.outputs, rs, parts)
+            ]
+            rollout.samples = [
+                {"prompt": p.prompt, "completion": o.text, **part, "reward": r, "advantage": a}
+                for (p, o, r, part), a in zip(rows, adv)
+            ]
+        return rollout
+
+    def _sample_groups(self, step: int) -> tuple[list[Group], list[float]]:
+        """This rank's groups of the step (with dynamic sampling, those whose rewards differ), and every
+        sampled reward."""
+        cfg, g = self.cfg, self.cfg.group_size
         want = cfg.prompts_per_step // self.d.world
-        groups: list[tuple[Problem, list, list[float], list[dict]]] = []
+        groups: list[Group] = []
         all_rewards: list[float] = []
         attempts = 0
         while len(groups) < want and attempts < (4 if cfg.dynamic_sampling else 1):
@@ -344,20 +364,7 @@ class GRPOTrainer:
                 if not (cfg.dynamic_sampling and max(rs) == min(rs)):
                     groups.append(last)
             attempts += 1
-        groups = groups[:want] or [last]  # all groups dropped: one zero-advantage group, no crash
-        rollout_seconds = time.perf_counter() - t0
-        self.model.train(was_training)
-        rollout = self._pack(groups, all_rewards, rollout_seconds)
-        if keep_samples:
-            adv = rollout.group_adv.tolist()
-            rows = [
-                (p, o, r, part) for p, out, rs, parts in groups for o, r, part in zip(out.outputs, rs, parts)
-            ]
-            rollout.samples = [
-                {"prompt": p.prompt, "completion": o.text, **part, "reward": r, "advantage": a}
-                for (p, o, r, part), a in zip(rows, adv)
-            ]
-        return rollout
+        return groups[:want] or [last], all_rewards  # all groups dropped: one zero-advantage group, no crash
 
     def _pack(self, groups, all_rewards: list[float], rollout_seconds: float) -> Rollout:
         cfg = self.cfg
@@ -410,12 +417,13 @@ class GRPOTrainer:
         # each reward function's mean, unweighted: reward_mean is their sum weighted as RewardSet weighs them
         for name in dict.fromkeys(k for part in components for k in part):
             metrics[f"reward/{name}"] = sum(part.get(name, 0.0) for part in components) / n
+        device = self.trainer.dist.device  # where the update runs
         return Rollout(
-            ids,
-            torch.tensor([plens[i] for i in order]),
-            torch.tensor([len(seqs[i]) for i in order]),
-            mask,
-            adv[order],
+            ids.to(device),
+            torch.tensor([plens[i] for i in order], device=device),
+            torch.tensor([len(seqs[i]) for i in order], device=device),
+            mask.to(device),
+            adv[order].to(device),
             (int(total_rows), int(total_tokens)),
             metrics=metrics,
             group_adv=adv,
@@ -494,11 +502,23 @@ class GRPOTrainer:
             self.ep.gather_experts_into(self.policy, self.model)
             self.llm.update_weights()
 
-    def evaluate(self, step: int) -> dict:
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """The engine generates from the policy prepared for decoding; the update then runs the model
+        prepared for training. When they are one model, preparing switches its kernels, each job's the same
+        objects every time, so neither the compiled decode steps nor the compiled update recompile."""
         self._sync_policy()
+        was_training = self.model.training
         self.model.eval()
-        res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
-        self.model.train()
+        self.policy.prepare("decode")
+        try:
+            yield
+        finally:
+            self.model.train(was_training).prepare("train")
+
+    def evaluate(self, step: int) -> dict:
+        with self._decoding():
+            res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
         return {f"eval_{k}": v for k, v in res.as_dict().items()}
 
     def train(self, resume: bool = False, progress: bool = True) -> dict:

@@ -145,6 +145,10 @@ def setup_distributed(device: str = "auto") -> Dist:
     """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA), on `device` (see
     `nanoseek.device.resolve_device`; under torchrun, auto and cuda mean the local rank's GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.startswith("cuda:"):
+        raise ValueError(
+            f"device: {device!r} under torchrun; use --device cuda (each rank takes its LOCAL_RANK's GPU)"
+        )
     resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -283,11 +287,13 @@ class Trainer:
         self._stop = False  # Ctrl-C seen by this process (set by the signal handler only)
         self._interrupted = False  # ... by any rank, as the ranks agreed
         self.metrics_path = self.out / "metrics.jsonl"
+        # what the run records of itself: the precision and device it resolved, not "auto"
+        self.train_config = {**asdict(cfg), "precision": self.precision, "device": str(self.dist.device)}
         # every record metrics.jsonl gets goes to the trackers too
         self.tracker = Tracker(
             cfg.report_to,
             self.out,
-            {"train_config": asdict(cfg), "run_config": self.run_config},
+            {"train_config": self.train_config, "run_config": self.run_config},
             enabled=self.dist.main,
         )
 
@@ -355,7 +361,7 @@ class Trainer:
             tensors["rng.torch"] = torch.get_rng_state()
             if self.extra_state is not None:
                 tensors.update({f"extra.{k}": v.detach().clone() for k, v in self.extra_state().items()})
-            meta.update(step=self.step, train_config=asdict(self.cfg), run_config=self.run_config)
+            meta.update(step=self.step, train_config=self.train_config, run_config=self.run_config)
             atomic_write(
                 tmp / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"json": json.dumps(meta)})
             )
@@ -567,7 +573,7 @@ class Trainer:
         if model is not None:
             self._write_model(model, self.out)
             # how the model was made, for its model card (`nanoseek push`)
-            meta = {"step": self.step, "train_config": asdict(self.cfg), "run_config": self.run_config}
+            meta = {"step": self.step, "train_config": self.train_config, "run_config": self.run_config}
             atomic_write_text(self.out / "train_config.json", json.dumps(meta, indent=2))
         self.tracker.close()
         return model
