@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .tasks import Problem, Task, get_task
 from .tokenizer import EOS, render_chat
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from a disjoint RNG stream
+ASK_STEPS = "Show your steps."  # what an `asked` corpus question adds
 
 
 Document = str | tuple[str, ...]  # a text, or pieces tokenised separately (prompt, completion)
@@ -31,9 +32,13 @@ def builtin_documents(
     tasks: tuple[str, ...] = ("arithmetic", "countdown"),
     scratchpad: float = 0.25,
     exclude: set[str] | None = None,
+    asked: float = 0.0,
 ) -> list[tuple[str, str]]:
     """n worked examples (prompt, completion), cycling over tasks (`name@levels` limits the levels drawn);
-    problems whose question is in `exclude` are skipped.
+    problems whose question is in `exclude` are skipped. An `asked` share of them ask for the steps
+    ("What is 37 + 48? Show your steps.") and always show them; of the others, a `scratchpad` share do.
+    So the method can be learned from many examples while an unprompted question is mostly answered at
+    once, as on the web, where worked solutions come when they are asked for.
 
     Prompt and completion are tokenised separately, as at generation time, so no BPE merge spans the
     boundary the model will see when it is asked to complete the prompt."""
@@ -45,7 +50,10 @@ def builtin_documents(
         p = task.sample(rng)
         if exclude and p.question in exclude:
             continue
-        docs.append((p.prompt, task.solution(p, scratchpad=rng.random() < scratchpad) + EOS))
+        if asked and rng.random() < asked:
+            docs.append((replace(p, question=f"{p.question}? {ASK_STEPS}").prompt, task.solution(p) + EOS))
+        else:
+            docs.append((p.prompt, task.solution(p, scratchpad=rng.random() < scratchpad) + EOS))
     return docs
 
 

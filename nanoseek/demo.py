@@ -36,7 +36,8 @@ class DemoConfig:
     max_new_tokens: int = option(48, "completion length limit")
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
-    think_share: float = option(0.5, "share of the base's chat examples that think inside <think>")
+    think_share: float = option(0.5, "share of the base's unprompted examples that think inside <think>")
+    asked: float = option(0.0, "share of the base's examples that ask for the steps (and show them)")
     device: str = option("auto", f"where every stage runs: {DEVICES}")
     with_distill: bool = option(
         False, "also distil the RL model into a dense student, against GRPO on that student"
@@ -52,6 +53,7 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
         preset=preset,
         tasks=(cfg.task,),
         scratchpad=cfg.think_share,
+        asked=cfg.asked,
         seq_len=128,
         bias_gamma=0.001,
         batch_size=16,

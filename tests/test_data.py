@@ -3,7 +3,15 @@ import json
 import pytest
 import torch
 
-from nanoseek.data import Batches, builtin_documents, document_ids, held_out_problems, pack, read_documents
+from nanoseek.data import (
+    ASK_STEPS,
+    Batches,
+    builtin_documents,
+    document_ids,
+    held_out_problems,
+    pack,
+    read_documents,
+)
 
 
 def test_builtin_corpus_excludes_held_out_problems():
@@ -11,6 +19,20 @@ def test_builtin_corpus_excludes_held_out_problems():
     docs = builtin_documents(3000, seed=0, tasks=("arithmetic",), exclude={p.question for p in held})
     assert not {prompt for prompt, _ in docs} & {p.prompt for p in held}
     assert sum("," in completion for _, completion in docs) > 300  # some carry a scratchpad
+
+
+def test_asked_examples_request_the_steps_and_always_show_them():
+    """An `asked` share of the corpus asks for the steps and shows them; the other questions are the task's
+    own, of which a `scratchpad` share think. Held-out questions appear in neither."""
+    held = {p.question for p in held_out_problems("addition@2", 100, seed=0)}
+    docs = builtin_documents(4000, seed=0, tasks=("addition@2",), scratchpad=0.2, exclude=held, asked=0.4)
+    thinks = [c.split("</think>")[0].strip() != "" for _, c in docs]
+    asked = [ASK_STEPS in prompt for prompt, _ in docs]
+    assert 0.35 < sum(asked) / len(docs) < 0.45 and all(t for t, a in zip(thinks, asked) if a)
+    plain = [t for t, a in zip(thinks, asked) if not a]
+    assert 0.15 < sum(plain) / len(plain) < 0.25
+    questions = {prompt.split("<｜User｜>")[1].split("<｜Assistant｜>")[0] for prompt, _ in docs}
+    assert not {q.removesuffix(f"? {ASK_STEPS}") for q in questions} & held
 
 
 def test_pack_and_deterministic_sharded_batches():

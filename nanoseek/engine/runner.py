@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import FUSED_LINEAR_MAX_ROWS
-from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
+from ..model import MLA, DecoderLayer, DeepSeekV3
 from .cache import LatentStore, PagedBatch
 from .scheduler import Sequence
 
@@ -185,8 +185,10 @@ class ModelRunner:
             [1] * len(at),
             self.model.device,
         )
-        block = layer.block if isinstance(layer, MTPLayer) else layer  # the MTP input is already combined
-        return block(x[idx, [p for _, p in at]][:, None], self.model.rope(one.positions), one)[:, 0]
+        # the decoder layer's own forward: an MTP module's input is already combined
+        return DecoderLayer.forward(
+            layer, x[idx, [p for _, p in at]][:, None], self.model.rope(one.positions), one
+        )[:, 0]
 
     # ---- MTP (V3 report §2.2) ----------------------------------------------------------------------
     def draft_logits(

@@ -60,6 +60,9 @@ class PretrainConfig:
         flag="--task",
     )
     scratchpad: float = option(0.25, "built-in data: share of worked examples that reason step by step")
+    asked: float = option(
+        0.0, "built-in data: share of examples whose question asks for the steps (they always show them)"
+    )
     mtp_lambda: float = option(0.3, "weight of the multi-token-prediction loss")
     balance_alpha: float = option(1e-4, "sequence-wise balance loss weight", flag="--alpha")
     # V3 used 0.001 over ~500K steps; short CPU runs need faster biases
@@ -113,7 +116,7 @@ def build_data(pc: PretrainConfig, out: Path, seed: int, rank: int, world: int, 
     held_out = {t: ps[: pc.eval_problems] for t, ps in excluded.items()} if pc.eval_problems else {}
     if pc.data == "builtin":
         exclude = {p.question for ps in excluded.values() for p in ps}
-        docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude)
+        docs = builtin_documents(pc.num_docs, seed, pc.tasks, pc.scratchpad, exclude, pc.asked)
     else:
         docs = read_documents(pc.data)
     given = pc.tokenizer or (pc.init and str(resolve_checkpoint(pc.init)))
