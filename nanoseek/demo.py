@@ -30,14 +30,14 @@ class DemoConfig:
     out: str = option("runs/demo", "output directory (base, rl, sft_control, report.md)")
     task: str = option("addition@2", "a built-in task; NAME@LEVELS keeps those difficulty levels")
     pretrain_steps: int = option(500, "pretraining steps of the base")
-    grpo_steps: int = option(30, "GRPO steps")
+    grpo_steps: int = option(40, "GRPO steps")
     eval_problems: int = option(100, "held-out problems evaluated (never trained on)")
     eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
     max_new_tokens: int = option(48, "completion length limit")
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
-    think_share: float = option(0.5, "share of the base's unprompted examples that think inside <think>")
-    asked: float = option(0.0, "share of the base's examples that ask for the steps (and show them)")
+    think_share: float = option(0.3, "share of the base's unasked examples that think inside <think>")
+    asked: float = option(0.3, "share of the base's examples that ask for the steps (and show them)")
     device: str = option("auto", f"where every stage runs: {DEVICES}")
     with_distill: bool = option(
         False, "also distil the RL model into a dense student, against GRPO on that student"
@@ -45,10 +45,12 @@ class DemoConfig:
 
 
 def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
-    """The base's corpus: worked examples of the task in short rows, half of them thinking step by step
-    inside <think> and half answering at once with an empty one. After a few minutes of pretraining the
-    thought-out answers are far more often right than the immediate ones, but the base thinks only about
-    half the time: the gap that GRPO, rewarded for correct answers only, can find."""
+    """The base's corpus: worked examples of the task in short rows. 30% of them ask for the steps and show
+    them; of the rest, unasked as the held-out problems are, 30% think step by step inside <think> and
+    the others answer at once with an empty one. So the base learns the method from many examples but,
+    asked plainly, answers at once on every seed, mostly wrong: the gap GRPO, rewarded for correct answers
+    only, has to find. (With half the examples thinking and none asked, the seed decides whether the base
+    already thinks when greedy; with fewer, whether it learns the method at all: docs/LOG.md.)"""
     return PretrainConfig(
         preset=preset,
         tasks=(cfg.task,),
