@@ -175,7 +175,7 @@ def test_distill_from_scratch_into_a_dense_student(tiny_base, tmp_path, monkeypa
     teacher = ScriptedTeacher(task)
     teacher.answers = {p.prompt: p.answer for p in distill_problems(task, "arithmetic", 16, 0)}
     teacher.config = load_model(tiny_base).config
-    monkeypatch.setattr(distill_mod, "LLM", lambda path: teacher)
+    monkeypatch.setattr(distill_mod, "LLM", lambda path, device=None: teacher)
     cfg = distill_mod.DistillConfig(
         teacher=str(tiny_base),
         student_preset="dense-small",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..kernels import FUSED_LINEAR_MAX_ROWS
-from ..model import MLA, DecoderLayer, DeepSeekV3
+from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from .cache import LatentStore, PagedBatch
 from .scheduler import Sequence
 
@@ -185,10 +186,9 @@ class ModelRunner:
             [1] * len(at),
             self.model.device,
         )
-        # the decoder layer's own forward: an MTP module's input is already combined
-        return DecoderLayer.forward(
-            layer, x[idx, [p for _, p in at]][:, None], self.model.rope(one.positions), one
-        )[:, 0]
+        # an MTP module's input is already combined: its decoder layer's own forward runs it
+        block = partial(DecoderLayer.forward, layer) if isinstance(layer, MTPLayer) else layer
+        return block(x[idx, [p for _, p in at]][:, None], self.model.rope(one.positions), one)[:, 0]
 
     # ---- MTP (V3 report §2.2) ----------------------------------------------------------------------
     def draft_logits(

@@ -417,7 +417,7 @@ class GRPOTrainer:
         # each reward function's mean, unweighted: reward_mean is their sum weighted as RewardSet weighs them
         for name in dict.fromkeys(k for part in components for k in part):
             metrics[f"reward/{name}"] = sum(part.get(name, 0.0) for part in components) / n
-        device = self.trainer.dist.device  # where the update runs
+        device = self.d.device  # where the update runs
         return Rollout(
             ids.to(device),
             torch.tensor([plens[i] for i in order], device=device),
