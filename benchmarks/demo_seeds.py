@@ -18,14 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-4' or '0,2,5' -> seeds."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        seeds += range(int(lo), int(hi or lo) + 1)
-    return seeds
+from nanoseek.tasks import parse_ranges
 
 
 def think_share(samples: list[dict], model: str) -> float:
@@ -78,7 +71,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/demo_seeds", help="one demo directory per seed under it")
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     rows = {}
-    for seed in parse_seeds(args.seeds):
+    for seed in parse_ranges(args.seeds):
         rows[seed] = run_seed(seed, Path(args.out) / f"seed{seed}", extra)
         print(table(rows), flush=True)
     print("\ndemo options:", " ".join(extra) or "(defaults)")

@@ -43,22 +43,27 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny base checkpoint with its tokenizer, pretrained for a few steps on built-in arithmetic."""
+    return pretrain_tiny(tmp_path_factory.mktemp("base") / "base")
+
+
+# `nanoseek pretrain` flags for a tiny model on a small built-in corpus (a later flag overrides one here)
+TINY_PRETRAIN_FLAGS = (
+    *("--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--num-docs", "400"),
+    *("--vocab-size", "400", "--eval-problems", "0", "--eval-every", "0", "--lr", "3e-3", "--warmup", "2"),
+)
+
+
+def pretrain_tiny(out: Path, steps: int = 3, train: dict | None = None, **data) -> Path:
+    """A tiny checkpoint with its tokenizer in `out`, pretrained for `steps` steps on a small built-in
+    corpus; `data` overrides PretrainConfig fields, `train` TrainConfig ones."""
     from nanoseek.train.loop import TrainConfig
     from nanoseek.train.pretrain import PretrainConfig, pretrain
 
-    out = tmp_path_factory.mktemp("base") / "base"
+    fields = dict(preset="tiny", seq_len=64, batch_size=4, num_docs=300, vocab_size=400, eval_problems=0)
+    fields.update(eval_every=0, tasks=("arithmetic",))
     pretrain(
-        PretrainConfig(
-            preset="tiny",
-            seq_len=64,
-            batch_size=4,
-            num_docs=300,
-            vocab_size=400,
-            eval_problems=0,
-            eval_every=0,
-            tasks=("arithmetic",),
-        ),
-        TrainConfig(steps=3, warmup=1),
+        PretrainConfig(**{**fields, **data}),
+        TrainConfig(**{"steps": steps, "warmup": 1, **(train or {})}),
         out,
         progress=False,
     )

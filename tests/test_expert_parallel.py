@@ -16,32 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ONE_THREAD, TORCHRUN, cli, torchrun, weights
+from conftest import ONE_THREAD, TINY_PRETRAIN_FLAGS, TORCHRUN, cli, torchrun, weights
 
 from nanoseek import ModelConfig
 from nanoseek.model import MoE, RouterStats
 from nanoseek.train.expert_parallel import ExpertParallel, check_expert_parallel
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--seq-len",
-    "64",
-    "--batch-size",
-    "4",
-    "--num-docs",
-    "400",
-    "--vocab-size",
-    "400",
-    "--eval-problems",
-    "0",
-    "--eval-every",
-    "0",
-    "--lr",
-    "3e-3",
-    "--warmup",
-    "2",
-]
+TINY = TINY_PRETRAIN_FLAGS
 STEPS = ["--steps", "5", "--save-every", "2"]
 
 # ---- the dispatcher, two processes -----------------------------------------------------------------

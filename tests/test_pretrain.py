@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD, TORCHRUN, cli, require_cxx_compiler, torchrun, weights
+from conftest import ONE_THREAD, TINY_PRETRAIN_FLAGS, TORCHRUN, cli, require_cxx_compiler, torchrun, weights
 
 from nanoseek import ModelConfig, load_model
 from nanoseek.cost import training_cost
@@ -16,26 +16,7 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, lr_at
 from nanoseek.train.pretrain import PretrainConfig, moe_gates, next_token_loss, pretrain, update_gate_biases
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--seq-len",
-    "64",
-    "--batch-size",
-    "4",
-    "--num-docs",
-    "400",
-    "--vocab-size",
-    "400",
-    "--eval-problems",
-    "2",
-    "--eval-every",
-    "0",
-    "--lr",
-    "3e-3",
-    "--warmup",
-    "2",
-]
+TINY = [*TINY_PRETRAIN_FLAGS, "--eval-problems", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import pretrain_tiny
 
 from nanoseek.cli import main as cli_main
 from nanoseek.train import report
@@ -66,26 +67,7 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_p
 
 
 def test_pretrain_sends_every_metric_to_tensorboard(tmp_path):
-    from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import PretrainConfig, pretrain
-
-    out = tmp_path / "base"
-    pretrain(
-        PretrainConfig(
-            preset="tiny",
-            seq_len=64,
-            batch_size=4,
-            num_docs=300,
-            vocab_size=400,
-            eval_problems=0,
-            eval_every=2,
-            val_batches=1,
-            tasks=("arithmetic",),
-        ),
-        TrainConfig(steps=3, warmup=1, report_to="tensorboard"),
-        out,
-        progress=False,
-    )
+    out = pretrain_tiny(tmp_path / "base", eval_every=2, val_batches=1, train={"report_to": "tensorboard"})
     records = metrics(out)
     acc = read_events(out / "tensorboard")
     for key in ("loss", "mtp_loss", "lr", "grad_norm", "val_loss", "load_max_mean"):

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import pretrain_tiny
 
 from nanoseek import LLM, SamplingParams, load_model
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import EOS, render_chat
 from nanoseek.train.distill import SampleConfig, check_same_tokenizer, distill_problems, rejection_sample
 from nanoseek.train.loop import TrainConfig
-from nanoseek.train.pretrain import PretrainConfig, pretrain
 from nanoseek.train.sft import SFTConfig, chat_examples, pack_examples, read_conversations, sft
 
 
@@ -148,22 +148,7 @@ def test_distill_problems_avoid_the_held_out_set():
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(tiny_base, tmp_path):
-    out = tmp_path / "other"
-    pretrain(
-        PretrainConfig(
-            preset="tiny",
-            seq_len=64,
-            batch_size=4,
-            num_docs=300,
-            vocab_size=300,
-            eval_problems=0,
-            eval_every=0,
-            tasks=("countdown",),
-        ),
-        TrainConfig(steps=1, warmup=1),
-        out,
-        progress=False,
-    )
+    out = pretrain_tiny(tmp_path / "other", steps=1, vocab_size=300, tasks=("countdown",))
     with pytest.raises(ValueError, match="different tokenizers"):
         check_same_tokenizer(tiny_base, out)
 

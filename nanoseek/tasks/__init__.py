@@ -27,7 +27,7 @@ def get_task(name: str, template: str = "chat") -> Task:
     the same spelling then fixes what pretraining, GRPO, sampling and evaluation draw."""
     spec, levels = name, None
     if m := _LEVELS.search(name):
-        spec, levels = name[: m.start()], _parse_levels(m.group(1))
+        spec, levels = name[: m.start()], parse_ranges(m.group(1))
     if spec.startswith("jsonl:"):
         task = JsonlTask(spec.removeprefix("jsonl:"), template)
     elif spec in TASKS:
@@ -43,7 +43,8 @@ def get_task(name: str, template: str = "chat") -> Task:
     return task
 
 
-def _parse_levels(text: str) -> tuple[int, ...]:
+def parse_ranges(text: str) -> tuple[int, ...]:
+    """'1-2,4' -> (1, 2, 4): the integers a comma list of numbers and ranges names, sorted, once each."""
     levels: set[int] = set()
     for part in text.split(","):
         lo, _, hi = part.partition("-")
