@@ -8,8 +8,9 @@ same wall time. Writes runs/demo/report.md, summary.json, plots and sample compl
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -18,7 +19,8 @@ from .data import held_out_problems
 from .device import DEVICES
 from .engine import LLM
 from .eval import EvalResult, evaluate
-from .tasks import get_task
+from .tasks import Problem, get_task
+from .tokenizer import load_tokenizer
 from .train.distill import DistillConfig, SampleConfig, distill
 from .train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOTrainer
 from .train.loop import TrainConfig
@@ -33,7 +35,9 @@ class DemoConfig:
     grpo_steps: int = option(40, "GRPO steps")
     eval_problems: int = option(100, "held-out problems evaluated (never trained on)")
     eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
-    max_new_tokens: int = option(48, "completion length limit")
+    max_new_tokens: int = option(
+        0, "completion length limit (0: 1.5x the task's longest worked solution, rounded up to 16 tokens)"
+    )
     num_docs: int = option(40000, "worked examples in the pretraining corpus")
     seed: int = option(0, "random seed of every stage")
     think_share: float = option(0.3, "share of the base's unasked examples that think inside <think>")
@@ -67,6 +71,14 @@ def _base_data(cfg: DemoConfig, preset: str, **kw) -> PretrainConfig:
     )
 
 
+def completion_limit(task: str, problems: list[Problem], tokenizer: Path) -> int:
+    """Room to think, not to ramble: 1.5x the longest worked solution (steps and answer) of the held-out
+    problems in the base's tokens, rounded up to 16."""
+    tok, solve = load_tokenizer(tokenizer), get_task(task).solution
+    longest = max(len(tok.encode(solve(p)).ids) for p in problems)
+    return math.ceil(1.5 * longest / 16) * 16
+
+
 def _rl_schedule(cfg: DemoConfig, **kw) -> TrainConfig:
     """GRPO's optimiser: its defaults (see GRPO_TRAIN_DEFAULTS for why)."""
     return TrainConfig(**{**GRPO_TRAIN_DEFAULTS, "seed": cfg.seed, "device": cfg.device, **kw})
@@ -79,6 +91,8 @@ def _eval(path: Path, cfg: DemoConfig, problems) -> EvalResult:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    if cfg.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (0: from the task), got {cfg.max_new_tokens}")
     out = Path(cfg.out)
     t_start = time.perf_counter()
     problems = held_out_problems(cfg.task, cfg.eval_problems, cfg.seed)
@@ -89,7 +103,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         TrainConfig(steps=cfg.pretrain_steps, lr=3e-3, warmup=20, seed=cfg.seed, device=cfg.device),
         out / "base",
     )
-    print("[2/5] evaluating the base")
+    if not cfg.max_new_tokens:
+        cfg = replace(cfg, max_new_tokens=completion_limit(cfg.task, problems, out / "base"))
+    print(f"[2/5] evaluating the base (completions up to {cfg.max_new_tokens} tokens)")
     base = _eval(out / "base", cfg, problems)
 
     print(f"[3/5] GRPO on {cfg.task} ({cfg.grpo_steps} steps, rule rewards only)")
@@ -98,13 +114,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         task=cfg.task,
         prompts_per_step=16,
         max_new_tokens=cfg.max_new_tokens,
-        eval_every=0,
-        eval_problems=cfg.eval_problems,
-    )  # the held-out problems GRPO never trains on
+        eval_every=max(1, cfg.grpo_steps // 8),
+        eval_problems=cfg.eval_problems,  # the held-out problems GRPO never trains on, greedy only
+        eval_k=0,
+    )
     teacher_rl = GRPOTrainer(
         out / "base", grpo_cfg, _rl_schedule(cfg, steps=cfg.grpo_steps), out / "rl"
     ).train()
-    rl_seconds = time.perf_counter() - t
+    rl_seconds = time.perf_counter() - t - teacher_rl["eval_seconds"]  # the control's budget: training only
     rl = _eval(out / "rl", cfg, problems)
 
     print(f"[4/5] control: supervised training of the same base for the same {rl_seconds:.0f}s")
@@ -125,7 +142,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     extra = {}
     if cfg.with_distill:
-        extra = _distillation(cfg, out, problems, grpo_cfg)
+        extra = _distillation(cfg, out, problems, replace(grpo_cfg, eval_every=0))
         extra["teacher"] = {
             "active_params": teacher_base["active_params"],
             "seconds": teacher_base["seconds"] + teacher_rl["seconds"],
@@ -140,6 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "base": _row(base),
         "rl": _row(rl),
         "sft_control": _row(sft),
+        "curve": _curve(out / "rl" / "metrics.jsonl"),
         **extra,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -198,6 +216,16 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
     }
 
 
+def _curve(metrics: Path) -> list[dict]:
+    """Held-out greedy accuracy and completion length at the RL steps GRPO evaluated (step 0: the base)."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [
+        {"step": r["step"], "greedy": r["eval_greedy"], "mean_len": r["eval_mean_len"]}
+        for r in rows
+        if "eval_greedy" in r
+    ]
+
+
 def _row(r: EvalResult) -> dict:
     return {"greedy": r.greedy, "pass@1": r.pass1, "cons@k": r.cons, "mean_len": r.mean_len}
 
@@ -243,6 +271,12 @@ def _report(cfg: DemoConfig, s: dict, base: EvalResult, rl: EvalResult, sft: Eva
             ),
         ]
     lines += [
+        "",
+        "## Held-out greedy accuracy and completion length against RL steps",
+        "",
+        "| RL step | greedy | mean tokens |",
+        "|---|---|---|",
+        *[f"| {c['step']} | {c['greedy']:.1%} | {c['mean_len']:.1f} |" for c in s["curve"]],
         "",
         "![pretraining loss](base/loss.png)",
         "![GRPO accuracy](rl/accuracy.png)",

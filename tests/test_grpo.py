@@ -173,7 +173,9 @@ def test_grpo_end_to_end_updates_the_live_policy(tiny_base, tmp_path):
     assert trainer.llm.model is trainer.model  # the engine holds the policy itself, not a copy
     trainer.train(progress=False)
     records = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 0: the base, evaluated before any update
+    assert set(records[0]) == {"step", "eval_greedy", "eval_mean_len", "eval_pass@1", "eval_cons@k"}
+    records = records[1:]
     for key in [
         "step",
         "reward_mean",
@@ -352,6 +354,27 @@ def test_demo_writes_report_and_summary(tmp_path):
     assert section.count("before:") == 1 and section.count("after:") == 1 and section.count("\n- `") == 4
     for f in ("rl/accuracy.png", "rl/length.png", "samples.jsonl", "rl/model.safetensors"):
         assert (tmp_path / f).exists(), f
+    # the curve starts at the base (step 0, its greedy accuracy as evaluated before GRPO) and ends at the last step
+    curve = on_disk["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2]
+    assert curve[0]["greedy"] == on_disk["base"]["greedy"] and curve[-1]["greedy"] == on_disk["rl"]["greedy"]
+    assert "| RL step | greedy | mean tokens |" in report
+
+
+def test_demo_completion_limit_leaves_room_for_the_longest_worked_solution(tiny_base):
+    from nanoseek.data import held_out_problems
+    from nanoseek.demo import completion_limit
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    limits = {}
+    for task in ("addition@2", "multiplication@4"):
+        problems = held_out_problems(task, 20, 0)
+        longest = max(len(tok.encode(get_task(task).solution(p)).ids) for p in problems)
+        limits[task] = completion_limit(task, problems, tiny_base)
+        assert 1.5 * longest <= limits[task] < 1.5 * longest + 16 and limits[task] % 16 == 0
+    assert limits["multiplication@4"] > limits["addition@2"]  # four carry steps against two
 
 
 def test_evaluate_greedy_pass1_and_consensus_against_hand_counts():

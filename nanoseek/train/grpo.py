@@ -295,6 +295,7 @@ class GRPOTrainer:
         self.rollout: Rollout | None = None
         # the held-out problems pretraining kept out of its corpus (same seed): evaluated on, never trained on
         self.eval_problems = held_out_problems(cfg.task, cfg.eval_problems, tc.seed, cfg.template)
+        self.eval_seconds = 0.0
         self._held_out = {p.question for p in self.eval_problems}
 
     def _reference_state(self) -> dict[str, Tensor]:
@@ -517,8 +518,10 @@ class GRPOTrainer:
             self.model.train(was_training).prepare("train")
 
     def evaluate(self, step: int) -> dict:
+        t0 = time.perf_counter()
         with self._decoding():
             res = evaluate(self.llm, self.task, self.eval_problems, self.cfg.max_new_tokens, self.cfg.eval_k)
+        self.eval_seconds += time.perf_counter() - t0
         return {f"eval_{k}": v for k, v in res.as_dict().items()}
 
     def train(self, resume: bool = False, progress: bool = True) -> dict:
@@ -539,6 +542,8 @@ class GRPOTrainer:
             self.trainer.metrics_path.unlink(missing_ok=True)
             completions.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        if self.cfg.eval_every and self.trainer.step == 0:  # where the accuracy curve starts: the base
+            self.trainer.log({"step": 0, **self.evaluate(0)})
         self.trainer.train(
             self.loss_fn,
             self.after_step,
@@ -552,11 +557,21 @@ class GRPOTrainer:
         self.trainer.finish()
         if self.d.main:
             self._plots()
-        return {"seconds": seconds, "steps": self.trainer.step, "flops": self._flops()}
+        return {
+            "seconds": seconds,
+            "eval_seconds": self.eval_seconds,
+            "steps": self.trainer.step,
+            "flops": self._flops(),
+        }
+
+    def _records(self) -> list[dict]:
+        """The training steps' metrics (the step-0 row holds only the base's evaluation)."""
+        rows = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        return [r for r in rows if r["step"] > 0]
 
     def _flops(self) -> float:
         """≈ FLOPs spent: generating the rollouts, plus forward+backward over them on each of the mu updates."""
-        records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        records = self._records()
         c, cfg = self.model.config, self.cfg
         tokens = sum(r["mean_len"] for r in records) * cfg.prompts_per_step * cfg.group_size / cfg.mu
         return tokens * (
@@ -565,16 +580,19 @@ class GRPOTrainer:
         )
 
     def _plots(self) -> None:
-        records = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
-        steps = [r["step"] for r in records]
-        acc = {"train accuracy": (steps, [r["accuracy"] for r in records])}
-        ev = [(r["step"], r["eval_greedy"]) for r in records if "eval_greedy" in r]
-        if ev:
-            acc["held-out greedy"] = ([s for s, _ in ev], [v for _, v in ev])
+        """The R1-Zero picture: accuracy and mean completion length against RL steps, on the rollouts and,
+        with eval_every, on the held-out problems (from step 0, the base)."""
+        rows = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        train = [r for r in rows if r["step"] > 0]
+        evals = [r for r in rows if "eval_greedy" in r]
+
+        def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+            return [r["step"] for r in records], [r[key] for r in records]
+
+        acc = {"rollouts": series(train, "accuracy")}
+        length = {"rollouts": series(train, "mean_len")}
+        if evals:
+            acc["held-out greedy"] = series(evals, "eval_greedy")
+            length["held-out greedy"] = series(evals, "eval_mean_len")
         plot_series(self.out / "accuracy.png", f"GRPO on {self.cfg.task}: accuracy", acc, "accuracy")
-        plot_series(
-            self.out / "length.png",
-            "mean completion length",
-            {"mean_len": (steps, [r["mean_len"] for r in records])},
-            "tokens",
-        )
+        plot_series(self.out / "length.png", "mean completion length", length, "tokens")
