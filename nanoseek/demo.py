@@ -157,7 +157,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "base": _row(base),
         "rl": _row(rl),
         "sft_control": _row(sft),
-        "curve": _curve(out / "rl" / "metrics.jsonl"),
+        "curve": [
+            {"step": r["step"], "greedy": r["eval_greedy"], "mean_len": r["eval_mean_len"]}
+            for r in teacher_rl["evals"]
+        ],
         **extra,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -214,16 +217,6 @@ def _distillation(cfg: DemoConfig, out: Path, problems, grpo_cfg: GRPOConfig) ->
         "student_distill": {**_row(distilled), "seconds": budget, "flops": flops + d["flops"]},
         "student_rl": {**_row(student_rl), "seconds": g["seconds"], "flops": flops + g["flops"]},
     }
-
-
-def _curve(metrics: Path) -> list[dict]:
-    """Held-out greedy accuracy and completion length at the RL steps GRPO evaluated (step 0: the base)."""
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    return [
-        {"step": r["step"], "greedy": r["eval_greedy"], "mean_len": r["eval_mean_len"]}
-        for r in rows
-        if "eval_greedy" in r
-    ]
 
 
 def _row(r: EvalResult) -> dict:

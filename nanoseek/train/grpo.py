@@ -86,7 +86,9 @@ class GRPOConfig:
         0.0, "R1 language-consistency reward: share of reasoning words in Latin script"
     )
     overlong_cache: int = option(0, "DAPO soft overlong penalty over the last N tokens of the limit (0: off)")
-    eval_every: int = option(0, "held-out evaluation every N steps (0: only before and after)")
+    eval_every: int = option(
+        0, "held-out evaluation before the first step, every N steps and after the last (0: none)"
+    )
     eval_problems: int = option(100, "held-out problems evaluated (never rolled out)")
     eval_k: int = option(4, "samples per held-out problem for pass@1 and cons@k")
     template: str = option(
@@ -557,21 +559,22 @@ class GRPOTrainer:
         self.trainer.finish()
         if self.d.main:
             self._plots()
+        evals = [r for r in self._metrics() if "eval_greedy" in r]
         return {
             "seconds": seconds,
             "eval_seconds": self.eval_seconds,
+            "evals": evals,  # the held-out evaluations by step, from step 0 (the base) with eval_every
             "steps": self.trainer.step,
             "flops": self._flops(),
         }
 
-    def _records(self) -> list[dict]:
-        """The training steps' metrics (the step-0 row holds only the base's evaluation)."""
-        rows = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
-        return [r for r in rows if r["step"] > 0]
+    def _metrics(self) -> list[dict]:
+        """metrics.jsonl: a row per step, and with eval_every a step-0 row holding only the base's evaluation."""
+        return [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
 
     def _flops(self) -> float:
         """≈ FLOPs spent: generating the rollouts, plus forward+backward over them on each of the mu updates."""
-        records = self._records()
+        records = [r for r in self._metrics() if r["step"] > 0]
         c, cfg = self.model.config, self.cfg
         tokens = sum(r["mean_len"] for r in records) * cfg.prompts_per_step * cfg.group_size / cfg.mu
         return tokens * (
@@ -582,7 +585,7 @@ class GRPOTrainer:
     def _plots(self) -> None:
         """The R1-Zero picture: accuracy and mean completion length against RL steps, on the rollouts and,
         with eval_every, on the held-out problems (from step 0, the base)."""
-        rows = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        rows = self._metrics()
         train = [r for r in rows if r["step"] > 0]
         evals = [r for r in rows if "eval_greedy" in r]
 
