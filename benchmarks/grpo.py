@@ -159,12 +159,13 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
 def compare(args, task_name: str, rates: list[float]) -> None:
     """Both trainers on one task, then the side-by-side table."""
     args.task = task_name
-    runs: dict[str, list[dict]] = {}
+    # each run's records, and how many first steps warm up allocators and caches (and compile)
+    runs: dict[str, tuple[list[dict], int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs["nanoseek GRPOTrainer"] = run_nanoseek(args, Path(tmp) / "nanoseek")
+        runs["nanoseek GRPOTrainer"] = run_nanoseek(args, Path(tmp) / "nanoseek"), 1
         rates.append(matmul_flops())
         if args.compile:
-            runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True)
+            runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True), 2
             rates.append(matmul_flops())
         trl_times, trl_lens = ([], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
     rates.append(matmul_flops())
@@ -182,8 +183,7 @@ def compare(args, task_name: str, rates: list[float]) -> None:
     )
     print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'rollout share':>15}{'x FLOP floor':>14}")
     steps, lens = {}, {}
-    for name, records in runs.items():
-        skip = 2 if "compile" in name else 1  # the first steps warm up allocators and caches (and compile)
+    for name, (records, skip) in runs.items():
         steps[name] = statistics.median(r["step_seconds"] for r in records[skip:])
         rollout = statistics.median(r["rollout_seconds"] for r in records[skip:])
         lens[name] = statistics.mean(r["mean_len"] for r in records[skip:])

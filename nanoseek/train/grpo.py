@@ -557,24 +557,23 @@ class GRPOTrainer:
         if self.trainer.interrupted:
             return {"interrupted": True}
         self.trainer.finish()
+        # metrics.jsonl: a row per step (resumed runs' earlier steps included), and with eval_every a step-0
+        # row holding only the base's evaluation
+        rows = [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
+        steps = [r for r in rows if r["step"] > 0]
+        evals = [r for r in rows if "eval_greedy" in r]
         if self.d.main:
-            self._plots()
-        evals = [r for r in self._metrics() if "eval_greedy" in r]
+            self._plots(steps, evals)
         return {
             "seconds": seconds,
             "eval_seconds": self.eval_seconds,
             "evals": evals,  # the held-out evaluations by step, from step 0 (the base) with eval_every
             "steps": self.trainer.step,
-            "flops": self._flops(),
+            "flops": self._flops(steps),
         }
 
-    def _metrics(self) -> list[dict]:
-        """metrics.jsonl: a row per step, and with eval_every a step-0 row holding only the base's evaluation."""
-        return [json.loads(x) for x in self.trainer.metrics_path.read_text().splitlines() if x.strip()]
-
-    def _flops(self) -> float:
+    def _flops(self, records: list[dict]) -> float:
         """≈ FLOPs spent: generating the rollouts, plus forward+backward over them on each of the mu updates."""
-        records = [r for r in self._metrics() if r["step"] > 0]
         c, cfg = self.model.config, self.cfg
         tokens = sum(r["mean_len"] for r in records) * cfg.prompts_per_step * cfg.group_size / cfg.mu
         return tokens * (
@@ -582,12 +581,9 @@ class GRPOTrainer:
             + cfg.mu * c.train_flops_per_token(cfg.max_new_tokens)
         )
 
-    def _plots(self) -> None:
+    def _plots(self, train: list[dict], evals: list[dict]) -> None:
         """The R1-Zero picture: accuracy and mean completion length against RL steps, on the rollouts and,
         with eval_every, on the held-out problems (from step 0, the base)."""
-        rows = self._metrics()
-        train = [r for r in rows if r["step"] > 0]
-        evals = [r for r in rows if "eval_greedy" in r]
 
         def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
             return [r["step"] for r in records], [r[key] for r in records]
