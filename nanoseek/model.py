@@ -316,7 +316,9 @@ class MLA(nn.Module):
         absorb = self.folded if self.kernels.fold_absorbed and self.folded is not None else self
         q_lat, q_pe = absorb.absorb_query(q_in)
         q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
-        scores = torch.bmm(q, context.transpose(1, 2)).float()  # [B, S*H, T]
+        # as (context q^T)^T: the cached rows are read in the layout they are stored in, where q C^T would
+        # have a compiled graph copy the whole context into its transpose first
+        scores = torch.bmm(context, q.transpose(1, 2)).transpose(1, 2).float()  # [B, S*H, T]
         if bias is not None:
             scores.view(b, s, h, -1).add_(bias[:, :, None])
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]

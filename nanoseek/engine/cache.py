@@ -149,6 +149,19 @@ class LatentStore:
         self.data[:, dst * bs : (dst + 1) * bs] = self.data[:, src * bs : (src + 1) * bs]
 
 
+@torch.library.custom_op("nanoseek::gather_context", mutates_args=())
+def gather_context(data: Tensor, slots: Tensor, new_rows: Tensor, new: Tensor) -> Tensor:
+    """data[slots] with `new` written at new_rows. One op to torch.compile, so a compiled graph runs it as
+    this copy rather than generating its own (slower) gather and scatter."""
+    context = data.index_select(0, slots)
+    return context.index_copy_(0, new_rows, new)
+
+
+@gather_context.register_fake
+def _(data: Tensor, slots: Tensor, new_rows: Tensor, new: Tensor) -> Tensor:
+    return data.new_empty(slots.shape[0], data.shape[1])
+
+
 class PagedBatch:
     """One forward's view of the paged cache (implements the model's `LatentCacheLike`).
 
@@ -218,7 +231,7 @@ class PagedBatch:
             new = new.index_select(0, self.valid_rows)
         new = new.to(data.dtype)
         self._written[layer] = new
-        context = data.index_select(0, self.ctx_slots).index_copy(0, self.new_rows, new)
+        context = gather_context(data, self.ctx_slots, self.new_rows, new)
         return context.view(self.shape[0], -1, data.shape[-1]).to(latent.dtype)
 
     def commit(self) -> None:
