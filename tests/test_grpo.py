@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ONE_THREAD, cli, random_model, torchrun, weights
+from torch._dynamo.testing import CompileCounter
 
 from nanoseek import ModelConfig
 from nanoseek.engine.llm import CompletionOutput, RequestOutput
@@ -99,6 +100,27 @@ def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
         whole, _ = token_logprobs(model, r, slice(None), 1.0)
         cut, _ = token_logprobs(model, r, slice(0, 2), 1.0)  # rows of length 4: a width of 4, not 7
     torch.testing.assert_close(cut[r.mask[:2]], whole[:2][r.mask[:2]], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_update_compiles_once_more_for_every_later_length():
+    """Micro-batches of other lengths, at other offsets into the rollout, reuse the update's second
+    (dynamic) graph: compiling again for each would cost its compile time on every new length."""
+    cfg = GRPOConfig(task="addition@2", group_size=2, prompts_per_step=4, mask_truncated=False)
+
+    def group(prompt, completions):
+        outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
+        return None, RequestOutput("r", prompt, outs, 0), [1.0, 0.0], [{}, {}]
+
+    groups = [group([1, 2], [[3] * n, [4] * (n + 1)]) for n in (3, 9, 17, 30)]
+    r = GRPOTrainer._pack(
+        SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [1.0, 0.0] * 4, 1.0
+    )
+    model = random_model(ModelConfig.preset("tiny")).prepare("train", compiled=True)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)):  # widths 6, 12, 20, 33
+        token_logprobs(compiled, r, rows, 1.0)[0].sum().backward()
+    assert counter.frame_count == 2
 
 
 def test_advantage_scalings():

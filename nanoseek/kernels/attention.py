@@ -25,7 +25,8 @@ def blocked_causal_attention(
     # the blocks' matmuls read contiguous copies faster than strided views
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = []
-    for start in range(0, s, block):
+    # counted in blocks, so that a compiled graph guards on the number of blocks, not on the exact length
+    for start in range(0, block * ((s + block - 1) // block), block):
         end = min(start + block, s)
         scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
         hide = torch.arange(end, device=q.device) > torch.arange(start, end, device=q.device)[:, None]

@@ -220,7 +220,10 @@ class Rollout:
 
 def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
     """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled)."""
-    ids, plens = rollout.ids[rows, : int(rollout.lens[rows].max())], rollout.prompt_lens[rows]
+    # a copy of its own: a compiled model would otherwise see each micro-batch at another offset into the
+    # rollout's storage, and compile again for it
+    ids = rollout.ids[rows, : int(rollout.lens[rows].max())].clone()
+    plens = rollout.prompt_lens[rows]
     t = rollout.mask.shape[1]
     logits = model(ids[:, :-1]).float() / temperature
     # gather the positions that predict completion tokens: prompt_len - 1 + j for j < T
