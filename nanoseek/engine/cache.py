@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..kernels import when_compiled
 
 
 def chain_hash(parent: bytes | None, ids: tuple[int, ...]) -> bytes:
@@ -149,17 +150,23 @@ class LatentStore:
         self.data[:, dst * bs : (dst + 1) * bs] = self.data[:, src * bs : (src + 1) * bs]
 
 
-@torch.library.custom_op("nanoseek::gather_context", mutates_args=())
-def gather_context(data: Tensor, slots: Tensor, new_rows: Tensor, new: Tensor) -> Tensor:
-    """data[slots] with `new` written at new_rows. One op to torch.compile, so a compiled graph runs it as
-    this copy rather than generating its own (slower) gather and scatter."""
-    context = data.index_select(0, slots)
-    return context.index_copy_(0, new_rows, new)
+def _gather_context(data: Tensor, slots: Tensor, new_rows: Tensor, new: Tensor) -> Tensor:
+    """data[slots] with `new` written at new_rows."""
+    return data.index_select(0, slots).index_copy_(0, new_rows, new)
 
 
-@gather_context.register_fake
+# One op to torch.compile, so a compiled graph runs it as this copy rather than generating its own (slower)
+# gather and scatter. Eagerly the function is called directly: the op's dispatch costs as much again as the
+# copy of a short context.
+_gather_context_op = torch.library.custom_op("nanoseek::gather_context", mutates_args=())(_gather_context)
+
+
+@_gather_context_op.register_fake
 def _(data: Tensor, slots: Tensor, new_rows: Tensor, new: Tensor) -> Tensor:
     return data.new_empty(slots.shape[0], data.shape[1])
+
+
+gather_context = when_compiled(_gather_context_op, _gather_context)
 
 
 class PagedBatch:

@@ -26,8 +26,8 @@ def blocked_causal_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = []
     # counted in blocks, so that a compiled graph guards on the number of blocks, not on the exact length
-    for start in range(0, block * ((s + block - 1) // block), block):
-        end = min(start + block, s)
+    for n in range(-(-s // block)):
+        start, end = n * block, min((n + 1) * block, s)
         scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
         hide = torch.arange(end, device=q.device) > torch.arange(start, end, device=q.device)[:, None]
         if mask is not None:
