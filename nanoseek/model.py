@@ -130,6 +130,19 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor
     return attention(q, k, v, scale, mask, causal=mask is None)
 
 
+def latent_attention(q: Tensor, context: Tensor, bias: Tensor | None, rank: int) -> Tensor:
+    """Absorbed attention in the latent space (REFERENCE §2): softmax(q C^T + bias) C[..., :rank] for the
+    queries q [B, S*H, rank+rope] (laid out (position, head), scaled) over the context C [B, T, rank+rope];
+    bias [B|1, S, T] or None -> the attended latents [B, S*H, rank]."""
+    # as (C q^T)^T: the cached rows are read in the layout they are stored in, where q C^T would have a
+    # compiled graph copy the whole context into its transpose first
+    scores = torch.bmm(context, q.transpose(1, 2)).transpose(1, 2).float()  # [B, S*H, T]
+    if bias is not None:
+        b, s = q.shape[0], bias.shape[1]
+        scores.view(b, s, -1, scores.shape[-1]).add_(bias[:, :, None])
+    return torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :rank])
+
+
 def routed_experts(
     x: Tensor,
     weights: Tensor,
@@ -160,6 +173,8 @@ REFERENCE = Kernels(
     expert_linear=F.linear,
     routed_experts=routed_experts,
     grouped_experts=grouped_experts_loop,
+    latent_attention=latent_attention,
+    paged_context=False,
     fold_absorbed=False,
 )
 
@@ -178,7 +193,9 @@ class LatentCacheLike(Protocol):
     """What MLA needs from a cache: append this layer's latents, get back the visible context.
 
     `update(layer, latent)` takes latent [B, S, kv_lora_rank + rope] of the new tokens and returns the
-    context [B, T, kv_lora_rank + rope] including them (when the cache keeps them is its own business).
+    context [B, T, kv_lora_rank + rope] including them (when the cache keeps them is its own business);
+    where the model's kernels have `paged_context`, a cache may instead hand back, for one query a row, a
+    context left where it is stored, which only those kernels' `latent_attention` reads.
     `bias` [B or 1, S, T] is added to the attention scores (0 where attention is allowed, -inf where not),
     or None when every query sees all T keys; the same for every layer of a forward, read only where
     needed. `causal`: every row's new tokens start at position 0 with no padding (T == S, plain causal:
@@ -306,9 +323,8 @@ class MLA(nn.Module):
         """Attention computed in the latent space, for a few queries per row against a cache (REFERENCE §2).
 
         Each head's query becomes [q_nope W_UK | q_pe] (scaled), so scores are one matmul with the cached
-        [c_kv | k_pe] rows, and W_UV maps the attended latent back before o_proj. Queries are laid out
-        (position, head), so no transposes are needed. q_in [B,S,q_in], context [B,T,rank+rope], bias
-        [B|1,S,T] or None -> [B,S,d].
+        [c_kv | k_pe] rows (`latent_attention`), and W_UV maps the attended latent back before o_proj.
+        q_in [B,S,q_in], context [B,T,rank+rope], bias [B|1,S,T] or None -> [B,S,d].
         """
         b, s, _ = q_in.shape
         h, r = self.n_heads, self.kv_rank
@@ -316,12 +332,7 @@ class MLA(nn.Module):
         absorb = self.folded if self.kernels.fold_absorbed and self.folded is not None else self
         q_lat, q_pe = absorb.absorb_query(q_in)
         q = torch.cat([q_lat, self.kernels.apply_rope(q_pe, freqs)], dim=-1).view(b, s * h, r + self.rope)
-        # as (context q^T)^T: the cached rows are read in the layout they are stored in, where q C^T would
-        # have a compiled graph copy the whole context into its transpose first
-        scores = torch.bmm(context, q.transpose(1, 2)).transpose(1, 2).float()  # [B, S*H, T]
-        if bias is not None:
-            scores.view(b, s, h, -1).add_(bias[:, :, None])
-        o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), context[..., :r])  # [B, S*H, rank]
+        o_lat = self.kernels.latent_attention(q, context, bias, r)  # [B, S*H, rank]
         return absorb.absorb_output(o_lat.view(b, s, h, r))
 
 

@@ -12,8 +12,16 @@ from nanoseek import ModelConfig
 from nanoseek.kernels import JOBS, blocked_causal_attention, select
 from nanoseek.kernels.experts import GROUPED_MM_CPU, grouped_experts_loop, grouped_experts_mm
 from nanoseek.kernels.linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
+from nanoseek.kernels.paged import PagedContext, paged_attention_available, paged_latent_attention
 from nanoseek.kernels.rope import apply_real_rope, real_rotations
-from nanoseek.model import REFERENCE, MoE, apply_rope, rotations, segment_positions_and_mask
+from nanoseek.model import (
+    REFERENCE,
+    MoE,
+    apply_rope,
+    latent_attention,
+    rotations,
+    segment_positions_and_mask,
+)
 
 CPU = torch.device("cpu")
 # (job, compiled) of every kernel set; compiled ones are run eagerly with torch.compile's tracing faked, so
@@ -129,6 +137,42 @@ def test_blocked_causal_attention_matches_float64(packed):
     ref.backward(g)
     for t, t64 in zip((q, k, v), leaves64, strict=True):
         torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():
+    """The C++ kernel builds here (it needs only the compiler torch.compile needs), and decoding on CPU
+    chooses it: were the build broken, decoding would quietly gather the context instead."""
+    assert paged_attention_available()
+    decode = select(REFERENCE, "decode", torch.device("cpu"))
+    assert decode.paged_context and decode.latent_attention is not latent_attention
+    assert not select(REFERENCE, "train", torch.device("cpu")).paged_context
+
+
+@pytest.mark.parametrize(("heads", "rank", "rope"), [(4, 512, 64), (3, 40, 8), (9, 64, 16)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_paged_attention_matches_gathered_reference(heads, rank, rope, compiled):
+    """One query a row over a paged store, rows of different lengths (one of length 1: only its new
+    latent), head counts and widths off the kernel's tiles of 4 heads and 16 floats: as the reference
+    over the gathered context with the length mask as bias; eagerly and inside a compiled graph."""
+    torch.manual_seed(heads)
+    width, block, lens = rank + rope, 4, [1, 7, 13, 20, 5]
+    b, t = len(lens), max(lens)
+    data = torch.randn(64 * block, width)
+    tables = torch.randperm(64)[: b * 5].view(b, 5)
+    slots = (tables[:, :, None] * block + torch.arange(block)).view(b, -1)[:, :t]
+    new, q = torch.randn(b, width), torch.randn(b, heads, width) / width**0.5
+    context = data[slots].clone()
+    context[torch.arange(b), torch.tensor(lens) - 1] = new
+    bias = torch.zeros(b, 1, t).masked_fill_(torch.arange(t) >= torch.tensor(lens)[:, None, None], -torch.inf)
+    ref = latent_attention(q, context, bias, rank)
+    fn = paged_latent_attention
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, dynamic=True)
+    paged = PagedContext(data, slots, torch.tensor(lens), new)
+    out = fn(q, paged, None, rank, reference=latent_attention)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a gathered context goes to the reference
+    torch.testing.assert_close(fn(q, context, bias, rank, reference=latent_attention), ref)
 
 
 @pytest.mark.parametrize("rows", range(1, FUSED_LINEAR_MAX_ROWS + 2))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..kernels import when_compiled
+from ..kernels import PagedContext, when_compiled
 
 
 def chain_hash(parent: bytes | None, ids: tuple[int, ...]) -> bytes:
@@ -174,6 +174,8 @@ class PagedBatch:
 
     Row b computes tokens at positions [start_b, start_b + len_b) and sees its context [0, start_b + len_b).
     The new tokens' latents reach the store only at `commit()`, which the caller runs after the forward.
+    With `in_place` (for a model whose kernels have `paged_context`), a batch of one query a row hands MLA
+    each layer's context as a PagedContext, left in the store, instead of gathering it.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class PagedBatch:
         starts: list[int],
         lens: list[int],
         device: torch.device | str = "cpu",
+        in_place: bool = False,
     ):
         self.store = store
         bs, b, s = store.block_size, len(tables), max(lens)
@@ -214,12 +217,16 @@ class PagedBatch:
         self.causal = not any(starts) and min(lens) == s
         self._sees_all = s == 1 and min(starts) == t - 1  # one query per row, each seeing the whole context
         self._bias: Tensor | None = None
+        # each row's context length, where the context stays in place (the lengths then stand for the bias)
+        self._in_place = (
+            torch.tensor([st + 1 for st in starts], device=device) if in_place and s == 1 else None
+        )
 
     @property
     def bias(self) -> Tensor | None:
         """Built on first use, once for every layer (a causal prefill chunk never asks for it). Not a
         functools.cached_property: its lock (Python 3.11) stops torch.compile from tracing through."""
-        if self._bias is None and not self._sees_all:
+        if self._bias is None and not self._sees_all and self._in_place is None:
             (b, s), t = self._q_pos.shape, self.shape[1]
             hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
             self._bias = (
@@ -238,6 +245,8 @@ class PagedBatch:
             new = new.index_select(0, self.valid_rows)
         new = new.to(data.dtype)
         self._written[layer] = new
+        if self._in_place is not None:
+            return PagedContext(data, self.ctx_slots.view(self.shape[0], -1), self._in_place, new)
         context = gather_context(data, self.ctx_slots, self.new_rows, new)
         return context.view(self.shape[0], -1, data.shape[-1]).to(latent.dtype)
 

@@ -85,6 +85,12 @@ class ModelRunner:
         return torch.compile(fn, dynamic=True, recompile_limit=RECOMPILE_LIMIT)
 
     @property
+    def in_place(self) -> bool:
+        """Whether a step's cache leaves the context in the store: the model's kernels as prepared now (a
+        trainer switches them between jobs) read fp32 latents there (kernels.paged)."""
+        return self.model.kernels.paged_context and self.store.data.dtype == torch.float32
+
+    @property
     def decode_batch_sizes(self) -> tuple[int, ...]:
         """Batch sizes whose decode steps get graphs of their own: one row, a few, and more rows than the
         model's `linear` fuses."""
@@ -104,7 +110,7 @@ class ModelRunner:
         only the sampled ones'."""
         ids = self._ids(rows.tokens)
         tables = [seq.table for seq in rows.seqs]
-        cache = PagedBatch(self.store, tables, rows.starts, rows.lens, self.model.device)
+        cache = PagedBatch(self.store, tables, rows.starts, rows.lens, self.model.device, self.in_place)
         sampled_at = [i for i, _ in rows.at], [p for _, p in rows.at]
         scoring = [
             i
@@ -185,6 +191,7 @@ class ModelRunner:
             [rows.starts[i] + p for i, p in at],
             [1] * len(at),
             self.model.device,
+            self.in_place,
         )
         # an MTP module's input is already combined: its decoder layer's own forward runs it
         block = partial(DecoderLayer.forward, layer) if isinstance(layer, MTPLayer) else layer

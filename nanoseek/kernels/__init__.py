@@ -33,10 +33,12 @@ from .experts import (
     up_to,
 )
 from .linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
+from .paged import PagedContext, paged_attention_available, paged_latent_attention
 from .rope import apply_real_rope, real_rotations
 
 __all__ = [
     "Kernels",
+    "PagedContext",
     "select",
     "when_compiled",
     "JOBS",
@@ -68,6 +70,8 @@ class Kernels:
     expert_linear: Callable[[Tensor, Tensor], Tensor]  # the routed experts' matmul (FP8 swaps it)
     routed_experts: Callable[..., Tensor]  # (x, weights, idx, gate_up, down, out) -> out + routed experts
     grouped_experts: Callable[..., Tensor]  # (xs grouped by expert, counts, gate_up, down) -> their outputs
+    latent_attention: Callable[..., Tensor]  # (q, context, bias, rank): MLA's absorbed attention
+    paged_context: bool  # latent_attention also reads a PagedContext: a cache may leave the context in place
     fold_absorbed: bool  # MLA's absorbed form with W_UK and W_UV folded in (folded.FoldedMLA), where it pays
 
 
@@ -81,10 +85,11 @@ def select(
     """The kernels for `job` on `device`, `reference` (the model's functions) where no faster form applies.
 
     "reference" runs the model's functions as written; "train" sorts rows by expert (every expert in one
-    grouped matmul on CPU, and on a GPU in bf16); "decode" also runs the experts of a token or two directly
-    and folds MLA's absorbed weights. `compiled` adds the forms that pay inside a compiled graph: rope in
-    real pairs, rows to and from expert order by gathers, and on CPU blocked causal attention (training),
-    fused small-row projections and gathered experts (decoding). `expert_linear` is the routed experts'
+    grouped matmul on CPU, and on a GPU in bf16); "decode" also runs the experts of a token or two directly,
+    folds MLA's absorbed weights and, on CPU, attends over the engine's paged cache in place. `compiled` adds
+    the forms that pay inside a compiled graph: rope in real pairs, rows to and from expert order by gathers,
+    and on CPU blocked causal attention (training), fused small-row projections and gathered experts
+    (decoding). `expert_linear` is the routed experts'
     matmul (F.linear, or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
@@ -121,6 +126,9 @@ def _select(
     if job == "decode":
         eager = up_to(DIRECT_MAX_TOKENS, partial(direct_experts, linear=expert_linear), eager)
     kernels = replace(kernels, routed_experts=eager, grouped_experts=grouped)
+    if cpu and job == "decode" and paged_attention_available():
+        paged = partial(paged_latent_attention, reference=reference.latent_attention)
+        kernels = replace(kernels, latent_attention=paged, paged_context=True)
     if not compiled:
         return kernels
     traced = partial(gathered_sorted_experts, grouped=grouped)
