@@ -82,8 +82,9 @@ TRL_SETTINGS = (
 )
 
 
-def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
-    """Step seconds and mean completion lengths of TRL's trainer (timed by a callback around each step)."""
+def run_trl(args, out: Path) -> tuple[list[float], list[float], list[float]]:
+    """Step seconds, mean completion lengths and mean rewards of TRL's trainer (timed by a callback around
+    each step)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
@@ -94,15 +95,24 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
     rewards = RewardSet(task, {"accuracy": 1.0, "format": 0.1})
     rng = random.Random(0)
     problems = [task.sample(rng) for _ in range(args.prompts * (args.steps + 1))]
-
-    def reward(prompts, completions, index, **_) -> list[float]:
-        # TRL decodes with skip_special_tokens: the reasoning tags are kept (they are not special tokens)
-        return [rewards(problems[i], text)[0] for i, text in zip(index, completions)]
-
-    hf_logging.set_verbosity_error()  # the MTP layer's weights are "unexpected" to transformers: by design
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+
+    # TRL's completion text is decoded with skip_special_tokens, which drops the reasoning and answer tags
+    # (added tokens) and would score every completion 0: the rewards read the text nanoseek's engine shows,
+    # the completion's ids decoded as they are, less a final EOS
+    ns_tok = load_tokenizer(args.checkpoint)
+    eos = ns_tok.token_to_id(tok.eos_token)
+
+    def reward(prompts, completions, completion_ids, index, **_) -> list[float]:
+        texts = [
+            ns_tok.decode(ids[:-1] if ids and ids[-1] == eos else ids, skip_special_tokens=False)
+            for ids in completion_ids
+        ]
+        return [rewards(problems[i], text)[0] for i, text in zip(index, texts)]
+
+    hf_logging.set_verbosity_error()  # the MTP layer's weights are "unexpected" to transformers: by design
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "index": list(range(len(problems)))})
     config = TRLConfig(
@@ -132,6 +142,7 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
     print("TRL GRPOConfig: " + ", ".join(f"{k}={getattr(config, k)}" for k in TRL_SETTINGS))
     times: list[float] = []
     lengths: list[float] = []
+    mean_rewards: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -143,6 +154,7 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
+                mean_rewards.append(logs["reward"])
 
     trainer = TRLTrainer(
         model=model,
@@ -153,7 +165,7 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float]]:
         callbacks=[Timer()],
     )
     trainer.train()
-    return times, lengths
+    return times, lengths, mean_rewards
 
 
 def compare(args, task_name: str, rates: list[float]) -> None:
@@ -167,7 +179,7 @@ def compare(args, task_name: str, rates: list[float]) -> None:
         if args.compile:
             runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True), 2
             rates.append(matmul_flops())
-        trl_times, trl_lens = ([], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
+        trl_times, trl_lens, trl_rewards = ([], [], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
     rates.append(matmul_flops())
     n = args.prompts * args.group
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
@@ -181,24 +193,29 @@ def compare(args, task_name: str, rates: list[float]) -> None:
         f"{args.prompts} prompts x G={args.group}, up to {args.max_new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'rollout share':>15}{'x FLOP floor':>14}")
+    print(
+        f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'mean reward':>13}{'rollout share':>15}"
+        f"{'x FLOP floor':>14}"
+    )
     steps, lens = {}, {}
     for name, (records, skip) in runs.items():
         steps[name] = statistics.median(r["step_seconds"] for r in records[skip:])
         rollout = statistics.median(r["rollout_seconds"] for r in records[skip:])
         lens[name] = statistics.mean(r["mean_len"] for r in records[skip:])
+        reward = statistics.mean(r["reward_mean"] for r in records[skip:])
         # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul;
         # the update forwards and backwards prompt and completion, rollouts prefill each prompt once
         trained = n * (prompt_len + lens[name])
         rolled = n * lens[name] + args.prompts * prompt_len
         floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
         print(
-            f"{name:<34}{steps[name]:>16.3f}{lens[name]:>17.1f}{rollout / steps[name]:>15.0%}"
+            f"{name:<34}{steps[name]:>16.3f}{lens[name]:>17.1f}{reward:>13.3f}{rollout / steps[name]:>15.0%}"
             f"{steps[name] / floor:>13.2f}x"
         )
     if trl_times:
         trl, trl_len = statistics.median(trl_times[1:]), statistics.mean(trl_lens[1:] or trl_lens)
-        print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}")
+        trl_reward = statistics.mean(trl_rewards[1:] or trl_rewards)
+        print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}{trl_reward:>13.3f}")
         for name, step in steps.items():
             same = abs(trl_len - lens[name]) <= 0.15 * max(trl_len, lens[name])
             warning = (
