@@ -600,16 +600,20 @@ class DeepSeekV3(nn.Module):
         cache: LatentCacheLike | None = None,
         stats: RouterStats | None = None,
         segments: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Final-normed hidden states [B, S, d]; the engine applies `lm_head` only where it needs logits.
 
         positions ([S] or [B, S]) default to 0..S-1, offset by a LatentCache's committed length.
         `segments` [B, S] (ids of packed documents) keeps attention within each document and restarts
         positions at each document's first token, so a packed row trains like separate sequences.
+        `mask` [B, 1, S, S] (bool, True = attend; within the causal mask), with `positions`, is any other
+        packing, e.g. GRPO's completions sharing their prompt.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        mask = None
+        if segments is not None and mask is not None:
+            raise ValueError("segments and mask: pass one (segments make their own mask)")
         if segments is not None:
             positions, mask = segment_positions_and_mask(segments)
         elif positions is None:
@@ -632,10 +636,14 @@ class DeepSeekV3(nn.Module):
         mtp: bool = False,
         router_stats: bool = False,
         segments: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor | ModelOutput:
-        """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents."""
+        """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents.
+        `segments` or `mask`: packed rows (`hidden_states`)."""
+        if mtp and mask is not None:
+            raise ValueError("mask: the MTP loss takes packed rows as segments only")
         stats = RouterStats() if router_stats else None
-        hidden = self.hidden_states(input_ids, positions, cache, stats, segments)
+        hidden = self.hidden_states(input_ids, positions, cache, stats, segments, mask)
         logits = self.lm_head(hidden)
         if not (mtp or router_stats):
             return logits

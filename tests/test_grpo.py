@@ -74,7 +74,9 @@ def test_gradient_is_zero_when_all_rewards_equal():
 def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
     """Rows are reordered by length so each micro-batch is cut to its own longest row; every row keeps its
     group's advantage, and the cut changes no log-prob."""
-    cfg = GRPOConfig(task="addition@2", group_size=2, prompts_per_step=2, mask_truncated=False)
+    cfg = GRPOConfig(
+        task="addition@2", group_size=2, prompts_per_step=2, mask_truncated=False, shared_prompts=False
+    )
 
     def group(prompt, completions, rewards):
         outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
@@ -100,6 +102,55 @@ def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
         whole, _ = token_logprobs(model, r, slice(None), 1.0)
         cut, _ = token_logprobs(model, r, slice(0, 2), 1.0)  # rows of length 4: a width of 4, not 7
     torch.testing.assert_close(cut[r.mask[:2]], whole[:2][r.mask[:2]], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompts_keep_every_logprob_and_gradient():
+    """Each group packed into one row, its prompt computed once: every completion token's log-prob, and
+    the gradients, as when each completion carries its prompt. Groups of other prompt and completion
+    lengths (so packed rows are padded), two groups a micro-batch; a micro-batch that is not whole groups
+    (dynamic sampling's empty one) falls back to a row each."""
+
+    def group(prompt, completions):
+        outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
+        return None, RequestOutput("r", prompt, outs, 0), [1.0, 0.0, 0.5], [{}, {}, {}]
+
+    groups = [group([1, 2, 3], [[4, 5, 6, 7], [8], [9, 9]]), group([9, 9], [[5, 5], [6, 6, 6], [7, 7, 5, 3]])]
+    model = random_model(ModelConfig.preset("tiny")).train()
+    per_token, grads = [], []
+    for shared in (True, False):
+        cfg = GRPOConfig(
+            task="addition@2",
+            group_size=3,
+            prompts_per_step=2,
+            micro_batch_size=6,
+            mask_truncated=False,
+            shared_prompts=shared,
+        )
+        r = GRPOTrainer._pack(
+            SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [0.0] * 6, 1.0
+        )
+        assert r.group_size == (3 if shared else 0)
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, r, slice(0, 6), 1.0, with_entropy=True)
+        (logp * r.mask).sum().backward()
+        # rows in each layout's own order: keyed by their ids
+        per_token.append(
+            {
+                tuple(r.ids[i, : r.lens[i]].tolist()): (logp[i][r.mask[i]], entropy[i][r.mask[i]])
+                for i in range(6)
+            }
+        )
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if shared:  # one row alone is not a whole group: it carries its prompt, with the same log-probs
+            one, _ = token_logprobs(model, r, slice(5, 6), 1.0)
+            torch.testing.assert_close(one[0][r.mask[5]], logp[5][r.mask[5]], rtol=1e-5, atol=1e-6)
+    assert per_token[0].keys() == per_token[1].keys()
+    for key, (logp, entropy) in per_token[0].items():
+        torch.testing.assert_close(logp, per_token[1][key][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(entropy, per_token[1][key][1], rtol=1e-5, atol=1e-6)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_update_compiles_once_more_for_every_later_length():

@@ -53,8 +53,8 @@ JOBS = ("reference", "train", "decode")
 # by expert and scattering them back up to this many tokens.
 DIRECT_MAX_TOKENS = 2
 # In a compiled CPU graph the gathered experts fuse into one kernel that reads the weights in place, which
-# stays ahead of sorting over a whole decode batch.
-GATHERED_MAX_TOKENS = 128
+# stays ahead of sorting over a whole decode batch (a GRPO rollout's 256 rows, too, where experts are small).
+GATHERED_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,11 @@ class GRPOConfig:
     micro_batch_size: int = option(
         64, "sequences per forward/backward; an update accumulates over the rollout"
     )
+    shared_prompts: bool = option(
+        True,
+        "the update computes each group's prompt once, its completions packed after it (where "
+        "micro_batch_size is a multiple of group_size; otherwise every completion carries its prompt)",
+    )
     dynamic_sampling: bool = option(
         False, "DAPO: drop groups whose rewards are all equal, resample to refill"
     )
@@ -215,6 +220,7 @@ class Rollout:
     ref_logp: Tensor | None = None
     metrics: dict = field(default_factory=dict)
     group_adv: Tensor | None = None  # [N] advantages in sampled order (group after group), `adv` unsorted
+    group_size: int = 0  # rows are whole groups in order, whose prompt the update computes once (0: not)
     samples: list[dict] = field(default_factory=list)  # completion table rows, when asked for
 
 
@@ -225,16 +231,67 @@ def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, wit
     ids = rollout.ids[rows, : int(rollout.lens[rows].max())].clone()
     plens = rollout.prompt_lens[rows]
     t = rollout.mask.shape[1]
-    logits = model(ids[:, :-1]).float() / temperature
-    # gather the positions that predict completion tokens: prompt_len - 1 + j for j < T
+    # the positions that predict completion tokens: prompt_len - 1 + j for j < T
     pos = (plens[:, None] - 1 + torch.arange(t, device=ids.device)[None, :]).clamp(max=ids.shape[1] - 2)
-    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
     targets = ids.gather(1, (pos + 1))
+    g = rollout.group_size
+    if g and rows.start % g == 0 and (rows.stop - rows.start) % g == 0:
+        packed, positions, mask, row_group, at = shared_prompt_rows(rollout, rows, g)
+        logits = model(packed, positions, mask=mask).float() / temperature
+        logits = logits[row_group[:, None], at]  # [n, T, V]
+    else:
+        logits = model(ids[:, :-1]).float() / temperature
+        logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     if not with_entropy:
         return logp, None
     return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def shared_prompt_rows(
+    rollout: Rollout, rows: slice, g: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rows (whole groups of g: one prompt, g completions) packed a group a row: the prompt once, then
+    each completion at the positions it has in its own row, attending to the prompt and to itself only.
+    Every completion's tokens see exactly what they see in their own row, so the log-probs are the same,
+    for the prompt's share of the compute once a group instead of g times. Returns the packed ids
+    [groups, S], positions [groups, S], mask [groups, 1, S, S], each row's group [n] and, for each row, the
+    packed positions [n, T] whose logits predict its completion tokens (past a completion's end: any)."""
+    ids = rollout.ids[rows].tolist()
+    plens, lens = rollout.prompt_lens[rows].tolist(), rollout.lens[rows].tolist()
+    t = rollout.mask.shape[1]
+    tokens, segments, positions, at = [], [], [], []
+    for r0 in range(0, len(ids), g):
+        p = plens[r0]
+        row, seg, pos = ids[r0][:p], [0] * p, list(range(p))
+        for j in range(g):
+            c = lens[r0 + j] - p
+            start = len(row)
+            row += ids[r0 + j][p : p + c]
+            seg += [j + 1] * c
+            pos += range(p, p + c)
+            # token k is predicted by the prompt's last position (k = 0) or by the completion's token k - 1
+            at.append([p - 1] + [start + k - 1 if k < c else p - 1 for k in range(1, t)])
+        tokens.append(row)
+        segments.append(seg)
+        positions.append(pos)
+    width = max(len(row) for row in tokens)
+
+    def padded(lists: list[list[int]], fill: int) -> Tensor:
+        return torch.tensor([x + [fill] * (width - len(x)) for x in lists], device=rollout.ids.device)
+
+    seg = padded(segments, -1)  # padding attends to the prompt and to itself, and nothing attends to it
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    mask = causal & ((seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0))
+    row_group = torch.arange(len(ids), device=seg.device) // g
+    return (
+        padded(tokens, 0),
+        padded(positions, 0),
+        mask[:, None],
+        row_group,
+        torch.tensor(at, device=seg.device),
+    )
 
 
 class GRPOTrainer:
@@ -387,8 +444,13 @@ class GRPOTrainer:
                 truncated.append(o.finish_reason == "length")
         n, t = len(seqs), max(comps)
         rw = torch.tensor(rewards)
-        # rows sorted by length: each micro-batch is then cut to its own longest row, with little padding
-        order = sorted(range(n), key=lambda i: len(seqs[i]))
+        g = cfg.group_size
+        shared = cfg.shared_prompts and cfg.micro_batch_size % g == 0
+        if shared:  # whole groups, by packed length: a micro-batch's packed rows differ little in length
+            packed = [plens[i] + sum(comps[i : i + g]) for i in range(0, n, g)]
+            order = [q * g + j for q in sorted(range(n // g), key=packed.__getitem__) for j in range(g)]
+        else:  # rows by length: each micro-batch is then cut to its own longest row, with little padding
+            order = sorted(range(n), key=lambda i: len(seqs[i]))
         ids = torch.zeros(n, max(len(s) for s in seqs), dtype=torch.long)
         mask = torch.zeros(n, t, dtype=torch.bool)
         for row, i in enumerate(order):
@@ -433,6 +495,7 @@ class GRPOTrainer:
             (int(total_rows), int(total_tokens)),
             metrics=metrics,
             group_adv=adv,
+            group_size=g if shared else 0,
         )
 
     # ---- the update ------------------------------------------------------------------------------
