@@ -162,14 +162,15 @@ def test_compiled_update_compiles_once_more_for_every_later_length():
         outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
         return None, RequestOutput("r", prompt, outs, 0), [1.0, 0.0], [{}, {}]
 
-    groups = [group([1, 2], [[3] * n, [4] * (n + 1)]) for n in (3, 9, 17, 30)]
+    # a group a row (shared prompts), 9 to 143 tokens wide
+    groups = [group([1, 2], [[3] * n, [4] * (n + 1)]) for n in (3, 9, 40, 70)]
     r = GRPOTrainer._pack(
         SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [1.0, 0.0] * 4, 1.0
     )
     model = random_model(ModelConfig.preset("tiny")).prepare("train", compiled=True)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
-    for rows in (slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)):  # widths 6, 12, 20, 33
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)):
         token_logprobs(compiled, r, rows, 1.0)[0].sum().backward()
     assert counter.frame_count == 2
 

@@ -129,7 +129,7 @@ def test_blocked_causal_attention_matches_float64(packed):
     mask = segment_positions_and_mask(torch.tensor([[0] * 20 + [1] * 17, [0] * 37]))[1] if packed else None
     hide = torch.ones(37, 37, dtype=torch.bool).triu(1) if mask is None else ~mask
     ref = scores.masked_fill(hide, float("-inf")).softmax(-1) @ v64
-    out = blocked_causal_attention(q, k, v, 0.3, mask, block=16)
+    out = blocked_causal_attention(q, k, v, 0.3, mask, blocks=3)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, REFERENCE.causal_attention(q, k, v, 0.3, mask), rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
@@ -137,6 +137,13 @@ def test_blocked_causal_attention_matches_float64(packed):
     ref.backward(g)
     for t, t64 in zip((q, k, v), leaves64, strict=True):
         torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5)
+    short = q[:, :, :5].detach()  # blocks of 2: the last one empty
+    torch.testing.assert_close(
+        blocked_causal_attention(short, short, short, 0.3, None, blocks=4),
+        REFERENCE.causal_attention(short, short, short, 0.3),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():

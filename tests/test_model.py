@@ -200,9 +200,9 @@ def test_compiled_training_step_matches_eager(packed, monkeypatch):
     traced = []
     blocked = attention_kernels.blocked_causal_attention
 
-    def spy(q, k, v, scale, mask=None, block=64):
+    def spy(q, k, v, scale, mask=None, blocks=4):
         traced.append(mask is not None)
-        return blocked(q, k, v, scale, mask, block)
+        return blocked(q, k, v, scale, mask, blocks)
 
     monkeypatch.setattr(attention_kernels, "blocked_causal_attention", spy)
 
