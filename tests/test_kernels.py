@@ -153,6 +153,10 @@ def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():
     decode = select(REFERENCE, "decode", torch.device("cpu"))
     assert decode.paged_context and decode.latent_attention is not latent_attention
     assert not select(REFERENCE, "train", torch.device("cpu")).paged_context
+    from nanoseek import LLM
+
+    llm = LLM(random_model(ModelConfig.preset("tiny")), cache_memory_mb=1)
+    assert llm.runner.in_place  # the engine's decode steps hand it their context in place
 
 
 @pytest.mark.parametrize(("heads", "rank", "rope"), [(4, 512, 64), (3, 40, 8), (9, 64, 16)])

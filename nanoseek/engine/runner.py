@@ -87,8 +87,13 @@ class ModelRunner:
     @property
     def in_place(self) -> bool:
         """Whether a step's cache leaves the context in the store: the model's kernels as prepared now (a
-        trainer switches them between jobs) read fp32 latents there (kernels.paged)."""
-        return self.model.kernels.paged_context and self.store.data.dtype == torch.float32
+        trainer switches them between jobs) read fp32 latents there (kernels.paged), and a row's one query
+        takes MLA's absorbed form, the one that reads them."""
+        return (
+            self.model.kernels.paged_context
+            and self.store.data.dtype == torch.float32
+            and MLA.absorb_max_queries >= 1
+        )
 
     @property
     def decode_batch_sizes(self) -> tuple[int, ...]:
