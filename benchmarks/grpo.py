@@ -8,8 +8,10 @@ prompts per step, sampling temperature, completion length, learning rate and los
 group-scaled advantages, beta = 0, one update per rollout batch). TRL is configured as its documentation
 advises for a CPU: fp32 (`bf16=False`; TRL's default bf16 is emulated on CPUs without bf16 units) and no
 gradient checkpointing (its default trades compute for memory this model does not need); the
-configuration is printed. Both sides' mean completion lengths are printed and compared, since a faster
-step over shorter completions would be no faster at all. Prints median step seconds of each and
+configuration is printed. Both sides' mean completion lengths and rewards are printed, and the lengths
+compared, since a faster step over shorter completions would be no faster at all. TRL runs before
+nanoseek and again after it, its steps pooled, so that a drift in the machine's speed (large on shared
+CPUs) weighs on both sides. Prints median step seconds of each and
 their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
 parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32 matmul rate
 (`train_step.matmul_flops`, the reference of the MFU figures too; the median of timings before, between
@@ -173,13 +175,21 @@ def compare(args, task_name: str, rates: list[float]) -> None:
     args.task = task_name
     # each run's records, and how many first steps warm up allocators and caches (and compile)
     runs: dict[str, tuple[list[dict], int]] = {}
+    trl_runs = []  # TRL before nanoseek and after it: a drift in the machine's speed shows on both sides
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_trl:
+            trl_runs.append(run_trl(args, Path(tmp) / "trl-before"))
         runs["nanoseek GRPOTrainer"] = run_nanoseek(args, Path(tmp) / "nanoseek"), 1
         rates.append(matmul_flops())
         if args.compile:
             runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True), 2
             rates.append(matmul_flops())
-        trl_times, trl_lens, trl_rewards = ([], [], []) if args.no_trl else run_trl(args, Path(tmp) / "trl")
+        if not args.no_trl:
+            trl_runs.append(run_trl(args, Path(tmp) / "trl-after"))
+    # each TRL run's first step warms up: its times are left out, its lengths and rewards kept where alone
+    trl_times = [t for times, _, _ in trl_runs for t in times[1:]]
+    trl_lens = [x for _, lens, _ in trl_runs for x in (lens[1:] or lens)]
+    trl_rewards = [x for _, _, rewards in trl_runs for x in (rewards[1:] or rewards)]
     rates.append(matmul_flops())
     n = args.prompts * args.group
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
@@ -213,8 +223,8 @@ def compare(args, task_name: str, rates: list[float]) -> None:
             f"{steps[name] / floor:>13.2f}x"
         )
     if trl_times:
-        trl, trl_len = statistics.median(trl_times[1:]), statistics.mean(trl_lens[1:] or trl_lens)
-        trl_reward = statistics.mean(trl_rewards[1:] or trl_rewards)
+        trl, trl_len = statistics.median(trl_times), statistics.mean(trl_lens)
+        trl_reward = statistics.mean(trl_rewards)
         print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}{trl_reward:>13.3f}")
         for name, step in steps.items():
             same = abs(trl_len - lens[name]) <= 0.15 * max(trl_len, lens[name])
