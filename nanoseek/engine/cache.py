@@ -218,7 +218,7 @@ class PagedBatch:
         self._sees_all = s == 1 and min(starts) == t - 1  # one query per row, each seeing the whole context
         self._bias: Tensor | None = None
         # each row's context length, where the context stays in place (the lengths then stand for the bias)
-        self._in_place = (
+        self._context_lens = (
             torch.tensor([st + 1 for st in starts], device=device) if in_place and s == 1 else None
         )
 
@@ -226,7 +226,7 @@ class PagedBatch:
     def bias(self) -> Tensor | None:
         """Built on first use, once for every layer (a causal prefill chunk never asks for it). Not a
         functools.cached_property: its lock (Python 3.11) stops torch.compile from tracing through."""
-        if self._bias is None and not self._sees_all and self._in_place is None:
+        if self._bias is None and not self._sees_all and self._context_lens is None:
             (b, s), t = self._q_pos.shape, self.shape[1]
             hidden = torch.arange(t)[None, None, :] > self._q_pos[:, :, None]
             self._bias = (
@@ -245,8 +245,8 @@ class PagedBatch:
             new = new.index_select(0, self.valid_rows)
         new = new.to(data.dtype)
         self._written[layer] = new
-        if self._in_place is not None:
-            return PagedContext(data, self.ctx_slots.view(self.shape[0], -1), self._in_place, new)
+        if self._context_lens is not None:
+            return PagedContext(data, self.ctx_slots.view(self.shape[0], -1), self._context_lens, new)
         context = gather_context(data, self.ctx_slots, self.new_rows, new)
         return context.view(self.shape[0], -1, data.shape[-1]).to(latent.dtype)
 

@@ -89,8 +89,7 @@ def select(
     folds MLA's absorbed weights and, on CPU, attends over the engine's paged cache in place. `compiled` adds
     the forms that pay inside a compiled graph: rope in real pairs, rows to and from expert order by gathers,
     and on CPU blocked causal attention (training), fused small-row projections and gathered experts
-    (decoding). `expert_linear` is the routed experts'
-    matmul (F.linear, or FP8's)."""
+    (decoding). `expert_linear` is the routed experts' matmul (F.linear, or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
     return _select(reference, job, torch.device(device), compiled, expert_linear or reference.expert_linear)
