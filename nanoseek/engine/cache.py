@@ -190,37 +190,30 @@ class PagedBatch:
         self.store = store
         bs, b, s = store.block_size, len(tables), max(lens)
         t = max(st + n for st, n in zip(starts, lens))
-        # the new tokens' positions and slots in Python (B x S numbers); a padded query repeats its row's
-        # last position, so it sees at least one key (no NaN) and its latent is never stored
-        pos = [range(st, st + n) for st, n in zip(starts, lens)]
-        self.new_slots = torch.tensor(
-            [tb[p // bs] * bs + p % bs for tb, ps in zip(tables, pos) for p in ps], device=device
-        )
-        self.new_rows = torch.tensor(
-            [i * t + p for i, ps in enumerate(pos) for p in ps], device=device
-        )  # in context
-        self._written: dict[int, Tensor] = {}  # layer -> latents of the new tokens, until commit()
-        self.valid_rows = (
-            None
-            if min(lens) == s
-            else torch.tensor(  # rows of the flattened [B * S] that are real
-                [i * s + j for i, n in enumerate(lens) for j in range(n)], device=device
-            )
-        )
-        self._q_pos = torch.tensor([list(ps) + [ps[-1]] * (s - len(ps)) for ps in pos])
+        # a few tensor ops whatever B is: each row's positions [B, S], of which the first len_b are its own
+        # tokens; a padded query repeats its row's last position, so it sees at least one key (no NaN), and
+        # its latent is never stored
+        first, n = torch.tensor(starts), torch.tensor(lens)
+        pos = first[:, None] + torch.arange(s)
+        real = torch.arange(s) < n[:, None]
+        self._q_pos = torch.minimum(pos, (first + n - 1)[:, None])
         self.positions = self._q_pos.to(device)
-        # the slot of every context position: block tables padded into one tensor, a few ops whatever B is
+        # the slot of every context position [B, T], from the block tables padded into one tensor
         nblk = -(-t // bs)
         table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables])
-        self.ctx_slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t].reshape(-1).to(device)
+        slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
+        self.ctx_slots = slots.reshape(-1).to(device)
+        self.new_slots = slots.gather(1, self._q_pos)[real].to(device)
+        self.new_rows = (torch.arange(b)[:, None] * t + pos)[real].to(device)  # in the flattened context
+        # rows of the flattened [B * S] that are real
+        self.valid_rows = None if min(lens) == s else torch.arange(b * s).view(b, s)[real].to(device)
+        self._written: dict[int, Tensor] = {}  # layer -> latents of the new tokens, until commit()
         self.shape, self.device = (b, t), device
         self.causal = not any(starts) and min(lens) == s
         self._sees_all = s == 1 and min(starts) == t - 1  # one query per row, each seeing the whole context
         self._bias: Tensor | None = None
         # each row's context length, where the context stays in place (the lengths then stand for the bias)
-        self._context_lens = (
-            torch.tensor([st + 1 for st in starts], device=device) if in_place and s == 1 else None
-        )
+        self._context_lens = (first + 1).to(device) if in_place and s == 1 else None
 
     @property
     def bias(self) -> Tensor | None:

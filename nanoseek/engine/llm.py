@@ -281,34 +281,36 @@ class LLM:
 
     def _sample(self, rows: StepRows, logits: Tensor | None) -> list[StreamDelta]:
         """Tokens for the rows that reached their end, from the logits [len(rows.at), V] at their sampled
-        positions; plain rows' next tokens are drawn together, in a few tensor ops."""
+        positions: MTP drafts verified, the other rows' next tokens drawn together in a few tensor ops
+        (`batch_sample`; `sample` for the rows it leaves), and so are the first tokens of the samples that
+        fork from a prompt just prefilled."""
         if not rows.emitting:
             return []
         seqs = [rows.seqs[i] for i in rows.emitting]
+        ends = list(itertools.accumulate(rows.k))
         drafted = len(rows.at) > len(rows.k)  # some rows have several positions: the last is sampled
-        last = logits[[end - 1 for end in itertools.accumulate(rows.k)]] if drafted else logits
-        fast = batch_sample(seqs, last)
-        deltas = []
-        for i, seq, lg in zip(rows.emitting, seqs, logits.split(rows.k), strict=True):
-            deltas += self._emit(seq, lg, rows.lens[i], fast.get(id(seq)))
+        last = logits[[end - 1 for end in ends]] if drafted else logits
+        drawn = batch_sample(seqs, last)
+        deltas, forks = [], []
+        for j, (i, seq) in enumerate(zip(rows.emitting, seqs, strict=True)):
+            if seq.draft:
+                emitted = self.speculator.verify(seq, logits[ends[j] - rows.k[j] : ends[j]])
+            else:
+                emitted = [drawn[j] or sample(last[j], seq.params, seq.output_ids, seq.generator)]
+            # positions computed: the tokens fed in, less the rejected drafts (the cache's tail is rewritten)
+            seq.num_computed += rows.lens[i] - len(seq.draft) + len(emitted) - 1
+            seq.draft = []
+            if not seq.output_ids:  # the prompt is in the cache: the other samples fork from it now, before
+                for child in self._pending_forks.pop(seq.request_id, []):  # a first token may finish seq
+                    self._fork(seq, child)
+                    forks.append((child, j))
+            deltas.append(self._append(seq, emitted))
+        if forks:  # each child's first token, from its parent's logits
+            children = [child for child, _ in forks]
+            first = batch_sample(children, last[[j for _, j in forks]])
+            for (child, j), s in zip(forks, first, strict=True):
+                deltas.append(self._append(child, [s or sample(last[j], child.params, [], child.generator)]))
         return deltas
-
-    def _emit(self, seq: Sequence, logits: Tensor, fed: int, sampled: Sample | None) -> list[StreamDelta]:
-        """Turn the logits [drafts + 1, V] of the last positions of the `fed` tokens into tokens: verify MTP
-        drafts, or sample one (`sampled`: already drawn by `batch_sample`)."""
-        if seq.draft:
-            emitted = self.speculator.verify(seq, logits)
-        else:
-            emitted = [sampled or sample(logits[-1], seq.params, seq.output_ids, seq.generator)]
-        # positions computed: the tokens fed in, less the rejected drafts (the tail of the cache is rewritten)
-        seq.num_computed += fed - len(seq.draft) + len(emitted) - 1
-        seq.draft = []
-        out = []
-        if not seq.output_ids:  # the prompt is in the cache: the other samples fork from it now
-            for child in self._pending_forks.pop(seq.request_id, []):
-                self._fork(seq, child)
-                out.append(self._append(child, [sample(logits[0], child.params, [], child.generator)]))
-        return [self._append(seq, emitted)] + out
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end

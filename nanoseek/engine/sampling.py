@@ -231,18 +231,18 @@ def _plain(params: SamplingParams, vocab: int) -> bool:
     )
 
 
-def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
+def batch_sample(seqs: list, logits: Tensor) -> list[Sample | None]:
     """The next token of many sequences (each with `.params`, `.generator`, `.draft`; row i of logits
-    [R, V] is seqs[i]'s) in a few tensor ops instead of a dozen per row; keyed by id(seq). Rows with
-    drafts to verify or with penalties, a bias, top-k, min-p or logprobs are left to `sample`. Each row stays a
-    function of its own logits and its own generator only (row-wise ops, one uniform per row), so seeded
-    requests keep their outputs."""
+    [R, V] is seqs[i]'s) in a few tensor ops instead of a dozen per row, in seqs' order. Rows with drafts to
+    verify or with penalties, a bias, top-k, min-p or logprobs get None: they are left to `sample`. Each row
+    stays a function of its own logits and its own generator only (row-wise ops, one uniform per row), so
+    seeded requests keep their outputs."""
+    out: list[Sample | None] = [None] * len(seqs)
     plain = [i for i, seq in enumerate(seqs) if not seq.draft and _plain(seq.params, logits.shape[-1])]
-    out: dict[int, Sample] = {}
     greedy = [i for i in plain if seqs[i].params.greedy]
     if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
-            out[id(seqs[i])] = Sample(t)
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+            out[i] = Sample(t)
     rows = [i for i in plain if not seqs[i].params.greedy]
     if rows:
         drawn = [seqs[i] for i in rows]
@@ -252,8 +252,8 @@ def batch_sample(seqs: list, logits: Tensor) -> dict[int, Sample]:
         if bool((top_p < 1).any()):  # rows at 1.0 keep everything, as in `processed_probs`
             probs = _top_p(probs, top_p.masked_fill(top_p >= 1, float("inf")))
         probs = probs / probs.sum(-1, keepdim=True)
-        for seq, t in zip(drawn, _inverse_cdf(probs, [seq.generator for seq in drawn])):
-            out[id(seq)] = Sample(t)
+        for i, t in zip(rows, _inverse_cdf(probs, [seq.generator for seq in drawn]), strict=True):
+            out[i] = Sample(t)
     return out
 
 
