@@ -10,7 +10,14 @@ from nanoseek import ModelConfig
 from nanoseek.engine.llm import CompletionOutput, RequestOutput
 from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import RewardSet, format_reward, overlong_penalty
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, advantages, policy_loss, token_logprobs
+from nanoseek.train.grpo import (
+    GRPOConfig,
+    GRPOTrainer,
+    advantages,
+    policy_loss,
+    shared_prompt_rows,
+    token_logprobs,
+)
 from nanoseek.train.loop import Dist
 
 
@@ -130,6 +137,8 @@ def test_shared_prompts_keep_every_logprob_and_gradient():
             SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [0.0] * 6, 1.0
         )
         assert r.group_size == (3 if shared else 0)
+        if shared:  # the prompt once, then each completion less its last token (which predicts nothing)
+            assert shared_prompt_rows(r, slice(0, 6), 3)[0].shape == (2, max(3 + 7 - 3, 2 + 9 - 3))
         model.zero_grad()
         logp, entropy = token_logprobs(model, r, slice(0, 6), 1.0, with_entropy=True)
         (logp * r.mask).sum().backward()

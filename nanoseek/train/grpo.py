@@ -255,7 +255,8 @@ def shared_prompt_rows(
     """The rows (whole groups of g: one prompt, g completions) packed a group a row: the prompt once, then
     each completion at the positions it has in its own row, attending to the prompt and to itself only.
     Every completion's tokens see exactly what they see in their own row, so the log-probs are the same,
-    for the prompt's share of the compute once a group instead of g times. Returns the packed ids
+    for the prompt's share of the compute once a group instead of g times. A completion's last token is
+    left out: it predicts nothing the loss reads, and no other token attends to it. Returns the packed ids
     [groups, S], positions [groups, S], mask [groups, 1, S, S], each row's group [n] and, for each row, the
     packed positions [n, T] whose logits predict its completion tokens (past a completion's end: any)."""
     ids = rollout.ids[rows].tolist()
@@ -268,9 +269,9 @@ def shared_prompt_rows(
         for j in range(g):
             c = lens[r0 + j] - p
             start = len(row)
-            row += ids[r0 + j][p : p + c]
-            seg += [j + 1] * c
-            pos += range(p, p + c)
+            row += ids[r0 + j][p : p + c - 1]
+            seg += [j + 1] * (c - 1)
+            pos += range(p, p + c - 1)
             # token k is predicted by the prompt's last position (k = 0) or by the completion's token k - 1
             at.append([p - 1] + [start + k - 1 if k < c else p - 1 for k in range(1, t)])
         tokens.append(row)
