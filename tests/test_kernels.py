@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import random_model
 
 import nanoseek.kernels.compiled as compiled_forms
-from nanoseek import LLM, ModelConfig
+from nanoseek import LLM, ModelConfig, SamplingParams
 from nanoseek.kernels import JOBS, blocked_causal_attention, select
 from nanoseek.kernels.experts import GROUPED_MM_CPU, grouped_experts_loop, grouped_experts_mm
 from nanoseek.kernels.linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
@@ -153,8 +153,11 @@ def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():
     decode = select(REFERENCE, "decode", torch.device("cpu"))
     assert decode.paged_context and decode.latent_attention is not latent_attention
     assert not select(REFERENCE, "train", torch.device("cpu")).paged_context
+    # the engine's decode steps run it, on their context left in place
     llm = LLM(random_model(ModelConfig.preset("tiny")), cache_memory_mb=1)
-    assert llm.runner.in_place  # the engine's decode steps hand it their context in place
+    with torch.profiler.profile() as prof:
+        llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert any(e.name == "nanoseek::paged_latent_attention" for e in prof.events())
 
 
 @pytest.mark.parametrize(("heads", "rank", "rope"), [(4, 512, 64), (3, 40, 8), (9, 64, 16)])
