@@ -171,8 +171,9 @@ def test_compiled_update_compiles_once_more_for_every_later_length():
         outs = [CompletionOutput(i, c, "", "stop") for i, c in enumerate(completions)]
         return None, RequestOutput("r", prompt, outs, 0), [1.0, 0.0], [{}, {}]
 
-    # a group a row (shared prompts, each completion less its last token), 7 to 141 tokens wide
-    groups = [group([1, 2], [[3] * n, [4] * (n + 1)]) for n in (3, 9, 40, 70)]
+    # a group a row (shared prompts, each completion less its last token): 7, 19, 84 and 141 tokens wide, of
+    # each remainder but 2 modulo the blocked attention's 4 blocks
+    groups = [group([1, 2], [[3] * n, [4] * (n + k)]) for n, k in ((3, 1), (9, 1), (40, 4), (70, 1))]
     r = GRPOTrainer._pack(
         SimpleNamespace(cfg=cfg, rewards=SimpleNamespace(errors=0), d=Dist()), groups, [1.0, 0.0] * 4, 1.0
     )

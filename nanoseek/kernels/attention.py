@@ -29,7 +29,8 @@ def blocked_causal_attention(
     # a fixed number of blocks (the last ones may be short or empty): one compiled graph for every length,
     # where a fixed block size would unroll a loop of another length for each number of blocks
     for n in range(blocks):
-        start, end = n * size, (n + 1) * size
+        # bounded by s without comparing: a comparison would specialise the graph to s's remainder mod 4
+        start, end = torch.sym_min(n * size, s), torch.sym_min((n + 1) * size, s)
         scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
         rows, cols = scores.shape[-2:]
         hide = (
