@@ -225,7 +225,8 @@ class Rollout:
 
 
 def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
-    """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled)."""
+    """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled), and with
+    `with_entropy` the entropies [n, T] of the distributions they were drawn from (no gradient)."""
     # a copy of its own: a compiled model would otherwise see each micro-batch at another offset into the
     # rollout's storage, and compile again for it
     ids = rollout.ids[rows, : int(rollout.lens[rows].max())].clone()
@@ -237,16 +238,19 @@ def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, wit
     g = rollout.group_size
     if g and rows.start % g == 0 and (rows.stop - rows.start) % g == 0:
         packed, positions, mask, row_group, at = shared_prompt_rows(rollout, rows, g)
-        logits = model(packed, positions, mask=mask).float() / temperature
-        logits = logits[row_group[:, None], at]  # [n, T, V]
+        logits = model(packed, positions, mask=mask)
+        row, pos = row_group[:, None], at
     else:
-        logits = model(ids[:, :-1]).float() / temperature
-        logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    logp_all = F.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+        logits = model(ids[:, :-1])
+        row = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    # normalised where the logits were computed, then read at [n, T]: gathering [n, T, V] logits first would
+    # copy them (and scatter their gradient back) for nothing
+    logp_all = F.log_softmax(logits.float() / temperature, -1)
+    logp = logp_all[row, pos, targets]
     if not with_entropy:
         return logp, None
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():
+        return logp, -(logp_all.exp() * logp_all).sum(-1)[row, pos]
 
 
 def shared_prompt_rows(
@@ -519,7 +523,6 @@ class GRPOTrainer:
         empty = micro * size >= n  # dynamic sampling kept fewer groups: this micro-batch counts for nothing
         rows = slice(n - 1, n) if empty else slice(micro * size, min((micro + 1) * size, n))
         logp, entropy = token_logprobs(self.trainer.wrapped, r, rows, cfg.temperature, with_entropy=True)
-        entropy = entropy.detach()
         old = r.old_logp[rows] if r.old_logp is not None else logp.detach()
         ref = r.ref_logp[rows] if r.ref_logp is not None else None
         batch = (*r.total, self.tc.grad_accum)
