@@ -782,3 +782,13 @@ def test_a_full_cache_preempts_the_newest_request(model):
     assert new.preempted and not old.preempted and llm.scheduler.num_preemptions >= 1
     assert llm._result(first).token_ids == naive_greedy(model, a, 24)
     assert llm._result(second).token_ids == naive_greedy(model, b, 24)
+
+
+def test_row_values_become_the_tensors_torch_tensor_makes():
+    from nanoseek.engine.tensors import float32s, int64s
+
+    ints, floats = [3, -1, 2**40, 0], [0.1, 1 / 3, 1e-30, 2.5]
+    assert torch.equal(int64s(iter(ints)), torch.tensor(ints))
+    assert torch.equal(float32s(floats), torch.tensor(floats, dtype=torch.float32))
+    assert int64s([]).shape == (0,) and int64s([]).dtype == torch.int64
+    assert float32s([]).shape == (0,) and float32s([]).dtype == torch.float32

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from itertools import chain
 
 import torch
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..kernels import PagedContext, when_compiled
+from .tensors import int64s
 
 
 def chain_hash(parent: bytes | None, ids: tuple[int, ...]) -> bytes:
@@ -193,14 +195,14 @@ class PagedBatch:
         # a few tensor ops whatever B is: each row's positions [B, S], of which the first len_b are its own
         # tokens; a padded query repeats its row's last position, so it sees at least one key (no NaN), and
         # its latent is never stored
-        first, n = torch.tensor(starts), torch.tensor(lens)
+        first, n = int64s(starts), int64s(lens)
         pos = first[:, None] + torch.arange(s)
         real = torch.arange(s) < n[:, None]
         self._q_pos = torch.minimum(pos, (first + n - 1)[:, None])
         self.positions = self._q_pos.to(device)
         # the slot of every context position [B, T], from the block tables padded into one tensor
         nblk = -(-t // bs)
-        table = torch.tensor([(tb + [0] * nblk)[:nblk] for tb in tables])
+        table = int64s(chain.from_iterable(tb[:nblk] + [0] * (nblk - len(tb)) for tb in tables)).view(b, nblk)
         slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, -1)[:, :t]
         self.ctx_slots = slots.reshape(-1).to(device)
         self.new_slots = slots.gather(1, self._q_pos)[real].to(device)

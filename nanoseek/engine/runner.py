@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from ..kernels import FUSED_LINEAR_MAX_ROWS
 from ..model import MLA, DecoderLayer, DeepSeekV3, MTPLayer
 from .cache import LatentStore, PagedBatch
 from .scheduler import Sequence
+from .tensors import int64s
 
 # There is a decode graph per kind of batch (one row or several, 1 or 2 tokens a row, masked or not): past
 # dynamo's default limit of 8 per function it would quietly run the rest eagerly.
@@ -134,7 +136,9 @@ class ModelRunner:
             logits, drafts = all_logits[sampled_at], drafts.cpu()
         else:
             hidden = (self.model.hidden_states if rows.prefill else self._decode)(ids, cache.positions, cache)
-            sampled = hidden[sampled_at]
+            # a decode step that samples every row (at its one position) reads them all, without a gather
+            every_row = hidden.shape[1] == 1 and len(rows.at) == hidden.shape[0]
+            sampled = hidden[:, 0] if every_row else hidden[sampled_at]
             for i in scoring:
                 self._score_prompt(rows.seqs[i], rows.starts[i], hidden[i])
         cache.commit()
@@ -145,7 +149,8 @@ class ModelRunner:
     def _ids(self, tokens: list[list[int]]) -> Tensor:
         """Token lists as one zero-padded [B, S] tensor on the model's device."""
         width = max(len(t) for t in tokens)
-        return torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.model.device)
+        padded = int64s(chain.from_iterable(t + [0] * (width - len(t)) for t in tokens))
+        return padded.view(len(tokens), width).to(self.model.device)
 
     def _score_prompt(self, seq: Sequence, start: int, hidden: Tensor) -> None:
         """Record the log-probs of the prompt tokens that the positions of this prefill chunk predict (the
