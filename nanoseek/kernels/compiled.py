@@ -27,10 +27,10 @@ _graphs_at_freeze = 0
 
 def freeze_after_compiling() -> None:
     """Once torch.compile has built graphs since the last call: collect the garbage compiling left, then
-    freeze every object still alive. Compiled graphs keep about a million Python objects alive (guards,
-    graph modules, symbolic shapes). Unfrozen, each full collection walks them all again, which takes up to a
-    second on a laptop CPU and recurs every few steps of a training run. Frozen, the collector skips them.
-    Frozen objects are still freed when their last reference goes."""
+    freeze every object still alive. Compiled graphs keep hundreds of thousands of Python objects alive
+    (guards, graph modules, symbolic shapes); unfrozen, every full collection walks them all again, in the
+    middle of whichever training step or request it lands in. Frozen, the collector skips them; they are
+    still freed when their last reference goes."""
     global _graphs_at_freeze
     graphs = counters["stats"]["unique_graphs"]
     if graphs != _graphs_at_freeze:
