@@ -177,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .engine import LLM
+    from .kernels import freeze_after_compiling
     from .serve.api import create_app
     from .serve.async_engine import server_threads
     from .tokenizer import read_chat_template
@@ -200,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.compile:
         print(COMPILING, flush=True)
         llm.warm_up()
+        freeze_after_compiling()  # the server lives as long as its graphs: no full collection walks them
     app = create_app(
         llm,
         served_model_name=args.served_model_name,

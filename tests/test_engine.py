@@ -785,10 +785,12 @@ def test_a_full_cache_preempts_the_newest_request(model):
 
 
 def test_row_values_become_the_tensors_torch_tensor_makes():
-    from nanoseek.engine.tensors import float32s, int64s
+    from nanoseek.engine.tensors import floats, int64s
 
-    ints, floats = [3, -1, 2**40, 0], [0.1, 1 / 3, 1e-30, 2.5]
-    assert torch.equal(int64s(iter(ints)), torch.tensor(ints))
-    assert torch.equal(float32s(floats), torch.tensor(floats, dtype=torch.float32))
+    ints, values = [3, -1, 2**40, 0], [0.1, 1 / 3, 1e-30, 2.5]
+    assert torch.equal(int64s(iter(ints)), torch.tensor(ints)) and int64s(ints).dtype == torch.int64
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        made = floats(values, dtype)
+        assert made.dtype == dtype and torch.equal(made, torch.tensor(values, dtype=dtype))
     assert int64s([]).shape == (0,) and int64s([]).dtype == torch.int64
-    assert float32s([]).shape == (0,) and float32s([]).dtype == torch.float32
+    assert floats([]).shape == (0,) and floats([]).dtype == torch.float32

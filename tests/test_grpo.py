@@ -141,6 +141,7 @@ def test_shared_prompts_keep_every_logprob_and_gradient():
             assert shared_prompt_rows(r, slice(0, 6), 3)[0].shape == (2, max(3 + 7 - 3, 2 + 9 - 3))
         model.zero_grad()
         logp, entropy = token_logprobs(model, r, slice(0, 6), 1.0, with_entropy=True)
+        assert logp.requires_grad and not entropy.requires_grad  # the entropy is a statistic, not a loss
         (logp * r.mask).sum().backward()
         # rows in each layout's own order: keyed by their ids
         per_token.append(

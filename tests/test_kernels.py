@@ -1,7 +1,6 @@
 """Every fast path in nanoseek.kernels against the reference function of nanoseek.model it replaces."""
 
 import copy
-import gc
 
 import pytest
 import torch
@@ -249,25 +248,3 @@ def test_cuda_experts_take_grouped_mm_in_bf16_only(monkeypatch):
         got = grouped_experts_cuda(xs, counts, gate_up, down)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.5)
-
-
-def test_what_compiling_leaves_is_frozen_once_per_new_graph_and_by_the_training_loop(tmp_path):
-    """After a step that compiled, the objects alive are frozen (full collections would walk them all again
-    every few steps); with nothing compiled since, nothing is."""
-    from nanoseek.kernels import freeze_after_compiling
-    from nanoseek.train.loop import TrainConfig, Trainer
-
-    freeze_after_compiling()  # whatever earlier tests compiled
-    gc.unfreeze()
-    freeze_after_compiling()
-    assert gc.get_freeze_count() == 0
-    model = random_model(ModelConfig.preset("tiny"))
-    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
-    trainer = Trainer(model, TrainConfig(steps=1), tmp_path / "out")
-
-    def loss_fn(step: int, micro: int) -> tuple[torch.Tensor, dict]:
-        return double(model(torch.tensor([[1, 2, 3]]))).mean(), {}
-
-    trainer.train(loss_fn, progress=False)
-    assert gc.get_freeze_count() > 0
-    gc.unfreeze()

@@ -1,3 +1,4 @@
+import gc
 import json
 import os
 import signal
@@ -355,3 +356,28 @@ def test_dense_equivalent_matches_activated_parameters():
         dense.is_moe_layer(i) for i in range(dense.num_hidden_layers)
     )
     assert abs(dense.num_active_params() - moe.num_active_params()) / moe.num_active_params() < 0.01
+
+
+def test_a_step_that_compiled_freezes_the_heap_until_training_ends(tmp_path):
+    """After a step that compiled, the objects alive are frozen (full collections would walk the graphs'
+    objects again and again); when training ends they go back to the collector, cycles and all."""
+    from conftest import random_model
+
+    from nanoseek.kernels import unfreeze_heap
+    from nanoseek.train.loop import Trainer
+
+    unfreeze_heap()
+    gc.unfreeze()
+    model = random_model(ModelConfig.preset("tiny"))
+    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    frozen = []
+
+    def loss_fn(step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        frozen.append(gc.get_freeze_count())
+        return double(model(torch.tensor([[1, 2, 3]]))).mean(), {}
+
+    try:
+        Trainer(model, TrainConfig(steps=2), tmp_path / "out").train(loss_fn, progress=False)
+        assert frozen[0] == 0 and frozen[1] > 0 and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from ..checkpoint import load_model
 from ..device import default_dtype, resolve_device
-from ..kernels import freeze_after_compiling
 from ..model import DeepSeekV3
 from ..tokenizer import load_chat_template, load_tokenizer
 from .cache import BlockManager
@@ -397,8 +396,7 @@ class LLM:
         """Run every kind of decode batch once — each batch size with a graph of its own, of one length (no
         attention bias) and of different lengths; speculative greedy and sampled rows (which draft in forwards
         of their own) — so that with compile=True their graphs are built now rather than during the first
-        requests (a graph built mid-load stalls every stream for seconds); what compiling left on the heap is
-        then frozen (`freeze_after_compiling`)."""
+        requests (a graph built mid-load stalls every stream for seconds)."""
         kinds = [
             SamplingParams(temperature=t, max_tokens=4, ignore_eos=True, seed=0)
             for t in ((0.0, 1.0) if self.speculator is not None else (0.0,))
@@ -409,7 +407,6 @@ class LLM:
                 for extra in (0, 1) if rows > 1 else (0,):
                     self.generate([[1, 2, 3] + [4] * (extra * i) for i in range(rows)], params)
         self.spec_stats.update(stats)
-        freeze_after_compiling()  # a server's full collections would otherwise walk the graphs' objects
 
     def generate(
         self,

@@ -136,7 +136,7 @@ class ModelRunner:
             logits, drafts = all_logits[sampled_at], drafts.cpu()
         else:
             hidden = (self.model.hidden_states if rows.prefill else self._decode)(ids, cache.positions, cache)
-            # a decode step that samples every row (at its one position) reads them all, without a gather
+            # a step of one token a row that samples every row reads them all, without a gather
             every_row = hidden.shape[1] == 1 and len(rows.at) == hidden.shape[0]
             sampled = hidden[:, 0] if every_row else hidden[sampled_at]
             for i in scoring:

@@ -16,7 +16,9 @@ def int64s(values: Iterable[int]) -> Tensor:
     return torch.frombuffer(data, dtype=torch.int64) if data else torch.empty(0, dtype=torch.int64)
 
 
-def float32s(values: Iterable[float]) -> Tensor:
-    """A 1-D float32 tensor of `values` (each rounded to float32, as torch.tensor rounds it)."""
-    data = array("f", values)
-    return torch.frombuffer(data, dtype=torch.float32) if data else torch.empty(0, dtype=torch.float32)
+def floats(values: Iterable[float], dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 1-D tensor of `values` in `dtype`, each rounded from Python's double as torch.tensor rounds it."""
+    data = array("d", values)
+    return (torch.frombuffer(data, dtype=torch.float64) if data else torch.empty(0, dtype=torch.float64)).to(
+        dtype
+    )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import BLOCKED_MAX_LEN, blocked_causal_attention, blocked_up_to
-from .compiled import freeze_after_compiling, when_compiled
+from .compiled import freeze_after_compiling, unfreeze_heap, when_compiled
 from .experts import (
     GROUPED_MM_CPU,
     direct_experts,
@@ -42,6 +42,7 @@ __all__ = [
     "select",
     "when_compiled",
     "freeze_after_compiling",
+    "unfreeze_heap",
     "JOBS",
     "FUSED_LINEAR_MAX_ROWS",
     "blocked_causal_attention",

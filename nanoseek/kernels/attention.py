@@ -29,7 +29,7 @@ def blocked_causal_attention(
     # a fixed number of blocks (the last ones may be short or empty): one compiled graph for every length,
     # where a fixed block size would unroll a loop of another length for each number of blocks
     for n in range(blocks):
-        # bounded by s without comparing: a comparison would specialise the graph to s's remainder mod 4
+        # bounded by s without comparing: a comparison would specialise the graph to s modulo `blocks`
         start, end = torch.sym_min(n * size, s), torch.sym_min((n + 1) * size, s)
         scores = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)).float() * scale
         rows, cols = scores.shape[-2:]

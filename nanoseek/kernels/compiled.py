@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 
 from torch import Tensor
-from torch._dynamo.utils import counters
 from torch.compiler import is_compiling
 
 
@@ -22,18 +22,28 @@ def when_compiled(compiled: Callable[..., Tensor], eager: Callable[..., Tensor])
     return kernel
 
 
-_graphs_at_freeze = 0
+_graphs_at_freeze: int | None = None  # compiled graphs when the heap was frozen here (None: not frozen)
 
 
 def freeze_after_compiling() -> None:
     """Once torch.compile has built graphs since the last call: collect the garbage compiling left, then
-    freeze every object still alive. Compiled graphs keep hundreds of thousands of Python objects alive
-    (guards, graph modules, symbolic shapes); unfrozen, every full collection walks them all again, in the
-    middle of whichever training step or request it lands in. Frozen, the collector skips them; they are
-    still freed when their last reference goes."""
+    freeze every object alive (`gc.freeze`). Compiled graphs keep hundreds of thousands of Python objects
+    alive (guards, graph modules, symbolic shapes); unfrozen, every full collection walks them all again,
+    in the middle of whichever training step or request it lands in. Frozen objects are still freed when
+    their last reference goes, but a reference cycle among them is not, until `unfreeze_heap`: a job that
+    freezes calls it when it ends."""
     global _graphs_at_freeze
-    graphs = counters["stats"]["unique_graphs"]
-    if graphs != _graphs_at_freeze:
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing was compiled
+    graphs = utils.counters["stats"]["unique_graphs"] if utils is not None else 0
+    if graphs and graphs != _graphs_at_freeze:
         _graphs_at_freeze = graphs
         gc.collect()
         gc.freeze()
+
+
+def unfreeze_heap() -> None:
+    """Hand what `freeze_after_compiling` froze back to the collector."""
+    global _graphs_at_freeze
+    if _graphs_at_freeze is not None:
+        _graphs_at_freeze = None
+        gc.unfreeze()

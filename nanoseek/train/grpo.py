@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -224,7 +224,13 @@ class Rollout:
     samples: list[dict] = field(default_factory=list)  # completion table rows, when asked for
 
 
-def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, with_entropy: bool = False):
+def token_logprobs(
+    model: Callable[..., Tensor],
+    rollout: Rollout,
+    rows: slice,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Log-probs [n, T] of each completion token under `model` (temperature-scaled, as sampled), and with
     `with_entropy` the entropies [n, T] of the distributions they were drawn from (no gradient)."""
     # a copy of its own: a compiled model would otherwise see each micro-batch at another offset into the
@@ -240,11 +246,12 @@ def token_logprobs(model, rollout: Rollout, rows: slice, temperature: float, wit
         packed, positions, mask, row_group, at = shared_prompt_rows(rollout, rows, g)
         logits = model(packed, positions, mask=mask)
         row, pos = row_group[:, None], at
-    else:
-        logits = model(ids[:, :-1])
-        row = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    else:  # the positions before the first completion token predict nothing the loss reads
+        first = int(plens.min()) - 1
+        logits = model(ids[:, :-1])[:, first:]
+        row, pos = torch.arange(ids.shape[0], device=ids.device)[:, None], pos - first
     # normalised where the logits were computed, then read at [n, T]: gathering [n, T, V] logits first would
-    # copy them (and scatter their gradient back) for nothing
+    # copy them, and scatter their gradient back
     logp_all = F.log_softmax(logits.float() / temperature, -1)
     logp = logp_all[row, pos, targets]
     if not with_entropy:

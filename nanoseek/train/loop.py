@@ -36,7 +36,7 @@ from ..checkpoint import load_model, save_model
 from ..config import option
 from ..device import DEVICES, resolve_device
 from ..fp8 import apply_fp8
-from ..kernels import freeze_after_compiling
+from ..kernels import freeze_after_compiling, unfreeze_heap
 from ..model import DeepSeekV3
 from ..tokenizer import copy_tokenizer
 from .expert_parallel import ExpertParallel, check_expert_parallel
@@ -511,7 +511,7 @@ class Trainer:
                     record.update(self.ep.step_metrics())
                 if after_step is not None:
                     after_step(self.step, record)
-                freeze_after_compiling()  # a step that compiled (the first ones, with --compile) leaves garbage
+                freeze_after_compiling()  # after a step that compiled (the first ones, with --compile)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 record["step_seconds"] = dt
@@ -547,6 +547,7 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGINT, previous)
             self.tracker.flush()
+            unfreeze_heap()  # the run's objects, cycles included, can be collected once it is dropped
         return records
 
     def _agree_to_stop(self, started: float) -> bool:
