@@ -12,13 +12,14 @@ from torch import Tensor
 
 def int64s(values: Iterable[int]) -> Tensor:
     """A 1-D int64 tensor of `values`."""
-    data = array("q", values)
-    return torch.frombuffer(data, dtype=torch.int64) if data else torch.empty(0, dtype=torch.int64)
+    return _from_buffer(array("q", values), torch.int64)
 
 
 def floats(values: Iterable[float], dtype: torch.dtype = torch.float32) -> Tensor:
     """A 1-D tensor of `values` in `dtype`, each rounded from Python's double as torch.tensor rounds it."""
-    data = array("d", values)
-    return (torch.frombuffer(data, dtype=torch.float64) if data else torch.empty(0, dtype=torch.float64)).to(
-        dtype
-    )
+    return _from_buffer(array("d", values), torch.float64).to(dtype)
+
+
+def _from_buffer(data: array, dtype: torch.dtype) -> Tensor:
+    """The array's items as a tensor that shares its buffer (frombuffer refuses an empty one)."""
+    return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
