@@ -21,13 +21,19 @@ class Detokenizer:
         self.prefix_offset = self.read_offset = 0
         self.stopped = False  # a stop string ended the text
 
+    @property
+    def incremental(self) -> bool:
+        """Whether `update` must see every token: the text streams, or may hold a stop string. Otherwise
+        only the finished sample's tokens need to reach it."""
+        return self.stream or bool(self.stop)
+
     def update(self, ids: list[int], finished: bool) -> str:
         """Take the sample's text tokens so far (`finished`: no more will come) and return the new text safe
         to stream: broken UTF-8 and a tail that may start a stop string are held back. Sets `stopped` when a
         stop string ends the text."""
         if self.tokenizer is None:
             return ""
-        if not (self.stream or self.stop):
+        if not self.incremental:
             if finished:
                 self.text = self.tokenizer.decode(ids, skip_special_tokens=False)
             return ""

@@ -252,7 +252,8 @@ class LLM:
     # ---- one engine step -----------------------------------------------------------------------
     @torch.inference_mode()  # cheaper per op than no_grad; nothing a step makes is ever differentiated
     def step(self) -> list[StreamDelta]:
-        """Schedule; then for the batch's decodes and for its prefills: run the model, sample, emit."""
+        """Schedule; then for the batch's decodes and for its prefills: run the model, sample, emit. Returns
+        what each sample streams, for every request but those of `generate`."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
         decodes = [(seq, 1 + len(seq.draft)) for seq in batch.decodes]  # a decode feeds its drafts too
@@ -304,12 +305,15 @@ class LLM:
                 for child in self._pending_forks.pop(seq.request_id, []):  # a first token may finish seq
                     self._fork(seq, child)
                     forks.append((child, j))
-            deltas.append(self._append(seq, emitted))
+            if (delta := self._append(seq, emitted)) is not None:
+                deltas.append(delta)
         if forks:  # each child's first token, from its parent's logits
             children = [child for child, _ in forks]
             first = batch_sample(children, last[[j for _, j in forks]])
             for (child, j), s in zip(forks, first, strict=True):
-                deltas.append(self._append(child, [s or sample(last[j], child.params, [], child.generator)]))
+                delta = self._append(child, [s or sample(last[j], child.params, [], child.generator)])
+                if delta is not None:
+                    deltas.append(delta)
         return deltas
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
@@ -329,8 +333,9 @@ class LLM:
             self._tail_copies.append((parent.table[full], child.table[full], child))
         self.scheduler.running.append(child)
 
-    def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta:
-        """Append sampled tokens up to the first stop condition, and return what to stream."""
+    def _append(self, seq: Sequence, samples: list[Sample]) -> StreamDelta | None:
+        """Append sampled tokens up to the first stop condition, and return what to stream (None for the
+        requests of `generate`, which reads their results at the end)."""
         p, text = seq.params, self._texts[seq.request_id][seq.index]
         new, text_delta = [], ""
         first = not seq.output_ids
@@ -345,16 +350,18 @@ class LLM:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
                 seq.finish_reason = "length"
-            # the text leaves out a stop (or EOS) token
-            text_delta += text.update(
-                seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids, seq.finished
-            )
-            if text.stopped:
-                seq.finish_reason = "stop"
+            if text.incremental or seq.finished:  # the text leaves out a stop (or EOS) token
+                text_delta += text.update(
+                    seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids, seq.finished
+                )
+                if text.stopped:
+                    seq.finish_reason = "stop"
             if seq.finished:
                 break
         if seq.finished:
             self.scheduler.finish(seq)
+        if not text.stream:
+            return None
         delta = StreamDelta(
             seq.request_id,
             seq.index,

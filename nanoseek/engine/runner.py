@@ -38,8 +38,12 @@ class StepRows:
         self.seqs = [seq for seq, _ in pairs]
         self.lens = [n for _, n in pairs]
         self.starts = [seq.num_computed for seq in self.seqs]
-        self.tokens = [seq.window(seq.num_computed, n) for seq, n in pairs]
-        self.ends = [seq.num_computed + n >= seq.num_tokens for seq, n in pairs]
+        if prefill:
+            self.tokens = [seq.window(seq.num_computed, n) for seq, n in pairs]
+            self.ends = [seq.num_computed + n >= seq.num_tokens for seq, n in pairs]
+        else:  # a decoding sequence has every token but its last in the cache: it feeds that one and its drafts
+            self.tokens = [[seq.last_token, *seq.draft] for seq in self.seqs]
+            self.ends = [True] * len(pairs)
         self.emitting = [i for i, end in enumerate(self.ends) if end]
         self.k = [1 + len(self.seqs[i].draft) for i in self.emitting]  # positions sampled from, per row
         self.at = [

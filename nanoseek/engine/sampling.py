@@ -240,7 +240,12 @@ def batch_sample(seqs: list, logits: Tensor) -> list[Sample | None]:
     stays a function of its own logits and its own generator only (row-wise ops, one uniform per row), so
     seeded requests keep their outputs."""
     out: list[Sample | None] = [None] * len(seqs)
-    plain = [i for i, seq in enumerate(seqs) if not seq.draft and _plain(seq.params, logits.shape[-1])]
+    # decided once per request: its n samples share one SamplingParams
+    batchable: dict[int, bool] = {}
+    for seq in seqs:
+        if id(seq.params) not in batchable:
+            batchable[id(seq.params)] = _plain(seq.params, logits.shape[-1])
+    plain = [i for i, seq in enumerate(seqs) if not seq.draft and batchable[id(seq.params)]]
     greedy = [i for i in plain if seqs[i].params.greedy]
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):

@@ -63,6 +63,10 @@ class Sequence:
         )
 
     @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
@@ -101,12 +105,17 @@ class Scheduler:
 
     def schedule(self) -> Batch:
         decodes: list[Sequence] = []
+        partial: list[Sequence] = []  # partially prefilled: they continue before new prompts start
         budget = self.max_batched_tokens
+        room = self.blocks.block_size
         for seq in list(self.running):
             if seq.prefilling:  # (a preempted sequence is no longer admitted: prefilling again)
+                if seq.admitted:
+                    partial.append(seq)
                 continue
             need = seq.num_tokens + self.num_draft  # slots for the last token and the drafts
-            while not self.blocks.grow(seq.table, need):
+            # (preemption takes the newest sequences, never one this loop has passed)
+            while need > len(seq.table) * room and not self.blocks.grow(seq.table, need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -115,7 +124,7 @@ class Scheduler:
                 decodes.append(seq)
                 budget -= 1 + self.num_draft
         prefills: list[tuple[Sequence, int]] = []
-        for seq in [s for s in self.running if s.prefilling]:  # partially prefilled, continue first
+        for seq in partial:
             if budget <= 0:
                 break
             n = self._chunk(seq, budget)
