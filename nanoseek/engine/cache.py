@@ -71,10 +71,12 @@ class BlockManager:
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Append blocks to `table` until it holds num_tokens; False (and no change) if memory is short."""
+        if num_tokens <= len(table) * self.block_size:  # every decode step asks, for every row: mostly this
+            return True
         need = -(-num_tokens // self.block_size) - len(table)
         if need > len(self.free):
             return False
-        table.extend(self._take() for _ in range(max(need, 0)))
+        table.extend(self._take() for _ in range(need))
         return True
 
     def seal(

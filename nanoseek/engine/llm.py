@@ -305,16 +305,13 @@ class LLM:
                 for child in self._pending_forks.pop(seq.request_id, []):  # a first token may finish seq
                     self._fork(seq, child)
                     forks.append((child, j))
-            if (delta := self._append(seq, emitted)) is not None:
-                deltas.append(delta)
+            deltas.append(self._append(seq, emitted))
         if forks:  # each child's first token, from its parent's logits
             children = [child for child, _ in forks]
             first = batch_sample(children, last[[j for _, j in forks]])
             for (child, j), s in zip(forks, first, strict=True):
-                delta = self._append(child, [s or sample(last[j], child.params, [], child.generator)])
-                if delta is not None:
-                    deltas.append(delta)
-        return deltas
+                deltas.append(self._append(child, [s or sample(last[j], child.params, [], child.generator)]))
+        return [d for d in deltas if d is not None]  # generate's requests stream nothing
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's prompt cache: full blocks shared, the partial tail block copied (at the end

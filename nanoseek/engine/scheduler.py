@@ -64,6 +64,7 @@ class Sequence:
 
     @property
     def last_token(self) -> int:
+        """The newest token: the one a decode step feeds."""
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
@@ -107,7 +108,6 @@ class Scheduler:
         decodes: list[Sequence] = []
         partial: list[Sequence] = []  # partially prefilled: they continue before new prompts start
         budget = self.max_batched_tokens
-        room = self.blocks.block_size
         for seq in list(self.running):
             if seq.prefilling:  # (a preempted sequence is no longer admitted: prefilling again)
                 if seq.admitted:
@@ -115,7 +115,7 @@ class Scheduler:
                 continue
             need = seq.num_tokens + self.num_draft  # slots for the last token and the drafts
             # (preemption takes the newest sequences, never one this loop has passed)
-            while need > len(seq.table) * room and not self.blocks.grow(seq.table, need):
+            while not self.blocks.grow(seq.table, need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:

@@ -245,19 +245,19 @@ def token_logprobs(
     if g and rows.start % g == 0 and (rows.stop - rows.start) % g == 0:
         packed, positions, mask, row_group, at = shared_prompt_rows(rollout, rows, g)
         logits = model(packed, positions, mask=mask)
-        row, pos = row_group[:, None], at
+        row, col = row_group[:, None], at  # where each completion token's logits are
     else:  # the positions before the first completion token predict nothing the loss reads
         first = int(plens.min()) - 1
         logits = model(ids[:, :-1])[:, first:]
-        row, pos = torch.arange(ids.shape[0], device=ids.device)[:, None], pos - first
+        row, col = torch.arange(ids.shape[0], device=ids.device)[:, None], pos - first
     # normalised where the logits were computed, then read at [n, T]: gathering [n, T, V] logits first would
     # copy them, and scatter their gradient back
     logp_all = F.log_softmax(logits.float() / temperature, -1)
-    logp = logp_all[row, pos, targets]
+    logp = logp_all[row, col, targets]
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        return logp, -(logp_all.exp() * logp_all).sum(-1)[row, pos]
+        return logp, -(logp_all.exp() * logp_all).sum(-1)[row, col]
 
 
 def shared_prompt_rows(
