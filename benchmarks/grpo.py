@@ -9,13 +9,14 @@ group-scaled advantages, beta = 0, one update per rollout batch). TRL is configu
 advises for a CPU: fp32 (`bf16=False`; TRL's default bf16 is emulated on CPUs without bf16 units) and no
 gradient checkpointing (its default trades compute for memory this model does not need); the
 configuration is printed. Both sides' mean completion lengths and rewards are printed, and the lengths
-compared, since a faster step over shorter completions would be no faster at all. TRL runs before
-nanoseek and again after it, its steps pooled, so that a drift in the machine's speed (large on shared
-CPUs) weighs on both sides. Prints median step seconds of each and
-their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x active
-parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32 matmul rate
-(`train_step.matmul_flops`, the reference of the MFU figures too; the median of timings before, between
-and after the runs).
+compared, since a faster step over shorter completions would be no faster at all. TRL trains in a process
+of its own whose steps alternate with nanoseek's, one step each in turn (a pipe hands the CPU over), so
+that both sides meet the same machine speed (it drifts by tens of percent within minutes on shared
+CPUs); each nanoseek run (eager, then `--compile`) has a TRL run of its own alongside. Prints the
+median step seconds of each pair and their ratio, nanoseek's rollout share of the step, and the step
+against a FLOP floor: 6 x active parameters x trained tokens + 2 x active parameters x rollout tokens at
+this CPU's 1024x1024 fp32 matmul rate (`train_step.matmul_flops`, the reference of the MFU figures too;
+the median of timings before, between and after the runs).
 Needs the bench extra: `pip install -e .[bench]` (transformers, trl).
 """
 
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -40,7 +44,10 @@ from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.train.loop import TrainConfig
 
 
-def run_nanoseek(args, out: Path, compile: bool = False) -> list[dict]:
+def run_nanoseek(
+    args, out: Path, compile: bool = False, between_steps: Callable[[], None] | None = None
+) -> list[dict]:
+    """nanoseek's per-step records; `between_steps` runs after each step is timed and logged."""
     cfg = GRPOConfig(
         task=args.task,
         group_size=args.group,
@@ -50,7 +57,7 @@ def run_nanoseek(args, out: Path, compile: bool = False) -> list[dict]:
         beta=0.0,
         loss_type="dapo",
     )
-    GRPOTrainer(
+    trainer = GRPOTrainer(
         args.checkpoint,
         cfg,
         TrainConfig(
@@ -63,7 +70,16 @@ def run_nanoseek(args, out: Path, compile: bool = False) -> list[dict]:
             compile=compile,
         ),
         out,
-    ).train(progress=False)
+    )
+    if between_steps is not None:  # the training loop logs each record once its step is timed
+        log = trainer.trainer.log
+
+        def log_then_hand_over(record: dict) -> None:
+            log(record)
+            between_steps()
+
+        trainer.trainer.log = log_then_hand_over
+    trainer.train(progress=False)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -84,9 +100,10 @@ TRL_SETTINGS = (
 )
 
 
-def run_trl(args, out: Path) -> tuple[list[float], list[float], list[float]]:
+def run_trl(args, out: Path, turn: Connection | None = None) -> tuple[list[float], list[float], list[float]]:
     """Step seconds, mean completion lengths and mean rewards of TRL's trainer (timed by a callback around
-    each step)."""
+    each step). With `turn`, it says "ready" once set up and then trains a step each time it is sent "go",
+    answering "stepped"."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.utils import logging as hf_logging
@@ -152,6 +169,9 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float], list[float]]:
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+            if turn is not None:  # the other side's step, then this side's next
+                turn.send("stepped")
+                turn.recv()
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "completions/mean_length" in logs:
@@ -166,31 +186,62 @@ def run_trl(args, out: Path) -> tuple[list[float], list[float], list[float]]:
         processing_class=tok,
         callbacks=[Timer()],
     )
+    if turn is not None:
+        turn.send("ready")
+        turn.recv()
     trainer.train()
     return times, lengths, mean_rewards
+
+
+def _trl_process(args, out: Path, turn: Connection) -> None:
+    turn.send(("done", run_trl(args, out, turn)))
+
+
+def alternating(args, out: Path, compile: bool) -> tuple[list[dict], tuple | None]:
+    """nanoseek's records and TRL's (`run_trl`'s) results, their steps taken in turn: nanoseek's first,
+    then TRL's, each measured while the other side waits."""
+    if args.no_trl:
+        return run_nanoseek(args, out / "nanoseek", compile), None
+    here, there = multiprocessing.get_context("spawn").Pipe()
+    trl = multiprocessing.get_context("spawn").Process(target=_trl_process, args=(args, out / "trl", there))
+    trl.start()
+    results = None
+
+    def trl_step() -> None:
+        nonlocal results
+        if results is None:
+            here.send("go")
+            message = here.recv()
+            if message != "stepped":
+                results = message[1]
+
+    try:
+        if here.recv() != "ready":
+            raise RuntimeError("the TRL process did not start")
+        records = run_nanoseek(args, out / "nanoseek", compile, between_steps=trl_step)
+        while results is None:  # TRL's last steps, if it has more
+            trl_step()
+    except EOFError:
+        raise SystemExit(f"the TRL process ended without its results (exit code {trl.exitcode})") from None
+    finally:
+        trl.join(timeout=60)
+        if trl.is_alive():
+            trl.kill()
+    return records, results
 
 
 def compare(args, task_name: str, rates: list[float]) -> None:
     """Both trainers on one task, then the side-by-side table."""
     args.task = task_name
-    # each run's records, and how many first steps warm up allocators and caches (and compile)
-    runs: dict[str, tuple[list[dict], int]] = {}
-    trl_runs = []  # TRL before nanoseek and after it: a drift in the machine's speed shows on both sides
+    # each nanoseek run's records, how many first steps warm up allocators and caches (and compile), and
+    # the TRL run alongside it
+    runs: dict[str, tuple[list[dict], int, tuple | None]] = {}
+    variants = [("nanoseek GRPOTrainer", False, 1)] + [("nanoseek, --compile", True, 2)] * args.compile
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.no_trl:
-            trl_runs.append(run_trl(args, Path(tmp) / "trl-before"))
-        runs["nanoseek GRPOTrainer"] = run_nanoseek(args, Path(tmp) / "nanoseek"), 1
-        rates.append(matmul_flops())
-        if args.compile:
-            runs["nanoseek, --compile"] = run_nanoseek(args, Path(tmp) / "compiled", compile=True), 2
+        for i, (name, compiled, skip) in enumerate(variants):
+            records, trl = alternating(args, Path(tmp) / str(i), compiled)
+            runs[name] = records, skip, trl
             rates.append(matmul_flops())
-        if not args.no_trl:
-            trl_runs.append(run_trl(args, Path(tmp) / "trl-after"))
-    # each TRL run's first step warms up: its times are left out, its lengths and rewards kept where alone
-    trl_times = [t for times, _, _ in trl_runs for t in times[1:]]
-    trl_lens = [x for _, lens, _ in trl_runs for x in (lens[1:] or lens)]
-    trl_rewards = [x for _, _, rewards in trl_runs for x in (rewards[1:] or rewards)]
-    rates.append(matmul_flops())
     n = args.prompts * args.group
     c = ModelConfig.from_json(Path(args.checkpoint) / "config.json")
     tok, task, rng = load_tokenizer(args.checkpoint), get_task(task_name), random.Random(0)
@@ -207,33 +258,34 @@ def compare(args, task_name: str, rates: list[float]) -> None:
         f"{'':<34}{'step s (median)':>16}{'mean completion':>17}{'mean reward':>13}{'rollout share':>15}"
         f"{'x FLOP floor':>14}"
     )
-    steps, lens = {}, {}
-    for name, (records, skip) in runs.items():
-        steps[name] = statistics.median(r["step_seconds"] for r in records[skip:])
+    ratios = []
+    for name, (records, skip, trl) in runs.items():
+        step = statistics.median(r["step_seconds"] for r in records[skip:])
         rollout = statistics.median(r["rollout_seconds"] for r in records[skip:])
-        lens[name] = statistics.mean(r["mean_len"] for r in records[skip:])
+        length = statistics.mean(r["mean_len"] for r in records[skip:])
         reward = statistics.mean(r["reward_mean"] for r in records[skip:])
         # the floor: matmul FLOPs alone (activated parameters), at the rate of a plain 1024x1024 matmul;
         # the update forwards and backwards prompt and completion, rollouts prefill each prompt once
-        trained = n * (prompt_len + lens[name])
-        rolled = n * lens[name] + args.prompts * prompt_len
+        trained = n * (prompt_len + length)
+        rolled = n * length + args.prompts * prompt_len
         floor = (6 * active * trained + 2 * active * rolled) / statistics.median(rates)
         print(
-            f"{name:<34}{steps[name]:>16.3f}{lens[name]:>17.1f}{reward:>13.3f}{rollout / steps[name]:>15.0%}"
-            f"{steps[name] / floor:>13.2f}x"
+            f"{name:<34}{step:>16.3f}{length:>17.1f}{reward:>13.3f}{rollout / step:>15.0%}"
+            f"{step / floor:>13.2f}x"
         )
-    if trl_times:
-        trl, trl_len = statistics.median(trl_times), statistics.mean(trl_lens)
-        trl_reward = statistics.mean(trl_rewards)
-        print(f"{'TRL GRPOTrainer (fp32, no ckpt)':<34}{trl:>16.3f}{trl_len:>17.1f}{trl_reward:>13.3f}")
-        for name, step in steps.items():
-            same = abs(trl_len - lens[name]) <= 0.15 * max(trl_len, lens[name])
-            warning = (
-                ""
-                if same
-                else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"
-            )
-            print(f"{name} is {trl / step:.2f}x faster per step than TRL{warning}")
+        if trl is None:
+            continue
+        # TRL's first step warms up: its time is left out, its length and reward kept where alone
+        times, trl_lens, trl_rewards = trl
+        trl_step, trl_len = statistics.median(times[1:]), statistics.mean(trl_lens[1:] or trl_lens)
+        trl_reward = statistics.mean(trl_rewards[1:] or trl_rewards)
+        print(f"{'  TRL (fp32, no ckpt), alongside':<34}{trl_step:>16.3f}{trl_len:>17.1f}{trl_reward:>13.3f}")
+        same = abs(trl_len - length) <= 0.15 * max(trl_len, length)
+        warning = (
+            "" if same else "  (WARNING: mean completion lengths differ by more than 15%: not the same work)"
+        )
+        ratios.append(f"{name} is {trl_step / step:.2f}x faster per step than TRL alongside it{warning}")
+    print("\n".join(ratios))
 
 
 def main() -> None:
