@@ -3,20 +3,20 @@
     python benchmarks/grpo.py [--checkpoint runs/demo/base] [--task addition@2 arithmetic] [--steps 6] \
                               [--prompts 32] [--group 8] [--max-new-tokens 32]
 
-Same exported checkpoint (TRL loads it with `transformers`), task, reward functions, group size G,
-prompts per step, sampling temperature, completion length, learning rate and loss (DAPO token-level,
-group-scaled advantages, beta = 0, one update per rollout batch). TRL is configured as its documentation
-advises for a CPU: fp32 (`bf16=False`; TRL's default bf16 is emulated on CPUs without bf16 units) and no
-gradient checkpointing (its default trades compute for memory this model does not need); the
+Same exported checkpoint (TRL loads it with `transformers`), task, reward functions, group size G, prompts
+per step, sampling temperature, completion length, learning rate and loss (DAPO token-level, group-scaled
+advantages, beta = 0, one update per rollout batch). TRL is configured as a CPU user would: fp32
+(`bf16=False`, the precision nanoseek trains in, so both sides do the same arithmetic; TRL's default is
+bf16) and no gradient checkpointing (its default trades compute for memory this model does not need); the
 configuration is printed. Both sides' mean completion lengths and rewards are printed, and the lengths
-compared, since a faster step over shorter completions would be no faster at all. TRL trains in a process
-of its own whose steps alternate with nanoseek's, one step each in turn (a pipe hands the CPU over), so
-that both sides meet the same machine speed (it drifts by tens of percent within minutes on shared
-CPUs); each nanoseek run (eager, then `--compile`) has a TRL run of its own alongside. Prints the
-median step seconds of each pair and their ratio, nanoseek's rollout share of the step, and the step
-against a FLOP floor: 6 x active parameters x trained tokens + 2 x active parameters x rollout tokens at
-this CPU's 1024x1024 fp32 matmul rate (`train_step.matmul_flops`, the reference of the MFU figures too;
-the median of timings before, between and after the runs).
+compared, since a faster step over shorter completions would be no faster at all. TRL trains in a process of
+its own whose steps alternate with nanoseek's, one step each in turn (a pipe hands the CPU over), so that
+both sides meet the same machine speed (it drifts by tens of percent within minutes on shared CPUs); each
+nanoseek run (eager, then `--compile`) has a TRL run of its own alongside. Prints the median step seconds of
+each pair and their ratio, nanoseek's rollout share of the step, and the step against a FLOP floor: 6 x
+active parameters x trained tokens + 2 x active parameters x rollout tokens at this CPU's 1024x1024 fp32
+matmul rate (`train_step.matmul_flops`, the reference of the MFU figures too; the median of timings before,
+between and after the runs).
 Needs the bench extra: `pip install -e .[bench]` (transformers, trl).
 """
 
