@@ -202,8 +202,9 @@ def alternating(args, out: Path, compile: bool) -> tuple[list[dict], tuple | Non
     then TRL's, each measured while the other side waits."""
     if args.no_trl:
         return run_nanoseek(args, out / "nanoseek", compile), None
-    here, there = multiprocessing.get_context("spawn").Pipe()
-    trl = multiprocessing.get_context("spawn").Process(target=_trl_process, args=(args, out / "trl", there))
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with nanoseek's
+    here, there = spawn.Pipe()
+    trl = spawn.Process(target=_trl_process, args=(args, out / "trl", there))
     trl.start()
     results = None
 
