@@ -158,7 +158,8 @@ def run_trl(args, out: Path, turn: Connection | None = None) -> tuple[list[float
         bf16=False,
         gradient_checkpointing=False,
     )
-    print("TRL GRPOConfig: " + ", ".join(f"{k}={getattr(config, k)}" for k in TRL_SETTINGS))
+    settings = ", ".join(f"{k}={getattr(config, k)}" for k in TRL_SETTINGS)
+    print(f"TRL GRPOConfig: {settings}; {torch.get_num_threads()} threads")
     times: list[float] = []
     lengths: list[float] = []
     mean_rewards: list[float] = []
