@@ -100,9 +100,9 @@ TRL_SETTINGS = (
 )
 
 
-def run_trl(args, out: Path, turn: Connection | None = None) -> tuple[list[float], list[float], list[float]]:
+def run_trl(args, out: Path, turn: Connection) -> tuple[list[float], list[float], list[float]]:
     """Step seconds, mean completion lengths and mean rewards of TRL's trainer (timed by a callback around
-    each step). With `turn`, it says "ready" once set up and then trains a step each time it is sent "go",
+    each step). It says "ready" on `turn` once set up, then trains a step each time it is sent "go",
     answering "stepped"."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -170,9 +170,8 @@ def run_trl(args, out: Path, turn: Connection | None = None) -> tuple[list[float
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
-            if turn is not None:  # the other side's step, then this side's next
-                turn.send("stepped")
-                turn.recv()
+            turn.send("stepped")  # the other side's step, then this side's next
+            turn.recv()
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "completions/mean_length" in logs:
@@ -187,15 +186,14 @@ def run_trl(args, out: Path, turn: Connection | None = None) -> tuple[list[float
         processing_class=tok,
         callbacks=[Timer()],
     )
-    if turn is not None:
-        turn.send("ready")
-        turn.recv()
+    turn.send("ready")
+    turn.recv()
     trainer.train()
     return times, lengths, mean_rewards
 
 
 def _trl_process(args, out: Path, turn: Connection) -> None:
-    turn.send(("done", run_trl(args, out, turn)))
+    turn.send(run_trl(args, out, turn))
 
 
 def alternating(args, out: Path, compile: bool) -> tuple[list[dict], tuple | None]:
@@ -214,12 +212,11 @@ def alternating(args, out: Path, compile: bool) -> tuple[list[dict], tuple | Non
         if results is None:
             here.send("go")
             message = here.recv()
-            if message != "stepped":
-                results = message[1]
+            if message != "stepped":  # it trained its last step: this is its results
+                results = message
 
     try:
-        if here.recv() != "ready":
-            raise RuntimeError("the TRL process did not start")
+        here.recv()  # "ready": TRL is set up before nanoseek starts
         records = run_nanoseek(args, out / "nanoseek", compile, between_steps=trl_step)
         while results is None:  # TRL's last steps, if it has more
             trl_step()
