@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels import Kernels, grouped_experts_loop, select
+from .kernels import GroupedMask, Kernels, grouped_experts_loop, select
 from .kernels.folded import FoldedMLA, fold_pays
 from .latent_cache import LatentCache
 
@@ -123,10 +123,14 @@ def attention(
     return o[..., : v.shape[-1]]
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | GroupedMask | None = None
+) -> Tensor:
     """Queries attending to their own sequence (S == T): each to its position and those before it, and
     with `mask` [B|1,1,S,S] (bool, True = attend; causal itself) only where it allows, e.g. within a
-    packed document."""
+    packed document, or within the groups of a `GroupedMask`."""
+    if isinstance(mask, GroupedMask):
+        mask = mask.dense()
     return attention(q, k, v, scale, mask, causal=mask is None)
 
 
@@ -250,10 +254,14 @@ class MLA(nn.Module):
         self.folded: FoldedMLA | None = None
 
     def forward(
-        self, x: Tensor, freqs: Tensor, cache: LatentCacheLike | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        cache: LatentCacheLike | None = None,
+        mask: Tensor | GroupedMask | None = None,
     ) -> Tensor:
         """`mask` [B, 1, S, S] (True = attend) narrows the causal mask, e.g. to keep packed documents
-        apart."""
+        apart, or is a `GroupedMask`."""
         q_in, latent = self._project(x, freqs)
         if cache is None:  # training and scoring: the queries attend causally to their own sequence
             q, k, v = self.decompressed(q_in, freqs, latent)
@@ -453,7 +461,7 @@ class DecoderLayer(nn.Module):
         freqs: Tensor,
         cache: LatentCacheLike | None = None,
         stats: RouterStats | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | GroupedMask | None = None,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), freqs, cache, mask)
         h = self.post_attention_layernorm(x)
@@ -486,7 +494,7 @@ class MTPLayer(DecoderLayer):
         freqs: Tensor,  # type: ignore[override]
         cache: LatentCacheLike | None = None,
         stats: RouterStats | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | GroupedMask | None = None,
     ) -> Tensor:
         return super().forward(self.combine(h, next_emb), freqs, cache, stats, mask)
 
@@ -600,7 +608,7 @@ class DeepSeekV3(nn.Module):
         cache: LatentCacheLike | None = None,
         stats: RouterStats | None = None,
         segments: Tensor | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | GroupedMask | None = None,
     ) -> Tensor:
         """Final-normed hidden states [B, S, d]; the engine applies `lm_head` only where it needs logits.
 
@@ -608,7 +616,8 @@ class DeepSeekV3(nn.Module):
         `segments` [B, S] (ids of packed documents) keeps attention within each document and restarts
         positions at each document's first token, so a packed row trains like separate sequences.
         `mask` [B, 1, S, S] (bool, True = attend; within the causal mask), with `positions`, is any other
-        packing, e.g. GRPO's completions sharing their prompt.
+        packing; a `GroupedMask`, for one row [1, T] of groups packed without padding, e.g. GRPO's
+        completions sharing their prompt.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -636,7 +645,7 @@ class DeepSeekV3(nn.Module):
         mtp: bool = False,
         router_stats: bool = False,
         segments: Tensor | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | GroupedMask | None = None,
     ) -> Tensor | ModelOutput:
         """Logits for input_ids [B, S]; with a cache the absorbed MLA path attends over cached latents.
         `segments` or `mask`: packed rows (`hidden_states`)."""

@@ -111,10 +111,12 @@ def test_rollout_rows_sorted_by_length_keep_their_advantages_and_logprobs():
     torch.testing.assert_close(cut[r.mask[:2]], whole[:2][r.mask[:2]], rtol=1e-5, atol=1e-6)
 
 
-def test_shared_prompts_keep_every_logprob_and_gradient():
-    """Each group packed into one row, its prompt computed once: every completion token's log-prob, and
-    the gradients, as when each completion carries its prompt. Groups of other prompt and completion
-    lengths (so packed rows are padded), two groups a micro-batch; a micro-batch that is not whole groups
+@pytest.mark.parametrize("job", ["reference", "train"])
+def test_shared_prompts_keep_every_logprob_and_gradient(job):
+    """Each group's prompt computed once, the groups packed into one row: every completion token's
+    log-prob, and the gradients, as when each completion carries its prompt, with the reference's
+    attention over the whole row and with training's over the groups' padded layout. Groups of other
+    prompt and completion lengths, two groups a micro-batch; a micro-batch that is not whole groups
     (dynamic sampling's empty one) falls back to a row each."""
 
     def group(prompt, completions):
@@ -122,7 +124,7 @@ def test_shared_prompts_keep_every_logprob_and_gradient():
         return None, RequestOutput("r", prompt, outs, 0), [1.0, 0.0, 0.5], [{}, {}, {}]
 
     groups = [group([1, 2, 3], [[4, 5, 6, 7], [8], [9, 9]]), group([9, 9], [[5, 5], [6, 6, 6], [7, 7, 5, 3]])]
-    model = random_model(ModelConfig.preset("tiny")).train()
+    model = random_model(ModelConfig.preset("tiny")).train().prepare(job)
     per_token, grads = [], []
     for shared in (True, False):
         cfg = GRPOConfig(
@@ -138,7 +140,7 @@ def test_shared_prompts_keep_every_logprob_and_gradient():
         )
         assert r.group_size == (3 if shared else 0)
         if shared:  # the prompt once, then each completion less its last token (which predicts nothing)
-            assert shared_prompt_rows(r, slice(0, 6), 3)[0].shape == (2, max(3 + 7 - 3, 2 + 9 - 3))
+            assert shared_prompt_rows(r, slice(0, 6), 3)[0].shape == (1, 3 + 7 - 3 + 2 + 9 - 3)
         model.zero_grad()
         logp, entropy = token_logprobs(model, r, slice(0, 6), 1.0, with_entropy=True)
         assert logp.requires_grad and not entropy.requires_grad  # the entropy is a statistic, not a loss

@@ -9,7 +9,7 @@ from conftest import random_model
 
 import nanoseek.kernels.compiled as compiled_forms
 from nanoseek import LLM, ModelConfig, SamplingParams
-from nanoseek.kernels import JOBS, blocked_causal_attention, select
+from nanoseek.kernels import JOBS, GroupedMask, blocked_causal_attention, select
 from nanoseek.kernels.experts import GROUPED_MM_CPU, grouped_experts_loop, grouped_experts_mm
 from nanoseek.kernels.linear import FUSED_LINEAR_MAX_ROWS, small_row_linear
 from nanoseek.kernels.paged import PagedContext, paged_attention_available, paged_latent_attention
@@ -144,6 +144,38 @@ def test_blocked_causal_attention_matches_float64(packed):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("job, compiled", PREPARED)
+def test_grouped_attention_matches_the_packed_row_reference(job, compiled, monkeypatch):
+    """Groups of 5, 9 and 2 tokens packed into one row without padding, each attending causally within
+    itself, its first two tokens a prefix every later token sees (as GRPO packs a prompt and its
+    completions): output and every gradient as the reference over the whole row's dense mask, whichever
+    kernels; the padding slots of the groups' layout change nothing."""
+    monkeypatch.setattr(compiled_forms, "is_compiling", lambda: compiled)
+    torch.manual_seed(0)
+    lengths, width = [5, 9, 2], 9
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1, -1, -1, -1], [0, 0, 1, 1, 1, 2, 2, 3, 3], [0, 0] + [-1] * 7])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    within = causal & ((segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == 0))
+    mask = GroupedMask.of(within[:, None], lengths)
+    assert mask.slots.tolist() == [0, 1, 2, 3, 4] + list(range(9, 18)) + [18, 19]
+    assert (mask.tokens[mask.slots] == torch.arange(16)).all() and (mask.tokens == 16).sum() == 27 - 16
+    dense = mask.dense()[0, 0]
+    assert dense.shape == (16, 16) and not dense[:5, 5:].any() and not dense[14:, :14].any()
+    assert dense[5:14, 5:14].equal(within[1])
+    leaves = [torch.randn(1, 3, 16, d, requires_grad=True) for d in (12, 12, 8)]
+    attend = select(REFERENCE, job, CPU, compiled).causal_attention
+    out = attend(*leaves, 0.3, mask)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = REFERENCE.causal_attention(*ref_leaves, 0.3, mask.dense())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_leaves, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lengths"):
+        GroupedMask.of(within[:, None], [5, 10, 2])
 
 
 def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import BLOCKED_MAX_LEN, blocked_causal_attention, blocked_up_to
+from .attention import (
+    BLOCKED_MAX_LEN,
+    GroupedMask,
+    blocked_causal_attention,
+    blocked_up_to,
+    grouped_attention,
+)
 from .compiled import freeze_after_compiling, unfreeze_heap, when_compiled
 from .experts import (
     GROUPED_MM_CPU,
@@ -38,6 +44,7 @@ from .rope import apply_real_rope, real_rotations
 
 __all__ = [
     "Kernels",
+    "GroupedMask",
     "PagedContext",
     "select",
     "when_compiled",
@@ -91,7 +98,9 @@ def select(
     folds MLA's absorbed weights and, on CPU, attends over the engine's paged cache in place. `compiled` adds
     the forms that pay inside a compiled graph: rope in real pairs, rows to and from expert order by gathers,
     and on CPU blocked causal attention (training), fused small-row projections and gathered experts
-    (decoding). `expert_linear` is the routed experts' matmul (F.linear, or FP8's)."""
+    (decoding). Every job but "reference" attends within a `GroupedMask`'s groups in their padded layout
+    (the reference, over the whole packed row). `expert_linear` is the routed experts' matmul (F.linear,
+    or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
     return _select(reference, job, torch.device(device), compiled, expert_linear or reference.expert_linear)
@@ -117,7 +126,11 @@ def _select(
     )
     if job == "reference":
         return kernels
-    kernels = replace(kernels, fold_absorbed=job == "decode")
+    kernels = replace(
+        kernels,
+        fold_absorbed=job == "decode",
+        causal_attention=grouped_attention(reference.causal_attention),
+    )
     grouped = kernels.grouped_experts
     if plain and cpu and GROUPED_MM_CPU:
         grouped = grouped_experts_mm
@@ -144,7 +157,8 @@ def _select(
     )
     if cpu and job == "train":
         blocked = blocked_up_to(BLOCKED_MAX_LEN, reference.causal_attention)
-        kernels = replace(kernels, causal_attention=when_compiled(blocked, reference.causal_attention))
+        attend = when_compiled(blocked, reference.causal_attention)
+        kernels = replace(kernels, causal_attention=grouped_attention(attend))
     if cpu and job == "decode":
         kernels = replace(kernels, linear=when_compiled(small_row_linear, reference.linear))
     return kernels

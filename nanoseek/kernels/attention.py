@@ -1,8 +1,10 @@
-"""Causal attention as blocked matmuls, for compiled CPU training."""
+"""Causal attention as blocked matmuls, for compiled CPU training; attention within groups of tokens packed
+into one row without padding (`GroupedMask`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,5 +51,77 @@ def blocked_up_to(max_len: int, reference: Callable[..., Tensor]) -> Callable[..
         if q.shape[-2] > max_len:
             return reference(q, k, v, scale, mask)
         return blocked_causal_attention(q, k, v, scale, mask)
+
+    return causal_attention
+
+
+@dataclass
+class GroupedMask:
+    """The mask of one row [1, T] that packs groups of tokens back to back, no padding between them, and
+    whose tokens attend within their own group only: each group is a row of a padded [G, S] layout, where
+    `mask` [G, 1, S, S] (bool, True = attend; within the causal mask) says what each token attends to. The
+    linear layers then compute real tokens only; attention (`grouped_attention`) moves them to that layout
+    and back. Token i sits at slot `slots[i]` of the layout flattened to [G*S]; `tokens` [G*S] holds each
+    slot's token, T for padding. A padding slot must attend to something (e.g. itself): a row of the softmax
+    over nothing would be NaN, and its backward would carry the NaN into real tokens' gradients."""
+
+    mask: Tensor
+    slots: Tensor
+    tokens: Tensor
+
+    @classmethod
+    def of(cls, mask: Tensor, lengths: Sequence[int]) -> GroupedMask:
+        """Groups of these `lengths` in order, each at the start of its row of `mask` [G, 1, S, S]."""
+        g, s = mask.shape[0], mask.shape[-1]
+        if len(lengths) != g or not all(0 < n <= s for n in lengths):
+            raise ValueError(f"lengths: {g} groups of 1 to {s} tokens expected, got {list(lengths)}")
+        device = mask.device
+        starts = torch.arange(g, device=device) * s
+        slots = torch.cat([torch.arange(n, device=device) + starts[i] for i, n in enumerate(lengths)])
+        tokens = torch.full((g * s,), slots.numel(), dtype=torch.long, device=device)
+        tokens[slots] = torch.arange(slots.numel(), device=device)
+        return cls(mask, slots, tokens)
+
+    def dense(self) -> Tensor:
+        """The same mask over the packed row: [1, 1, T, T]."""
+        s = self.mask.shape[-1]
+        group, at = self.slots // s, self.slots % s
+        within = self.mask[group[:, None], 0, at[:, None], at[None, :]]
+        return ((group[:, None] == group[None, :]) & within)[None, None]
+
+
+class _Gather(torch.autograd.Function):
+    """out = x[index] with a zero row appended to x (an index of len(x) reads it), for an index that is
+    one-to-one onto the rows it reads: the gradient is then a gather too, by `inverse`, where autograd's
+    own would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])[inverse], None, None
+
+
+def grouped_attention(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`inner` (a causal attention) that also takes a `GroupedMask`: q, k, v [1, H, T, d] move to the
+    groups' padded layout [G, H, S, d], `inner` attends there under the groups' mask, and the outputs move
+    back to [1, H, T, dv]. Any other mask goes to `inner` as it is."""
+
+    def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+        if not isinstance(mask, GroupedMask):
+            return inner(q, k, v, scale, mask)
+        g, s = mask.mask.shape[0], mask.mask.shape[-1]
+
+        def to_groups(x: Tensor) -> Tensor:
+            x = _Gather.apply(x[0].transpose(0, 1), mask.tokens, mask.slots)  # [G*S, H, d]
+            return x.view(g, s, *x.shape[1:]).transpose(1, 2)
+
+        out = inner(to_groups(q), to_groups(k), to_groups(v), scale, mask.mask)  # [G, H, S, dv]
+        out = _Gather.apply(out.transpose(1, 2).flatten(0, 1), mask.slots, mask.tokens)  # [T, H, dv]
+        return out.transpose(0, 1)[None]
 
     return causal_attention

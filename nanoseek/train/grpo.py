@@ -30,6 +30,7 @@ from ..data import held_out_problems, training_problems
 from ..engine import LLM, RequestOutput, SamplingParams
 from ..eval import evaluate
 from ..hub import resolve_checkpoint
+from ..kernels import GroupedMask
 from ..plots import plot_series
 from ..tasks import Problem, get_task
 from ..tasks.rewards import RewardSet, overlong_penalty
@@ -243,9 +244,9 @@ def token_logprobs(
     targets = ids.gather(1, (pos + 1))
     g = rollout.group_size
     if g and rows.start % g == 0 and (rows.stop - rows.start) % g == 0:
-        packed, positions, mask, row_group, at = shared_prompt_rows(rollout, rows, g)
+        packed, positions, mask, at = shared_prompt_rows(rollout, rows, g)
         logits = model(packed, positions, mask=mask)
-        row, col = row_group[:, None], at  # where each completion token's logits are
+        row, col = 0, at  # where each completion token's logits are
     else:  # the positions before the first completion token predict nothing the loss reads
         first = int(plens.min()) - 1
         logits = model(ids[:, :-1])[:, first:]
@@ -260,49 +261,45 @@ def token_logprobs(
         return logp, -(logp_all.exp() * logp_all).sum(-1)[row, col]
 
 
-def shared_prompt_rows(
-    rollout: Rollout, rows: slice, g: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The rows (whole groups of g: one prompt, g completions) packed a group a row: the prompt once, then
-    each completion at the positions it has in its own row, attending to the prompt and to itself only.
-    Every completion's tokens see exactly what they see in their own row, so the log-probs are the same,
-    for the prompt's share of the compute once a group instead of g times. A completion's last token is
-    left out: it predicts nothing the loss reads, and no other token attends to it. Returns the packed ids
-    [groups, S], positions [groups, S], mask [groups, 1, S, S], each row's group [n] and, for each row, the
-    packed positions [n, T] whose logits predict its completion tokens (past a completion's end: any)."""
+def shared_prompt_rows(rollout: Rollout, rows: slice, g: int) -> tuple[Tensor, Tensor, GroupedMask, Tensor]:
+    """The rows (whole groups of g: one prompt, g completions) packed into one row, group after group, no
+    padding between them: the prompt once, then each completion at the positions it has in its own row,
+    attending to the prompt and to itself only. Every completion's tokens see exactly what they see in
+    their own row, so the log-probs are the same, for the prompt's share of the compute once a group
+    instead of g times. A completion's last token is left out: it predicts nothing the loss reads, and no
+    other token attends to it. Returns the packed ids [1, N], positions [1, N], their `GroupedMask` and,
+    for each row, the packed positions [n, T] whose logits predict its completion tokens (past a
+    completion's end: any)."""
     ids = rollout.ids[rows].tolist()
     plens, lens = rollout.prompt_lens[rows].tolist(), rollout.lens[rows].tolist()
     t = rollout.mask.shape[1]
     tokens, segments, positions, at = [], [], [], []
     for r0 in range(0, len(ids), g):
-        p = plens[r0]
+        p, offset = plens[r0], sum(len(row) for row in tokens)
         row, seg, pos = ids[r0][:p], [0] * p, list(range(p))
         for j in range(g):
             c = lens[r0 + j] - p
-            start = len(row)
+            start = offset + len(row)
             row += ids[r0 + j][p : p + c - 1]
             seg += [j + 1] * (c - 1)
             pos += range(p, p + c - 1)
             # token k is predicted by the prompt's last position (k = 0) or by the completion's token k - 1
-            at.append([p - 1] + [start + k - 1 if k < c else p - 1 for k in range(1, t)])
+            last = offset + p - 1
+            at.append([last] + [start + k - 1 if k < c else last for k in range(1, t)])
         tokens.append(row)
         segments.append(seg)
         positions.append(pos)
     width = max(len(row) for row in tokens)
-
-    def padded(lists: list[list[int]], fill: int) -> Tensor:
-        return torch.tensor([x + [fill] * (width - len(x)) for x in lists], device=rollout.ids.device)
-
-    seg = padded(segments, -1)  # padding attends to the prompt and to itself, and nothing attends to it
-    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    device = rollout.ids.device
+    # padding attends to the prompt and to itself, and nothing attends to it
+    seg = torch.tensor([x + [-1] * (width - len(x)) for x in segments], device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     mask = causal & ((seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0))
-    row_group = torch.arange(len(ids), device=seg.device) // g
     return (
-        padded(tokens, 0),
-        padded(positions, 0),
-        mask[:, None],
-        row_group,
-        torch.tensor(at, device=seg.device),
+        torch.tensor([sum(tokens, [])], device=device),
+        torch.tensor([sum(positions, [])], device=device),
+        GroupedMask.of(mask[:, None], [len(row) for row in tokens]),
+        torch.tensor(at, device=device),
     )
 
 
