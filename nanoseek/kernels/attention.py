@@ -90,20 +90,34 @@ class GroupedMask:
         return ((group[:, None] == group[None, :]) & within)[None, None]
 
 
-class _Gather(torch.autograd.Function):
-    """out = x[index] with a zero row appended to x (an index of len(x) reads it), for an index that is
-    one-to-one onto the rows it reads: the gradient is then a gather too, by `inverse`, where autograd's
-    own would scatter-add."""
+def _to_groups(x: Tensor, mask: GroupedMask) -> Tensor:
+    """[H, T, d] -> [G, H, S, d] in one gather, padding slots zero."""
+    h, _, d = x.shape
+    g, s = mask.mask.shape[0], mask.mask.shape[-1]
+    padded = torch.cat([x, x.new_zeros(h, 1, d)], dim=1)
+    heads = torch.arange(h, device=x.device)
+    return padded[heads[None, :, None], mask.tokens.view(g, 1, s)]
+
+
+def _from_groups(x: Tensor, mask: GroupedMask) -> Tensor:
+    """[G, H, S, d] -> [H, T, d] in one gather."""
+    s = mask.mask.shape[-1]
+    heads = torch.arange(x.shape[1], device=x.device)
+    return x[(mask.slots // s)[None, :], heads[:, None], (mask.slots % s)[None, :]]
+
+
+class _Regroup(torch.autograd.Function):
+    """`_to_groups` (to=True) or `_from_groups`, whose gradient is the other one: each reads every token
+    once, so the gradient is a gather too, where autograd's own would scatter-add."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index]
+    def forward(ctx, x: Tensor, mask: GroupedMask, to: bool) -> Tensor:
+        ctx.mask, ctx.to = mask, to
+        return _to_groups(x, mask) if to else _from_groups(x, mask)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])[inverse], None, None
+        return (_from_groups(grad, ctx.mask) if ctx.to else _to_groups(grad, ctx.mask)), None, None
 
 
 def grouped_attention(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -114,14 +128,7 @@ def grouped_attention(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
         if not isinstance(mask, GroupedMask):
             return inner(q, k, v, scale, mask)
-        g, s = mask.mask.shape[0], mask.mask.shape[-1]
-
-        def to_groups(x: Tensor) -> Tensor:
-            x = _Gather.apply(x[0].transpose(0, 1), mask.tokens, mask.slots)  # [G*S, H, d]
-            return x.view(g, s, *x.shape[1:]).transpose(1, 2)
-
-        out = inner(to_groups(q), to_groups(k), to_groups(v), scale, mask.mask)  # [G, H, S, dv]
-        out = _Gather.apply(out.transpose(1, 2).flatten(0, 1), mask.slots, mask.tokens)  # [T, H, dv]
-        return out.transpose(0, 1)[None]
+        q, k, v = (_Regroup.apply(x[0], mask, True) for x in (q, k, v))
+        return _Regroup.apply(inner(q, k, v, scale, mask.mask), mask, False)[None]
 
     return causal_attention
