@@ -154,13 +154,13 @@ def test_grouped_attention_matches_the_packed_row_reference(job, compiled, monke
     kernels; the padding slots of the groups' layout change nothing."""
     monkeypatch.setattr(compiled_forms, "is_compiling", lambda: compiled)
     torch.manual_seed(0)
-    lengths, width = [5, 9, 2], 9
     segments = torch.tensor([[0, 0, 1, 1, 2, -1, -1, -1, -1], [0, 0, 1, 1, 1, 2, 2, 3, 3], [0, 0] + [-1] * 7])
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
     within = causal & ((segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == 0))
-    mask = GroupedMask.of(within[:, None], lengths)
-    assert mask.slots.tolist() == [0, 1, 2, 3, 4] + list(range(9, 18)) + [18, 19]
-    assert (mask.tokens[mask.slots] == torch.arange(16)).all() and (mask.tokens == 16).sum() == 27 - 16
+    mask = GroupedMask.of(within[:, None], [5, 9, 2])
+    assert mask.rows.tolist() == [0] * 5 + [1] * 9 + [2] * 2
+    assert mask.cols.tolist() == [0, 1, 2, 3, 4, *range(9), 0, 1]
+    assert (mask.tokens[mask.rows, mask.cols] == torch.arange(16)).all() and (mask.tokens == 16).sum() == 11
     dense = mask.dense()[0, 0]
     assert dense.shape == (16, 16) and not dense[:5, 5:].any() and not dense[14:, :14].any()
     assert dense[5:14, 5:14].equal(within[1])
@@ -174,8 +174,9 @@ def test_grouped_attention_matches_the_packed_row_reference(job, compiled, monke
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, torch.autograd.grad(ref, ref_leaves, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="lengths"):
-        GroupedMask.of(within[:, None], [5, 10, 2])
+    for bad in ([5, 10, 2], [5, 9], [5, 0, 2]):
+        with pytest.raises(ValueError, match="lengths"):
+            GroupedMask.of(within[:, None], bad)
 
 
 def test_paged_attention_kernel_is_built_and_chosen_for_cpu_decoding():

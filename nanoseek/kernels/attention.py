@@ -58,66 +58,67 @@ def blocked_up_to(max_len: int, reference: Callable[..., Tensor]) -> Callable[..
 @dataclass
 class GroupedMask:
     """The mask of one row [1, T] that packs groups of tokens back to back, no padding between them, and
-    whose tokens attend within their own group only: each group is a row of a padded [G, S] layout, where
-    `mask` [G, 1, S, S] (bool, True = attend; within the causal mask) says what each token attends to. The
-    linear layers then compute real tokens only; attention (`grouped_attention`) moves them to that layout
-    and back. Token i sits at slot `slots[i]` of the layout flattened to [G*S]; `tokens` [G*S] holds each
-    slot's token, T for padding. A padding slot must attend to something (e.g. itself): a row of the softmax
-    over nothing would be NaN, and its backward would carry the NaN into real tokens' gradients."""
+    whose tokens attend within their group only, each group a row of a padded layout [G, S] where `mask`
+    [G, 1, S, S] (bool, True = attend; within the causal mask) says what each token attends to. The linear
+    layers then compute real tokens only; attention (`grouped_attention`) moves them to that layout and
+    back. `tokens` [G, S] holds each slot's token (T: padding), `rows` and `cols` [T] each token's slot:
+    every index a tensor of its own, so that no kernel divides to find a slot. A padding slot must attend
+    to something (e.g. itself): a softmax over nothing would be NaN, and its backward would carry the NaN
+    into real tokens' gradients."""
 
     mask: Tensor
-    slots: Tensor
     tokens: Tensor
+    rows: Tensor
+    cols: Tensor
 
     @classmethod
     def of(cls, mask: Tensor, lengths: Sequence[int]) -> GroupedMask:
-        """Groups of these `lengths` in order, each at the start of its row of `mask` [G, 1, S, S]."""
+        """Groups of these `lengths`, in order, each at the start of its row of `mask` [G, 1, S, S]."""
         g, s = mask.shape[0], mask.shape[-1]
         if len(lengths) != g or not all(0 < n <= s for n in lengths):
             raise ValueError(f"lengths: {g} groups of 1 to {s} tokens expected, got {list(lengths)}")
         device = mask.device
-        starts = torch.arange(g, device=device) * s
-        slots = torch.cat([torch.arange(n, device=device) + starts[i] for i, n in enumerate(lengths)])
-        tokens = torch.full((g * s,), slots.numel(), dtype=torch.long, device=device)
-        tokens[slots] = torch.arange(slots.numel(), device=device)
-        return cls(mask, slots, tokens)
+        rows = torch.repeat_interleave(torch.arange(g, device=device), torch.tensor(lengths, device=device))
+        cols = torch.cat([torch.arange(n, device=device) for n in lengths])
+        tokens = torch.full((g, s), rows.numel(), device=device)
+        tokens[rows, cols] = torch.arange(rows.numel(), device=device)
+        return cls(mask, tokens, rows, cols)
 
     def dense(self) -> Tensor:
         """The same mask over the packed row: [1, 1, T, T]."""
-        s = self.mask.shape[-1]
-        group, at = self.slots // s, self.slots % s
-        within = self.mask[group[:, None], 0, at[:, None], at[None, :]]
-        return ((group[:, None] == group[None, :]) & within)[None, None]
+        within = self.mask[self.rows[:, None], 0, self.cols[:, None], self.cols[None, :]]
+        return ((self.rows[:, None] == self.rows[None, :]) & within)[None, None]
 
 
-def _to_groups(x: Tensor, mask: GroupedMask) -> Tensor:
-    """[H, T, d] -> [G, H, S, d] in one gather, padding slots zero."""
+def _read_tokens(x: Tensor, tokens: Tensor) -> Tensor:
+    """x [H, T, d] at `tokens` [G, S] (T: zero) -> [G, H, S, d], in one gather."""
     h, _, d = x.shape
-    g, s = mask.mask.shape[0], mask.mask.shape[-1]
     padded = torch.cat([x, x.new_zeros(h, 1, d)], dim=1)
     heads = torch.arange(h, device=x.device)
-    return padded[heads[None, :, None], mask.tokens.view(g, 1, s)]
+    return padded[heads[None, :, None], tokens[:, None, :]]
 
 
-def _from_groups(x: Tensor, mask: GroupedMask) -> Tensor:
-    """[G, H, S, d] -> [H, T, d] in one gather."""
-    s = mask.mask.shape[-1]
+def _read_slots(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x [G, H, S, d] at the slots `rows`, `cols` [T] -> [H, T, d], in one gather."""
     heads = torch.arange(x.shape[1], device=x.device)
-    return x[(mask.slots // s)[None, :], heads[:, None], (mask.slots % s)[None, :]]
+    return x[rows[None, :], heads[:, None], cols[None, :]]
 
 
 class _Regroup(torch.autograd.Function):
-    """`_to_groups` (to=True) or `_from_groups`, whose gradient is the other one: each reads every token
-    once, so the gradient is a gather too, where autograd's own would scatter-add."""
+    """Tokens [H, T, d] to their groups' layout [G, H, S, d] (to=True), or back: each is the other's
+    gradient, a gather where autograd's own would scatter."""
 
     @staticmethod
     def forward(ctx, x: Tensor, mask: GroupedMask, to: bool) -> Tensor:
         ctx.mask, ctx.to = mask, to
-        return _to_groups(x, mask) if to else _from_groups(x, mask)
+        return _read_tokens(x, mask.tokens) if to else _read_slots(x, mask.rows, mask.cols)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return (_from_groups(grad, ctx.mask) if ctx.to else _to_groups(grad, ctx.mask)), None, None
+        mask = ctx.mask
+        if ctx.to:
+            return _read_slots(grad, mask.rows, mask.cols), None, None
+        return _read_tokens(grad, mask.tokens), None, None
 
 
 def grouped_attention(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:

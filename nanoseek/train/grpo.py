@@ -275,7 +275,7 @@ def shared_prompt_rows(rollout: Rollout, rows: slice, g: int) -> tuple[Tensor, T
     t = rollout.mask.shape[1]
     tokens, segments, positions, at = [], [], [], []
     for r0 in range(0, len(ids), g):
-        p, offset = plens[r0], sum(len(row) for row in tokens)
+        p, offset = plens[r0], sum(map(len, tokens))
         row, seg, pos = ids[r0][:p], [0] * p, list(range(p))
         for j in range(g):
             c = lens[r0 + j] - p
@@ -289,7 +289,7 @@ def shared_prompt_rows(rollout: Rollout, rows: slice, g: int) -> tuple[Tensor, T
         tokens.append(row)
         segments.append(seg)
         positions.append(pos)
-    width = max(len(row) for row in tokens)
+    width = max(map(len, tokens))
     device = rollout.ids.device
     # padding attends to the prompt and to itself, and nothing attends to it
     seg = torch.tensor([x + [-1] * (width - len(x)) for x in segments], device=device)
@@ -298,7 +298,7 @@ def shared_prompt_rows(rollout: Rollout, rows: slice, g: int) -> tuple[Tensor, T
     return (
         torch.tensor([sum(tokens, [])], device=device),
         torch.tensor([sum(positions, [])], device=device),
-        GroupedMask.of(mask[:, None], [len(row) for row in tokens]),
+        GroupedMask.of(mask[:, None], list(map(len, tokens))),
         torch.tensor(at, device=device),
     )
 
