@@ -273,32 +273,30 @@ def shared_prompt_rows(rollout: Rollout, rows: slice, g: int) -> tuple[Tensor, T
     ids = rollout.ids[rows].tolist()
     plens, lens = rollout.prompt_lens[rows].tolist(), rollout.lens[rows].tolist()
     t = rollout.mask.shape[1]
-    tokens, segments, positions, at = [], [], [], []
+    tokens, positions, segments, at = [], [], [], []  # tokens and positions over the packed row
     for r0 in range(0, len(ids), g):
-        p, offset = plens[r0], sum(map(len, tokens))
-        row, seg, pos = ids[r0][:p], [0] * p, list(range(p))
+        p, last = plens[r0], len(tokens) + plens[r0] - 1  # the prompt's last position predicts token 0
+        tokens += ids[r0][:p]
+        positions += range(p)
+        seg = [0] * p
         for j in range(g):
-            c = lens[r0 + j] - p
-            start = offset + len(row)
-            row += ids[r0 + j][p : p + c - 1]
+            c, start = lens[r0 + j] - p, len(tokens)
+            tokens += ids[r0 + j][p : p + c - 1]
+            positions += range(p, p + c - 1)
             seg += [j + 1] * (c - 1)
-            pos += range(p, p + c - 1)
-            # token k is predicted by the prompt's last position (k = 0) or by the completion's token k - 1
-            last = offset + p - 1
+            # token k (k > 0) is predicted by the completion's token k - 1
             at.append([last] + [start + k - 1 if k < c else last for k in range(1, t)])
-        tokens.append(row)
         segments.append(seg)
-        positions.append(pos)
-    width = max(map(len, tokens))
+    width = max(map(len, segments))
     device = rollout.ids.device
     # padding attends to the prompt and to itself, and nothing attends to it
     seg = torch.tensor([x + [-1] * (width - len(x)) for x in segments], device=device)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     mask = causal & ((seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0))
     return (
-        torch.tensor([sum(tokens, [])], device=device),
-        torch.tensor([sum(positions, [])], device=device),
-        GroupedMask.of(mask[:, None], list(map(len, tokens))),
+        torch.tensor([tokens], device=device),
+        torch.tensor([positions], device=device),
+        GroupedMask.of(mask[:, None], list(map(len, segments))),
         torch.tensor(at, device=device),
     )
 
