@@ -151,7 +151,8 @@ def test_grouped_attention_matches_the_packed_row_reference(job, compiled, monke
     """Groups of 5, 9 and 2 tokens packed into one row without padding, each attending causally within
     itself, its first two tokens a prefix every later token sees (as GRPO packs a prompt and its
     completions): output and every gradient as the reference over the whole row's dense mask, whichever
-    kernels; the padding slots of the groups' layout change nothing."""
+    kernels (compiled training attends under the mask's additive form); the padding slots of the groups'
+    layout change nothing."""
     monkeypatch.setattr(compiled_forms, "is_compiling", lambda: compiled)
     torch.manual_seed(0)
     segments = torch.tensor([[0, 0, 1, 1, 2, -1, -1, -1, -1], [0, 0, 1, 1, 1, 2, 2, 3, 3], [0, 0] + [-1] * 7])
@@ -161,6 +162,7 @@ def test_grouped_attention_matches_the_packed_row_reference(job, compiled, monke
     assert mask.rows.tolist() == [0] * 5 + [1] * 9 + [2] * 2
     assert mask.cols.tolist() == [0, 1, 2, 3, 4, *range(9), 0, 1]
     assert (mask.tokens[mask.rows, mask.cols] == torch.arange(16)).all() and (mask.tokens == 16).sum() == 11
+    assert mask.bias.equal(torch.zeros(3, 1, 9, 9).masked_fill(~within[:, None], float("-inf")))
     dense = mask.dense()[0, 0]
     assert dense.shape == (16, 16) and not dense[:5, 5:].any() and not dense[14:, :14].any()
     assert dense[5:14, 5:14].equal(within[1])

@@ -97,9 +97,10 @@ def select(
     grouped matmul on CPU, and on a GPU in bf16); "decode" also runs the experts of a token or two directly,
     folds MLA's absorbed weights and, on CPU, attends over the engine's paged cache in place. `compiled` adds
     the forms that pay inside a compiled graph: rope in real pairs, rows to and from expert order by gathers,
-    and on CPU blocked causal attention (training), fused small-row projections and gathered experts
-    (decoding). Every job but "reference" attends within a `GroupedMask`'s groups in their padded layout
-    (the reference, over the whole packed row). `expert_linear` is the routed experts' matmul (F.linear,
+    and on CPU blocked causal attention and, within a `GroupedMask`'s groups, attention under its additive
+    form (training), fused small-row projections and gathered experts (decoding). Every job but "reference"
+    attends within a `GroupedMask`'s groups in their padded layout (the reference, over the whole packed
+    row). `expert_linear` is the routed experts' matmul (F.linear,
     or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
@@ -158,7 +159,7 @@ def _select(
     if cpu and job == "train":
         blocked = blocked_up_to(BLOCKED_MAX_LEN, reference.causal_attention)
         attend = when_compiled(blocked, reference.causal_attention)
-        kernels = replace(kernels, causal_attention=grouped_attention(attend))
+        kernels = replace(kernels, causal_attention=grouped_attention(attend, biased=True))
     if cpu and job == "decode":
         kernels = replace(kernels, linear=when_compiled(small_row_linear, reference.linear))
     return kernels

@@ -1,5 +1,5 @@
 """Causal attention as blocked matmuls, for compiled CPU training; attention within groups of tokens packed
-into one row without padding (`GroupedMask`)."""
+into one row without padding (`GroupedMask`), and under an additive mask (`biased_attention`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Every block's probabilities are kept for the backward (5/8 of S^2 per head, in 4 blocks): beyond this
-# length the fused kernel, which keeps one value per query, is used.
+# Every block's probabilities are kept for the backward (5/8 of S^2 per head in 4 blocks, all of S^2 in
+# `biased_attention`): beyond this length the fused kernel, which keeps one value per query, is used.
 BLOCKED_MAX_LEN = 1024
 
 
@@ -55,6 +55,17 @@ def blocked_up_to(max_len: int, reference: Callable[..., Tensor]) -> Callable[..
     return causal_attention
 
 
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> Tensor:
+    """softmax(q k^T * scale + bias) v for q, k, v [B, H, S, d] and the additive form of a mask (causal
+    itself), bias [B|1, 1, S, S] float (0: attend, -inf: not), as `GroupedMask.bias`. One block of every
+    query against every key: where the mask is sparse (a GRPO group's completions see the prompt and
+    themselves only), skipping the upper triangle saves little, and compiled CPU code adds a float bias
+    in the softmax's vector loop where a bool mask and position comparisons slow it. Under bf16 autocast
+    the scores are rounded to bf16 before the float softmax, as in eager attention."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale + bias
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 @dataclass
 class GroupedMask:
     """The mask of one row [1, T] that packs groups of tokens back to back, no padding between them, and
@@ -62,14 +73,16 @@ class GroupedMask:
     [G, 1, S, S] (bool, True = attend; within the causal mask) says what each token attends to. The linear
     layers then compute real tokens only; attention (`grouped_attention`) moves them to that layout and
     back. `tokens` [G, S] holds each slot's token (T: padding), `rows` and `cols` [T] each token's slot:
-    every index a tensor of its own, so that no kernel divides to find a slot. A padding slot must attend
-    to something (e.g. itself): a softmax over nothing would be NaN, and its backward would carry the NaN
-    into real tokens' gradients."""
+    every index a tensor of its own, so that no kernel divides to find a slot; `bias` is `mask` in additive
+    form (0 or -inf, float), built once for all the layers that attend under it. A padding slot must
+    attend to something (e.g. itself): a softmax over nothing would be NaN, and its backward would carry
+    the NaN into real tokens' gradients."""
 
     mask: Tensor
     tokens: Tensor
     rows: Tensor
     cols: Tensor
+    bias: Tensor
 
     @classmethod
     def of(cls, mask: Tensor, lengths: Sequence[int]) -> GroupedMask:
@@ -82,7 +95,8 @@ class GroupedMask:
         cols = torch.cat([torch.arange(n, device=device) for n in lengths])
         tokens = torch.full((g, s), rows.numel(), device=device)
         tokens[rows, cols] = torch.arange(rows.numel(), device=device)
-        return cls(mask, tokens, rows, cols)
+        bias = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+        return cls(mask, tokens, rows, cols, bias)
 
     def dense(self) -> Tensor:
         """The same mask over the packed row: [1, 1, T, T]."""
@@ -121,15 +135,20 @@ class _Regroup(torch.autograd.Function):
         return _read_tokens(grad, mask.tokens), None, None
 
 
-def grouped_attention(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def grouped_attention(inner: Callable[..., Tensor], biased: bool = False) -> Callable[..., Tensor]:
     """`inner` (a causal attention) that also takes a `GroupedMask`: q, k, v [1, H, T, d] move to the
-    groups' padded layout [G, H, S, d], `inner` attends there under the groups' mask, and the outputs move
-    back to [1, H, T, dv]. Any other mask goes to `inner` as it is."""
+    groups' padded layout [G, H, S, d], `inner` attends there under the groups' mask (with `biased`, for
+    S up to BLOCKED_MAX_LEN, `biased_attention` under its additive form), and the outputs move back to
+    [1, H, T, dv]. Any other mask goes to `inner` as it is."""
 
     def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
         if not isinstance(mask, GroupedMask):
             return inner(q, k, v, scale, mask)
         q, k, v = (_Regroup.apply(x[0], mask, True) for x in (q, k, v))
-        return _Regroup.apply(inner(q, k, v, scale, mask.mask), mask, False)[None]
+        if biased and q.shape[-2] <= BLOCKED_MAX_LEN:
+            out = biased_attention(q, k, v, scale, mask.bias)
+        else:
+            out = inner(q, k, v, scale, mask.mask)
+        return _Regroup.apply(out, mask, False)[None]
 
     return causal_attention
