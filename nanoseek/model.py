@@ -127,8 +127,8 @@ def causal_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | GroupedMask | None = None
 ) -> Tensor:
     """Queries attending to their own sequence (S == T): each to its position and those before it, and
-    with `mask` [B|1,1,S,S] (bool, True = attend; causal itself) only where it allows, e.g. within a
-    packed document, or within the groups of a `GroupedMask`."""
+    with `mask` [B|1,1,S,S] (bool, True = attend, or added to the scores; causal itself) only where it
+    allows, e.g. within a packed document, or within the groups of a `GroupedMask`."""
     if isinstance(mask, GroupedMask):
         mask = mask.dense()
     return attention(q, k, v, scale, mask, causal=mask is None)

@@ -21,9 +21,10 @@ from torch import Tensor
 from .attention import (
     BLOCKED_MAX_LEN,
     GroupedMask,
+    biased_attention,
     blocked_causal_attention,
-    blocked_up_to,
     grouped_attention,
+    up_to_len,
 )
 from .compiled import freeze_after_compiling, unfreeze_heap, when_compiled
 from .experts import (
@@ -100,8 +101,7 @@ def select(
     and on CPU blocked causal attention and, within a `GroupedMask`'s groups, attention under its additive
     form (training), fused small-row projections and gathered experts (decoding). Every job but "reference"
     attends within a `GroupedMask`'s groups in their padded layout (the reference, over the whole packed
-    row). `expert_linear` is the routed experts' matmul (F.linear,
-    or FP8's)."""
+    row). `expert_linear` is the routed experts' matmul (F.linear, or FP8's)."""
     if job not in JOBS:
         raise ValueError(f"job: {job!r}, expected one of {', '.join(JOBS)}")
     return _select(reference, job, torch.device(device), compiled, expert_linear or reference.expert_linear)
@@ -157,9 +157,10 @@ def _select(
         apply_rope=when_compiled(apply_real_rope, reference.apply_rope),
     )
     if cpu and job == "train":
-        blocked = blocked_up_to(BLOCKED_MAX_LEN, reference.causal_attention)
-        attend = when_compiled(blocked, reference.causal_attention)
-        kernels = replace(kernels, causal_attention=grouped_attention(attend, biased=True))
+        fused = reference.causal_attention  # also under an additive mask, and beyond BLOCKED_MAX_LEN
+        blocked = when_compiled(up_to_len(BLOCKED_MAX_LEN, blocked_causal_attention, fused), fused)
+        biased = when_compiled(up_to_len(BLOCKED_MAX_LEN, biased_attention, fused), fused)
+        kernels = replace(kernels, causal_attention=grouped_attention(blocked, biased))
     if cpu and job == "decode":
         kernels = replace(kernels, linear=when_compiled(small_row_linear, reference.linear))
     return kernels

@@ -44,15 +44,15 @@ def blocked_causal_attention(
     return torch.cat(out, dim=-2)
 
 
-def blocked_up_to(max_len: int, reference: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """`blocked_causal_attention` for sequences up to max_len, `reference` for longer ones."""
+def up_to_len(
+    max_len: int, short: Callable[..., Tensor], long: Callable[..., Tensor]
+) -> Callable[..., Tensor]:
+    """`short` (an attention (q, k, v, scale, mask) over [B, H, S, d]) for S up to max_len, `long` beyond."""
 
-    def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-        if q.shape[-2] > max_len:
-            return reference(q, k, v, scale, mask)
-        return blocked_causal_attention(q, k, v, scale, mask)
+    def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+        return (short if q.shape[-2] <= max_len else long)(q, k, v, scale, mask)
 
-    return causal_attention
+    return attention
 
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> Tensor:
@@ -135,20 +135,19 @@ class _Regroup(torch.autograd.Function):
         return _read_tokens(grad, mask.tokens), None, None
 
 
-def grouped_attention(inner: Callable[..., Tensor], biased: bool = False) -> Callable[..., Tensor]:
+def grouped_attention(
+    inner: Callable[..., Tensor], biased: Callable[..., Tensor] | None = None
+) -> Callable[..., Tensor]:
     """`inner` (a causal attention) that also takes a `GroupedMask`: q, k, v [1, H, T, d] move to the
-    groups' padded layout [G, H, S, d], `inner` attends there under the groups' mask (with `biased`, for
-    S up to BLOCKED_MAX_LEN, `biased_attention` under its additive form), and the outputs move back to
-    [1, H, T, dv]. Any other mask goes to `inner` as it is."""
+    groups' padded layout [G, H, S, d], `inner` attends there under the groups' mask (or, where given,
+    `biased` under its additive form, `GroupedMask.bias`), and the outputs move back to [1, H, T, dv]. Any
+    other mask goes to `inner` as it is."""
 
     def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
         if not isinstance(mask, GroupedMask):
             return inner(q, k, v, scale, mask)
         q, k, v = (_Regroup.apply(x[0], mask, True) for x in (q, k, v))
-        if biased and q.shape[-2] <= BLOCKED_MAX_LEN:
-            out = biased_attention(q, k, v, scale, mask.bias)
-        else:
-            out = inner(q, k, v, scale, mask.mask)
+        out = inner(q, k, v, scale, mask.mask) if biased is None else biased(q, k, v, scale, mask.bias)
         return _Regroup.apply(out, mask, False)[None]
 
     return causal_attention
