@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_model, require_cxx_compiler
 
-import nanoseek.kernels.attention as attention_kernels
+import nanoseek.kernels as kernels
 import nanoseek.kernels.folded as folded_kernels
 from nanoseek import LatentCache, ModelConfig
 from nanoseek.model import MLA, Gate, segment_positions_and_mask
@@ -188,23 +188,26 @@ def test_packed_segments_equal_separate_documents():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_compiled_training_step_matches_eager(packed, monkeypatch):
+def test_compiled_training_step_matches_eager(packed, monkeypatch, request):
     """torch.compile(model) trains, prepared for it: loss and every gradient (the routed experts' through the
     grouped matmul made opaque to the compiler, with its own backward; attention as blocked matmuls over two
     blocks and a short one, packed documents too) match the eager model, MTP and router stats on."""
     require_cxx_compiler()
     torch.manual_seed(0)
-    model = random_model(ModelConfig.preset("tiny")).train().prepare("train", compiled=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 150))
-    segments = torch.tensor([[0] * 70 + [1] * 80, [0] * 150]) if packed else None
     traced = []
-    blocked = attention_kernels.blocked_causal_attention
+    blocked = kernels.blocked_causal_attention
 
     def spy(q, k, v, scale, mask=None, blocks=4):
         traced.append(mask is not None)
         return blocked(q, k, v, scale, mask, blocks)
 
-    monkeypatch.setattr(attention_kernels, "blocked_causal_attention", spy)
+    # the kernels are chosen once per job and cached: chosen afresh with the spy, and again after it
+    monkeypatch.setattr(kernels, "blocked_causal_attention", spy)
+    kernels._select.cache_clear()
+    request.addfinalizer(kernels._select.cache_clear)
+    model = random_model(ModelConfig.preset("tiny")).train().prepare("train", compiled=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150))
+    segments = torch.tensor([[0] * 70 + [1] * 80, [0] * 150]) if packed else None
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)
