@@ -85,6 +85,10 @@ def start_vllm(args: argparse.Namespace, model: str, port: int, log: Path) -> tu
         "nanoseek",
         "--dtype",
         "float32",
+        # vLLM picks its AMX MLA kernels wherever the CPU has AMX, and they take bf16/fp16/int8 weights only
+        # (an fp32 model fails to load); CPU_MLA is its fp32 MLA backend, the default on other CPUs
+        "--attention-backend",
+        "CPU_MLA",
         "--reasoning-parser",
         "deepseek_r1",
         "--host",
