@@ -13,7 +13,7 @@ import torch
 from conftest import random_model
 
 from nanoseek import LLM, ModelConfig, save_model
-from nanoseek.serve.api import background_server, create_app
+from nanoseek.serve.api import MAX_PROMPTS, background_server, create_app
 from nanoseek.tokenizer import save_tokenizer, train_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -127,6 +127,8 @@ def test_logit_bias_and_unimplemented_fields(served):
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1, 2], "x"]}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
+        ({"prompt": ["x"] * (MAX_PROMPTS + 1)}, "prompt"),
+        ({"prompt": [[1]] * (MAX_PROMPTS + 1)}, "prompt"),
         ({"echo": "maybe"}, "echo"),
         ({"logprobs": 21}, "logprobs"),
     ]
@@ -135,6 +137,8 @@ def test_logit_bias_and_unimplemented_fields(served):
         assert resp.status_code == 400, (change, resp.text)
         assert resp.json()["error"]["param"] == param, resp.json()
     accepted = [{"user": "u1"}, {"tools": []}, {"tool_choice": "none"}, {"best_of": 1}, {"suffix": None}]
+    # one prompt of token ids, longer than the most prompts a request may batch
+    accepted += [{"prompt": [5] * (MAX_PROMPTS + 36)}, {"prompt": ["x"] * MAX_PROMPTS, "max_tokens": 1}]
     for change in accepted:
         assert post(url, "/v1/completions", **{**base, **change}).status_code == 200, change
     chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

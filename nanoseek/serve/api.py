@@ -205,7 +205,7 @@ class CompletionRequest(_Sampling):
             prompt = handler(prompt)
         except ValueError:
             prompt = None
-        if prompt is None or (isinstance(prompt, list) and (not prompt or len(prompt) > MAX_PROMPTS)):
+        if prompt is None or prompt == [] or (_batched(prompt) and len(prompt) > MAX_PROMPTS):
             raise ValueError(
                 f"must be a string, a list of strings, a list of token ids or a list of token-id "
                 f"lists (1 to {MAX_PROMPTS} prompts)"
@@ -213,8 +213,12 @@ class CompletionRequest(_Sampling):
         return prompt
 
     def prompts(self) -> list[str | list[int]]:
-        batched = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
-        return list(self.prompt) if batched else [self.prompt]
+        return list(self.prompt) if _batched(self.prompt) else [self.prompt]
+
+
+def _batched(prompt: str | list) -> bool:
+    """A list of prompts; a list of token ids is one prompt, however long."""
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
 
 
 class _Model(_Lenient):
