@@ -158,9 +158,12 @@ def _select(
     )
     if cpu and job == "train":
         fused = reference.causal_attention  # also under an additive mask, and beyond BLOCKED_MAX_LEN
-        blocked = when_compiled(up_to_len(BLOCKED_MAX_LEN, blocked_causal_attention, fused), fused)
-        biased = when_compiled(up_to_len(BLOCKED_MAX_LEN, biased_attention, fused), fused)
-        kernels = replace(kernels, causal_attention=grouped_attention(blocked, biased))
+
+        def in_graphs(short: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            return when_compiled(up_to_len(BLOCKED_MAX_LEN, short, fused), fused)
+
+        attend = grouped_attention(in_graphs(blocked_causal_attention), in_graphs(biased_attention))
+        kernels = replace(kernels, causal_attention=attend)
     if cpu and job == "decode":
         kernels = replace(kernels, linear=when_compiled(small_row_linear, reference.linear))
     return kernels
